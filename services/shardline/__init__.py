@@ -1,0 +1,2 @@
+"""Shardline: a distributed LLM inference server."""
+__version__ = "0.1.0"
