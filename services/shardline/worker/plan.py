@@ -29,9 +29,9 @@ class SamplingConfig:
     def from_pb(cls, pb: common_pb2.SamplingParams) -> "SamplingConfig":
         return cls(
             temperature=pb.temperature,
-            top_p=pb.top_p if pb.top_p > 0 else 1.0,
+            top_p=pb.top_p if pb.HasField("top_p") else 1.0,
             top_k=max(pb.top_k, 0),
-            repetition_penalty=pb.repetition_penalty if pb.repetition_penalty > 0 else 1.0,
+            repetition_penalty=pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
             seed=pb.seed if pb.has_seed else None,
             logprobs=pb.logprobs,
             top_logprobs=max(pb.top_logprobs, 0),

@@ -1,0 +1,214 @@
+"""`shardline up`: tokenizer, scheduler and S stage workers as local processes over gRPC.
+
+Every child is a separate process started as a container would start it (`python -m
+shardline <service> ...`); its log lines are forwarded with its name. SIGINT/SIGTERM stop
+every child (SIGTERM, then SIGKILL after a grace period).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, timeout_s: float, alive=lambda: True) -> bool:
+    """Poll grpc.health.v1 until SERVING; False on timeout or when alive() turns False."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline and alive():
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.25)
+    return False
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: Optional[subprocess.Popen] = None
+    thread: Optional[threading.Thread] = field(default=None, repr=False)
+
+
+class Stack:
+    """The local processes of one Shardline deployment."""
+
+    def __init__(self, children: list[Child], scheduler_address: str, quiet: bool = False):
+        self.children = children
+        self.scheduler_address = scheduler_address
+        self.quiet = quiet
+
+    def start(self, env: Optional[dict] = None) -> None:
+        for c in self.children:
+            c.proc = subprocess.Popen([sys.executable, "-m", "shardline", *c.argv],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      env=env, start_new_session=True, text=True, bufsize=1)
+            c.thread = threading.Thread(target=self._forward, args=(c,), daemon=True)
+            c.thread.start()
+
+    def _forward(self, c: Child) -> None:
+        for line in c.proc.stdout:
+            if not self.quiet:
+                sys.stderr.write(f"[{c.name}] {line}")
+                sys.stderr.flush()
+
+    def dead(self) -> list[Child]:
+        return [c for c in self.children if c.proc is not None and c.proc.poll() is not None]
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        return wait_serving(self.scheduler_address, timeout_s, alive=lambda: not self.dead())
+
+    def stop(self, grace_s: float = 10.0) -> int:
+        """SIGTERM every child, SIGKILL what is left after grace_s; the worst exit code."""
+        for c in reversed(self.children):
+            if c.proc and c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        worst = 0
+        for c in self.children:
+            if not c.proc:
+                continue
+            try:
+                c.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+            if c.thread:
+                c.thread.join(timeout=1.0)
+            rc = c.proc.returncode
+            if rc not in (0, -signal.SIGTERM):
+                worst = worst or rc or 1
+        return worst
+
+
+def build_stack(model_dir: str, model_name: str, stages: int, port: int, device: str,
+                dtype: Optional[str], kv_cache_memory: Optional[str], threads: int,
+                extra_scheduler: list[str] = (), replicas: int = 1,
+                log_level: str = "INFO", quiet: bool = False) -> Stack:
+    tok_port = free_port()
+    children = [Child("tokenizer", ["tokenizer", "--model", model_dir, "--port", str(tok_port),
+                                    "--log-level", log_level])]
+    pipelines = []
+    per_worker_threads = threads or max(1, (os.cpu_count() or 1) // (stages * replicas))
+    for r in range(replicas):
+        addrs = []
+        for s in range(stages):
+            p = free_port()
+            addrs.append(f"127.0.0.1:{p}")
+            argv = ["worker", "--model", model_dir, "--port", str(p), "--stage-index", str(s),
+                    "--num-stages", str(stages), "--device", device,
+                    "--threads", str(per_worker_threads), "--log-level", log_level]
+            if dtype:
+                argv += ["--dtype", dtype]
+            if kv_cache_memory:
+                argv += ["--kv-cache-memory", kv_cache_memory]
+            name = f"worker-{s}" if replicas == 1 else f"worker-r{r}s{s}"
+            children.append(Child(name, argv))
+        pipelines.append(",".join(addrs))
+    sched = ["scheduler", "--port", str(port), "--tokenizer", f"127.0.0.1:{tok_port}",
+             "--model", model_name, "--log-level", log_level, *extra_scheduler]
+    for p in pipelines:
+        sched += ["--pipeline", p]
+    children.append(Child("scheduler", sched))
+    return Stack(children, f"127.0.0.1:{port}", quiet=quiet)
+
+
+DEMO_MESSAGES = [{"role": "user", "content": "In two sentences, what is pipeline parallelism?"}]
+
+
+def run_demo(address: str) -> None:
+    from shardline.client import Client
+    with Client(address) as c:
+        print(f"\n>>> {DEMO_MESSAGES[0]['content']}\n", flush=True)
+        last = None
+        t0 = time.perf_counter()
+        for chunk in c.stream(messages=DEMO_MESSAGES, max_tokens=96):
+            print(chunk.text, end="", flush=True)
+            last = chunk
+        dt = time.perf_counter() - t0
+        u = last.usage if last else None
+        if u:
+            print(f"\n\n[{u.completion_tokens} tokens in {dt:.2f}s, finish_reason={last.finish_reason}]",
+                  flush=True)
+
+
+def main(argv: list[str]) -> int:
+    from shardline.worker.loader import DEFAULT_MODEL, resolve_model
+    p = argparse.ArgumentParser(prog="shardline up", description=__doc__)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--stages", type=int, default=1)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--kv-cache-memory", default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--demo", action="store_true", help="run a demo generation once ready")
+    p.add_argument("--exit-after-demo", action="store_true")
+    a = p.parse_args(argv)
+    if a.stages < 1 or a.replicas < 1:
+        p.error("--stages and --replicas must be >= 1")
+    print(f"shardline up: resolving model {a.model}", file=sys.stderr, flush=True)
+    model_dir = str(resolve_model(a.model, os.environ.get("SHARDLINE_CACHE")))
+    extra = ["--max-num-seqs", str(a.max_num_seqs)] if a.max_num_seqs else []
+    stack = build_stack(model_dir, a.model, a.stages, a.port, a.device, a.dtype,
+                        a.kv_cache_memory, a.threads, extra, a.replicas, a.log_level)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        stopping.set()
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    stack.start()
+    t0 = time.monotonic()
+    while not stack.wait_ready(1.0):
+        if stopping.is_set() or stack.dead():
+            for c in stack.dead():
+                print(f"shardline up: {c.name} exited with {c.proc.returncode}", file=sys.stderr)
+            stack.stop()
+            return 1
+    print(f"shardline up: ready on {stack.scheduler_address} after {time.monotonic() - t0:.1f}s "
+          f"({a.replicas} replica(s) x {a.stages} stage(s)); Ctrl-C stops", file=sys.stderr, flush=True)
+    if a.demo:
+        try:
+            run_demo(stack.scheduler_address)
+        except grpc.RpcError as e:
+            print(f"demo failed: {e.code().name}: {e.details()}", file=sys.stderr)
+            stack.stop()
+            return 1
+        if a.exit_after_demo:
+            stopping.set()
+    while not stopping.is_set():
+        if stack.dead():
+            for c in stack.dead():
+                print(f"shardline up: {c.name} exited with {c.proc.returncode}; stopping",
+                      file=sys.stderr)
+            stack.stop()
+            return 1
+        stopping.wait(0.5)
+    rc = stack.stop()
+    print("shardline up: stopped", file=sys.stderr)
+    return rc

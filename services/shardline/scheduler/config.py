@@ -1,0 +1,59 @@
+"""Configuration of the scheduler service."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SchedulerConfig:
+    tokenizer: str                                   # tokenizer service address
+    pipelines: list[list[str]] = field(default_factory=list)  # stage addresses per replica
+    port: int = 50051
+    host: str = "0.0.0.0"
+    model: str = ""                                  # name reported by GetModelInfo
+    max_tokens_cap: int = 4096                       # largest accepted max_tokens
+    default_max_tokens: int = 256                    # when a request leaves it unset
+    max_context: int = 0                             # 0 = the model's max positions
+    max_num_seqs: int = 64                           # running sequences per replica
+    max_num_batched_tokens: int = 512                # token budget per step (chunked prefill)
+    connect_timeout_s: float = 600.0                 # wait for workers to load their model
+    step_timeout_s: float = 120.0                    # a step slower than this breaks the replica
+    rpc_timeout_s: float = 30.0                      # deadline of tokenizer calls
+    log_level: str = "INFO"
+
+    def __post_init__(self):
+        if not self.tokenizer:
+            raise ValueError("--tokenizer address is required")
+        if not self.pipelines or any(not p for p in self.pipelines):
+            raise ValueError("at least one pipeline (--pipeline addr0,addr1,...) is required")
+        for name in ("max_tokens_cap", "default_max_tokens", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        self.default_max_tokens = min(self.default_max_tokens, self.max_tokens_cap)
+
+    @staticmethod
+    def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tokenizer", required=True, help="tokenizer service address host:port")
+        p.add_argument("--pipeline", action="append", default=[],
+                       help="stage addresses of one pipeline replica, stage 0 first, comma separated; repeat per replica")
+        p.add_argument("--port", type=int, default=50051)
+        p.add_argument("--host", default="0.0.0.0")
+        p.add_argument("--model", default="")
+        p.add_argument("--max-tokens-cap", type=int, default=4096)
+        p.add_argument("--default-max-tokens", type=int, default=256)
+        p.add_argument("--max-context", type=int, default=0)
+        p.add_argument("--max-num-seqs", type=int, default=64)
+        p.add_argument("--max-num-batched-tokens", type=int, default=512)
+        p.add_argument("--connect-timeout", type=float, default=600.0)
+        p.add_argument("--step-timeout", type=float, default=120.0)
+        p.add_argument("--log-level", default="INFO")
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "SchedulerConfig":
+        return cls(tokenizer=ns.tokenizer, pipelines=[p.split(",") for p in ns.pipeline],
+                   port=ns.port, host=ns.host, model=ns.model, max_tokens_cap=ns.max_tokens_cap,
+                   default_max_tokens=ns.default_max_tokens, max_context=ns.max_context,
+                   max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+                   connect_timeout_s=ns.connect_timeout, step_timeout_s=ns.step_timeout,
+                   log_level=ns.log_level)

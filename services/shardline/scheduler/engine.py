@@ -1,0 +1,118 @@
+"""The step loop of one pipeline replica: schedule -> run -> postprocess.
+
+Up to S micro-batches (S = stages) are in flight so that every stage has work; with one
+stage it is one batch per step. Admission and cancellation never wait on a step: they
+touch the Scheduler between steps (all on the event loop, so no locks are needed).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+
+from shardline.scheduler.block_manager import BlockManager
+from shardline.scheduler.pipeline import PipelineClient
+from shardline.scheduler.request import Sequence
+from shardline.scheduler.scheduler import Scheduler, StepBatch, TokenEvent
+from shardline.v1 import worker_pb2
+from shardline.worker.plan import SampledToken
+
+log = logging.getLogger(__name__)
+
+
+class PipelineEngine:
+    def __init__(self, pipeline: PipelineClient, max_num_seqs: int, max_num_batched_tokens: int,
+                 step_timeout_s: float):
+        self.pipeline = pipeline
+        self.blocks = BlockManager(pipeline.num_blocks, pipeline.block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.step_timeout_s = step_timeout_s
+        self._queues: dict[int, asyncio.Queue] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.failed: BaseException | None = None
+        # Profiling counters (seconds), read by GetModelInfo/bench.
+        self.stats = collections.Counter()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"engine-{self.pipeline.replica_id}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self.pipeline.close()
+
+    # -- called by request handlers ---------------------------------------------------
+    def add(self, seq: Sequence) -> asyncio.Queue:
+        """Queue seq; its TokenEvents (or an exception) arrive on the returned queue."""
+        if self.failed is not None:
+            raise self.failed
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[seq.seq_id] = q
+        self.scheduler.add(seq)
+        self._wake.set()
+        return q
+
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
+        """Stop seq (client gone, stop string); its blocks are freed before the next step."""
+        self._queues.pop(seq.seq_id, None)
+        self.scheduler.abort(seq, reason)
+        self._wake.set()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        return self.scheduler.num_unfinished, -self.blocks.num_free_blocks
+
+    # -- the loop -------------------------------------------------------------------------
+    async def _run(self) -> None:
+        inflight: collections.deque[StepBatch] = collections.deque()
+        try:
+            while True:
+                while len(inflight) < self.pipeline.num_stages:
+                    t0 = time.perf_counter()
+                    batch = self.scheduler.schedule()
+                    if batch is None:
+                        break
+                    await self.pipeline.send(self._to_pb(batch))
+                    self.stats["schedule_s"] += time.perf_counter() - t0
+                    inflight.append(batch)
+                if not inflight:
+                    self._wake.clear()
+                    if not self.scheduler.has_work:
+                        await self._wake.wait()
+                    continue
+                t0 = time.perf_counter()
+                result = await self.pipeline.recv(self.step_timeout_s)
+                t1 = time.perf_counter()
+                batch = inflight.popleft()
+                tokens = [SampledToken.from_pb(t) for t in result.tokens]
+                self._deliver(self.scheduler.postprocess(batch, tokens))
+                self.stats["steps"] += 1
+                self.stats["tokens"] += batch.num_tokens
+                self.stats["wait_s"] += t1 - t0
+                self.stats["compute_s"] += sum(result.stage_seconds)
+                self.stats["postprocess_s"] += time.perf_counter() - t1
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the replica is broken
+            log.error("replica %d failed: %r", self.pipeline.replica_id, exc)
+            self.failed = exc
+            for seq in self.scheduler.finish_all("error"):
+                q = self._queues.pop(seq.seq_id, None)
+                if q is not None:
+                    q.put_nowait(exc)
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        for ev in events:
+            q = self._queues.get(ev.seq.seq_id)
+            if q is not None:
+                q.put_nowait(ev)
+                if ev.finish_reason is not None:
+                    del self._queues[ev.seq.seq_id]
+
+    @staticmethod
+    def _to_pb(batch: StepBatch) -> worker_pb2.StepRequest:
+        return worker_pb2.StepRequest(step_id=batch.step_id,
+                                      seqs=[step.to_pb() for _, step in batch.items],
+                                      free_seq_ids=batch.free_seq_ids)

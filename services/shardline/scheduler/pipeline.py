@@ -1,0 +1,81 @@
+"""Connection to one pipeline replica: stage discovery and the Step stream to stage 0."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from shardline.common.server import Unavailable, channel
+from shardline.v1 import worker_pb2, worker_pb2_grpc
+from shardline.worker.servicer import ROUTE_KEY
+
+log = logging.getLogger(__name__)
+
+
+class PipelineClient:
+    """Stages [0..S) of one replica. send() a StepRequest to stage 0, recv() its StepResult."""
+
+    def __init__(self, replica_id: int, addresses: list[str]):
+        self.replica_id = replica_id
+        self.addresses = addresses
+        self.infos: list[worker_pb2.StageInfo] = []
+        self._channels = [channel(a) for a in addresses]
+        self._call = None
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.addresses)
+
+    @property
+    def num_blocks(self) -> int:
+        return min(i.num_blocks for i in self.infos)
+
+    @property
+    def block_size(self) -> int:
+        return self.infos[0].block_size
+
+    async def connect(self, timeout_s: float) -> None:
+        """Wait until every stage answers GetInfo, check they cover the model, open the stream."""
+        deadline = time.monotonic() + timeout_s
+        self.infos = [await self._wait_info(i, deadline) for i in range(self.num_stages)]
+        expect = 0
+        for i, info in enumerate(self.infos):
+            if info.layer_start != expect:
+                raise Unavailable(f"replica {self.replica_id}: stage {i} starts at layer "
+                                  f"{info.layer_start}, expected {expect}")
+            expect = info.layer_end
+        if expect != self.infos[0].num_layers or not self.infos[0].is_first or not self.infos[-1].is_last:
+            raise Unavailable(f"replica {self.replica_id}: stages do not cover all layers")
+        if len({i.block_size for i in self.infos}) != 1:
+            raise Unavailable(f"replica {self.replica_id}: stages disagree on block size")
+        stub = worker_pb2_grpc.StageWorkerStub(self._channels[0])
+        self._call = stub.Step(metadata=((ROUTE_KEY, ",".join(self.addresses[1:])),))
+        log.info("replica %d: %d stages, %d KV blocks of %d", self.replica_id, self.num_stages,
+                 self.num_blocks, self.block_size)
+
+    async def _wait_info(self, i: int, deadline: float) -> worker_pb2.StageInfo:
+        stub = worker_pb2_grpc.StageWorkerStub(self._channels[i])
+        while True:
+            try:
+                return await stub.GetInfo(worker_pb2.StageInfoRequest(), timeout=5.0)
+            except grpc.aio.AioRpcError as e:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"stage {i} at {self.addresses[i]}: {e.code().name}") from e
+                await asyncio.sleep(0.5)
+
+    async def send(self, req: worker_pb2.StepRequest) -> None:
+        await self._call.write(req)
+
+    async def recv(self, timeout_s: float) -> worker_pb2.StepResult:
+        res = await asyncio.wait_for(self._call.read(), timeout_s)
+        if res is grpc.aio.EOF:
+            raise Unavailable(f"replica {self.replica_id}: step stream closed")
+        return res
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        for ch in self._channels:
+            await ch.close()

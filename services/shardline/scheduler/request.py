@@ -1,0 +1,69 @@
+"""A request as the scheduler tracks it: one sequence with one counting model.
+
+`num_computed_tokens` catches up with `num_tokens`: prefill chunks, decode steps and
+recompute after preemption are all the same motion.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from shardline.worker.plan import SamplingConfig
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    prompt_token_ids: list[int]
+    max_tokens: int
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eos_token_ids: frozenset = frozenset()
+    ignore_eos: bool = False
+    max_context: int = 1 << 30
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    admitted: bool = False        # workers hold state for it (else the next plan admits it)
+    in_flight: bool = False       # part of a micro-batch not yet answered
+    finish_reason: Optional[str] = None
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Token ids in [start, end) of prompt + output."""
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p:end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def check_stop(self, token_id: int) -> Optional[str]:
+        """Finish reason after appending token_id, or None to continue."""
+        if not self.ignore_eos and token_id in self.eos_token_ids:
+            return "stop"
+        if len(self.output_token_ids) >= self.max_tokens or self.num_tokens >= self.max_context:
+            return "length"
+        return None

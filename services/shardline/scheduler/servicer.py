@@ -1,0 +1,188 @@
+"""The public Generation service: validate, tokenize, queue, stream text deltas."""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from typing import Optional
+
+from shardline.common.server import InvalidArgument, ResourceExhausted, Unavailable
+from shardline.scheduler.engine import PipelineEngine
+from shardline.scheduler.request import Sequence
+from shardline.scheduler.scheduler import TokenEvent
+from shardline.scheduler.tokenizer_client import DetokenizeState, TokenizerClient
+from shardline.v1 import generate_pb2, generate_pb2_grpc
+from shardline.worker.plan import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+MAX_STOP_STRINGS = 16
+
+
+class Limits:
+    """What a request may ask for, fixed once the pipelines are known."""
+
+    def __init__(self, max_context: int, max_tokens_cap: int, default_max_tokens: int,
+                 vocab_size: int, capacity_tokens: int):
+        self.max_context = max_context
+        self.max_tokens_cap = max_tokens_cap
+        self.default_max_tokens = default_max_tokens
+        self.vocab_size = vocab_size
+        self.capacity_tokens = capacity_tokens
+
+
+def validate_sampling(pb: generate_pb2.GenerateRequest) -> SamplingConfig:
+    s = pb.sampling
+    if math.isnan(s.temperature) or math.isinf(s.temperature) or s.temperature < 0:
+        raise InvalidArgument(f"sampling.temperature must be a finite number >= 0, got {s.temperature}")
+    if s.HasField("top_p") and not 0 < s.top_p <= 1:
+        raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {s.top_p}")
+    if s.top_k < 0:
+        raise InvalidArgument(f"sampling.top_k must be >= 0, got {s.top_k}")
+    if s.HasField("repetition_penalty") and not 0 < s.repetition_penalty < math.inf:
+        raise InvalidArgument(f"sampling.repetition_penalty must be > 0, got {s.repetition_penalty}")
+    if s.top_logprobs > 20:
+        raise InvalidArgument(f"sampling.top_logprobs must be <= 20, got {s.top_logprobs}")
+    return SamplingConfig.from_pb(s)
+
+
+class GenerationServicer(generate_pb2_grpc.GenerationServicer):
+    def __init__(self, tokenizer: TokenizerClient):
+        self.tokenizer = tokenizer
+        self.engines: list[PipelineEngine] = []
+        self.limits: Optional[Limits] = None
+        self.model_info: Optional[generate_pb2.ModelInfo] = None
+        self.eos_ids: frozenset = frozenset()
+        self._seq_ids = itertools.count(1)
+
+    def ready(self, engines: list[PipelineEngine], limits: Limits,
+              model_info: generate_pb2.ModelInfo) -> None:
+        """Called once the tokenizer and every pipeline have answered."""
+        self.engines = engines
+        self.limits = limits
+        self.model_info = model_info
+        self.eos_ids = frozenset(self.tokenizer.info.eos_token_ids)
+
+    async def GetModelInfo(self, request, context):
+        if self.model_info is None:
+            raise Unavailable("scheduler is still connecting to its workers")
+        return self.model_info
+
+    def _pick_engine(self) -> PipelineEngine:
+        live = [e for e in self.engines if e.failed is None]
+        if not live:
+            raise Unavailable("no pipeline replica is serving")
+        return min(live, key=lambda e: e.load)
+
+    async def _prompt_ids(self, request) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            if not request.text:
+                raise InvalidArgument("prompt text is empty")
+            ids = await self.tokenizer.tokenize(request.text)
+        elif kind == "messages":
+            if not request.messages.messages:
+                raise InvalidArgument("messages is empty")
+            ids = await self.tokenizer.apply_chat_template(list(request.messages.messages))
+        elif kind == "token_ids":
+            ids = list(request.token_ids.ids)
+            bad = [t for t in ids if not 0 <= t < self.limits.vocab_size]
+            if bad:
+                raise InvalidArgument(f"token_ids must be in [0, {self.limits.vocab_size}), got {bad[0]}")
+        else:
+            raise InvalidArgument("prompt is empty: set text, messages or token_ids")
+        if not ids:
+            raise InvalidArgument("prompt is empty after tokenization")
+        return ids
+
+    def _max_tokens(self, request) -> int:
+        lim = self.limits
+        if request.max_tokens < 0:
+            raise InvalidArgument(f"max_tokens must be >= 1, got {request.max_tokens}")
+        n = request.max_tokens or lim.default_max_tokens
+        if n > lim.max_tokens_cap:
+            raise InvalidArgument(f"max_tokens must be <= {lim.max_tokens_cap}, got {n}")
+        return n
+
+    async def Generate(self, request, context):
+        if self.limits is None:
+            raise Unavailable("scheduler is still connecting to its workers")
+        sampling = validate_sampling(request)
+        max_tokens = self._max_tokens(request)
+        stops = [s for s in request.stop if s]
+        if len(stops) > MAX_STOP_STRINGS:
+            raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        ids = await self._prompt_ids(request)
+        lim = self.limits
+        if len(ids) >= lim.max_context:
+            raise InvalidArgument(f"prompt has {len(ids)} tokens; the context holds {lim.max_context}")
+        if len(ids) + max_tokens > lim.max_context:
+            raise InvalidArgument(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                                  f"the context of {lim.max_context} tokens")
+        if len(ids) + max_tokens > lim.capacity_tokens:
+            raise ResourceExhausted(f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceeds the KV "
+                                    f"cache capacity of {lim.capacity_tokens} tokens per replica")
+        engine = self._pick_engine()
+        seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, max_tokens=max_tokens,
+                       sampling=sampling, eos_token_ids=self.eos_ids, ignore_eos=request.ignore_eos,
+                       max_context=lim.max_context)
+        queue = engine.add(seq)
+        stream = _TextStream(self.tokenizer, stops)
+        finished = False
+        try:
+            while not finished:
+                events = [await queue.get()]
+                while not queue.empty():
+                    events.append(queue.get_nowait())
+                for ev in events:
+                    if isinstance(ev, BaseException):
+                        raise Unavailable(f"pipeline failed: {ev}")
+                toks = [ev.token for ev in events]
+                reason = events[-1].finish_reason
+                text, hit_stop = await stream.push([t.token_id for t in toks], final=reason is not None)
+                if hit_stop:
+                    engine.abort(seq, "stop")
+                    reason = "stop"
+                resp = generate_pb2.GenerateResponse(text=text, token_ids=[t.token_id for t in toks])
+                if request.sampling.logprobs:
+                    resp.logprobs.extend(generate_pb2.TokenLogprob(
+                        token_id=t.token_id, logprob=t.logprob, top_token_ids=t.top_token_ids,
+                        top_logprobs=t.top_logprobs) for t in toks)
+                if reason is not None:
+                    finished = True
+                    resp.finish_reason = reason
+                    resp.usage.CopyFrom(generate_pb2.Usage(
+                        prompt_tokens=len(ids), completion_tokens=len(seq.output_token_ids),
+                        cached_tokens=seq.num_cached_tokens))
+                yield resp
+        finally:
+            if not finished:
+                engine.abort(seq, "abort")
+
+
+class _TextStream:
+    """Incremental text with stop strings: holds back text that may begin a stop string."""
+
+    def __init__(self, tokenizer: TokenizerClient, stops: list[str]):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.state = DetokenizeState()
+        self.text = ""
+        self.emitted = 0
+
+    async def push(self, ids: list[int], final: bool) -> tuple[str, bool]:
+        """New text to send, and whether a stop string ended the sequence."""
+        self.text += await self.tokenizer.detokenize(self.state, ids)
+        if self.stops:
+            search_from = max(0, self.emitted - self.hold)
+            hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+            if hits:
+                cut = min(hits)
+                out = self.text[self.emitted:cut]
+                self.emitted = cut
+                return out, True
+        end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
+        out = self.text[self.emitted:end]
+        self.emitted = end
+        return out, False

@@ -1,0 +1,76 @@
+"""The scheduler's view of the tokenizer service: tokenize, chat template, and batched
+incremental detokenization (concurrent requests' deltas share one RPC)."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from shardline.common.server import channel
+from shardline.v1 import generate_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+
+
+@dataclass
+class DetokenizeState:
+    """One sequence's incremental detokenization: ids from the prefix offset on."""
+    token_ids: list[int] = field(default_factory=list)
+    read_offset: int = 0
+
+
+class TokenizerClient:
+    def __init__(self, address: str, timeout_s: float):
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = channel(address)
+        self._stub = tokenizer_pb2_grpc.TokenizerStub(self._channel)
+        self._pending: list[tuple[DetokenizeState, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+        self.info: tokenizer_pb2.TokenizerInfo | None = None
+
+    async def connect(self, timeout_s: float) -> tokenizer_pb2.TokenizerInfo:
+        self.info = await self._stub.GetInfo(tokenizer_pb2.TokenizerInfoRequest(),
+                                             timeout=timeout_s, wait_for_ready=True)
+        return self.info
+
+    async def tokenize(self, text: str) -> list[int]:
+        res = await self._stub.Tokenize(
+            tokenizer_pb2.TokenizeRequest(texts=[text], add_special_tokens=True),
+            timeout=self.timeout_s)
+        return list(res.results[0].ids)
+
+    async def apply_chat_template(self, messages: list[generate_pb2.ChatMessage]) -> list[int]:
+        res = await self._stub.ApplyChatTemplate(
+            tokenizer_pb2.ChatTemplateRequest(messages=messages, add_generation_prompt=True),
+            timeout=self.timeout_s)
+        return list(res.results[0].ids)
+
+    async def detokenize(self, state: DetokenizeState, new_ids: list[int]) -> str:
+        """Append new_ids to state and return the text they complete (maybe '')."""
+        state.token_ids.extend(new_ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((state, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        while self._pending:
+            await asyncio.sleep(0)          # let concurrent handlers join this batch
+            batch, self._pending = self._pending, []
+            req = tokenizer_pb2.DetokenizeRequest(items=[
+                tokenizer_pb2.DetokenizeItem(token_ids=s.token_ids, read_offset=s.read_offset,
+                                             skip_special_tokens=True) for s, _ in batch])
+            try:
+                res = await self._stub.Detokenize(req, timeout=self.timeout_s)
+            except Exception as exc:  # noqa: BLE001 - handed to every waiter
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (state, fut), r in zip(batch, res.results):
+                del state.token_ids[:r.prefix_advance]
+                state.read_offset = r.read_offset
+                if not fut.done():
+                    fut.set_result(r.text)
+
+    async def close(self) -> None:
+        await self._channel.close()

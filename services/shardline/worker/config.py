@@ -1,0 +1,86 @@
+"""Configuration of one stage worker."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from shardline.common.units import parse_bytes
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class WorkerConfig:
+    model: str
+    port: int = 50061
+    host: str = "0.0.0.0"
+    stage_index: int = 0
+    num_stages: int = 1
+    layers: Optional[str] = None          # "a:b" overrides the even split
+    device: str = "cpu"
+    dtype: Optional[str] = None           # default: bfloat16 (see docs/architecture.md)
+    kv_cache_memory: Optional[str] = None # bytes or "512MiB"; default 256MiB on CPU
+    kv_cache_fraction: float = 0.8        # CUDA: fraction of free memory after weights
+    block_size: int = 16
+    threads: int = 0                      # torch intra-op threads; 0 = torch default
+    cache_dir: Optional[str] = None
+    log_level: str = "INFO"
+
+    def __post_init__(self):
+        if not 0 <= self.stage_index < self.num_stages:
+            raise ValueError(f"stage_index {self.stage_index} not in [0, {self.num_stages})")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if self.dtype is None:
+            self.dtype = "bfloat16"
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.block_size <= 0:
+            raise ValueError("block_size must be > 0")
+        if self.kv_cache_memory is not None:
+            parse_bytes(self.kv_cache_memory)
+
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        """This stage's layers: the --layers override, else an even split."""
+        if self.layers:
+            a, b = (int(x) for x in self.layers.split(":"))
+            if not 0 <= a < b <= num_layers:
+                raise ValueError(f"--layers {self.layers} outside [0, {num_layers}]")
+            return a, b
+        if self.num_stages > num_layers:
+            raise ValueError(f"{self.num_stages} stages for {num_layers} layers")
+        bounds = [round(i * num_layers / self.num_stages) for i in range(self.num_stages + 1)]
+        return bounds[self.stage_index], bounds[self.stage_index + 1]
+
+    def kv_cache_bytes(self) -> Optional[int]:
+        if self.kv_cache_memory is not None:
+            return parse_bytes(self.kv_cache_memory)
+        return None if self.device.startswith("cuda") else 256 << 20
+
+    @staticmethod
+    def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=None, help="model dir, hub id, .gguf, or the default alias")
+        p.add_argument("--port", type=int, default=50061)
+        p.add_argument("--host", default="0.0.0.0")
+        p.add_argument("--stage-index", type=int, default=0)
+        p.add_argument("--num-stages", type=int, default=1)
+        p.add_argument("--layers", default=None, help="layer range a:b (default: even split)")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", default=None, choices=DTYPES)
+        p.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 512MiB")
+        p.add_argument("--kv-cache-fraction", type=float, default=0.8)
+        p.add_argument("--block-size", type=int, default=16)
+        p.add_argument("--threads", type=int, default=0)
+        p.add_argument("--log-level", default="INFO")
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "WorkerConfig":
+        from shardline.worker.loader import DEFAULT_MODEL
+        return cls(model=ns.model or DEFAULT_MODEL, port=ns.port, host=ns.host,
+                   stage_index=ns.stage_index, num_stages=ns.num_stages, layers=ns.layers,
+                   device=ns.device, dtype=ns.dtype, kv_cache_memory=ns.kv_cache_memory,
+                   kv_cache_fraction=ns.kv_cache_fraction, block_size=ns.block_size,
+                   threads=ns.threads, cache_dir=os.environ.get("SHARDLINE_CACHE"),
+                   log_level=ns.log_level)

@@ -1,0 +1,64 @@
+"""`shardline worker`: one pipeline stage as a gRPC service."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from shardline.common.server import Service, configure_logging
+from shardline.v1 import worker_pb2_grpc
+from shardline.worker.config import WorkerConfig
+from shardline.worker.servicer import StageWorkerServicer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def build_runner(cfg: WorkerConfig):
+    """Resolve the model and load this stage's layers (slow: runs off the event loop)."""
+    import torch
+    from shardline.worker.loader import resolve_model
+    from shardline.worker.model_config import ModelConfig
+    from shardline.worker.runner import StageRunner
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    model_dir = resolve_model(cfg.model, cfg.cache_dir)
+    mcfg = ModelConfig.from_dir(model_dir)
+    start, end = cfg.layer_range(mcfg.num_layers)
+    log.info("stage %d/%d: layers [%d, %d) of %s on %s in %s", cfg.stage_index, cfg.num_stages,
+             start, end, cfg.model, cfg.device, cfg.dtype)
+    return StageRunner(model_dir, start, end, device=cfg.device, dtype=getattr(torch, cfg.dtype),
+                       kv_cache_bytes=cfg.kv_cache_bytes(), kv_cache_fraction=cfg.kv_cache_fraction,
+                       block_size=cfg.block_size)
+
+
+async def serve(cfg: WorkerConfig) -> None:
+    service = Service(f"worker-{cfg.stage_index}", cfg.port, cfg.host)
+    servicer = StageWorkerServicer(cfg.model)
+    service.add(worker_pb2_grpc.add_StageWorkerServicer_to_server, servicer,
+                ["shardline.v1.StageWorker"])
+    await service.start()
+    await service.set_serving(False)
+    log.info("listening on %s:%d, loading model", cfg.host, service.port)
+    loop = asyncio.get_running_loop()
+    servicer.runner = await loop.run_in_executor(servicer.executor, build_runner, cfg)
+    r = servicer.runner
+    log.info("ready: %d KV blocks of %d tokens", r.num_blocks, r.block_size)
+    await service.set_serving(True)
+    await service.serve_until_stopped()
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="shardline worker", description=__doc__)
+    WorkerConfig.add_args(p)
+    cfg = WorkerConfig.from_args(p.parse_args(argv))
+    configure_logging(f"worker-{cfg.stage_index}", cfg.log_level)
+    asyncio.run(serve(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,130 @@
+"""StageWorker gRPC servicer: converts protobuf <-> plan objects and chains stages.
+
+Step stream of stage k:  upstream --StepRequest--> [run layers] --StepRequest(hidden)--> stage k+1
+                         upstream <--StepResult--  [relay]     <--StepResult--         stage k+1
+The last stage samples and answers directly. Requests are processed strictly in order, so
+micro-batches pipeline across stages while each stage sees them one at a time.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from shardline.common.server import Unavailable, channel
+from shardline.common.tensors import pb_to_tensor, tensor_to_pb
+from shardline.v1 import worker_pb2, worker_pb2_grpc
+from shardline.worker.plan import SeqStep
+
+log = logging.getLogger(__name__)
+
+ROUTE_KEY = "x-shardline-route"
+
+
+class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
+    def __init__(self, model_name: str, quantization: str = "none"):
+        self.model_name = model_name
+        self.quantization = quantization
+        self.runner = None                      # set once the model is loaded
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+
+    def _require_runner(self):
+        if self.runner is None:
+            raise Unavailable("stage worker is still loading its model")
+        return self.runner
+
+    async def GetInfo(self, request, context):
+        r = self._require_runner()
+        return worker_pb2.StageInfo(
+            model=self.model_name, layer_start=r.layer_start, layer_end=r.layer_end,
+            num_layers=r.num_layers, is_first=r.is_first, is_last=r.is_last,
+            num_blocks=r.num_blocks, block_size=r.block_size, max_position=r.max_position,
+            vocab_size=r.vocab_size, dtype=r.dtype_name, device=r.device_name,
+            quantization=self.quantization)
+
+    def _compute(self, req: worker_pb2.StepRequest, forward: bool):
+        """Runs on the compute thread: decode the plan, run layers, encode the output."""
+        runner = self.runner
+        t0 = time.perf_counter()
+        seqs = [SeqStep.from_pb(s) for s in req.seqs]
+        hidden = pb_to_tensor(req.hidden, device=runner.device) if req.HasField("hidden") else None
+        hidden_out, tokens = runner.step(seqs, list(req.free_seq_ids), hidden)
+        if forward:
+            out = worker_pb2.StepRequest(step_id=req.step_id, seqs=req.seqs,
+                                         free_seq_ids=req.free_seq_ids)
+            if hidden_out is not None:
+                out.hidden.CopyFrom(tensor_to_pb(hidden_out))
+            return out, time.perf_counter() - t0
+        res = worker_pb2.StepResult(step_id=req.step_id, tokens=[t.to_pb() for t in tokens])
+        res.stage_seconds.append(time.perf_counter() - t0)
+        return res, 0.0
+
+    async def Step(self, request_iterator, context):
+        runner = self._require_runner()
+        route = [a for a in dict(context.invocation_metadata()).get(ROUTE_KEY, "").split(",") if a]
+        if runner.is_last and route:
+            raise Unavailable(f"last stage was given a route beyond it: {route}")
+        if not runner.is_last and not route:
+            raise Unavailable("a non-last stage needs the next stage's address in x-shardline-route")
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        seconds: collections.deque[float] = collections.deque()
+        downstream_call = None
+        chan = None
+        if route:
+            chan = channel(route[0])
+            stub = worker_pb2_grpc.StageWorkerStub(chan)
+            downstream_call = stub.Step(metadata=((ROUTE_KEY, ",".join(route[1:])),))
+
+        async def pump():
+            try:
+                async for req in request_iterator:
+                    msg, dt = await loop.run_in_executor(
+                        self.executor, self._compute, req, downstream_call is not None)
+                    if downstream_call is not None:
+                        seconds.append(dt)
+                        await downstream_call.write(msg)
+                    else:
+                        await out.put(msg)
+                if downstream_call is not None:
+                    await downstream_call.done_writing()
+                else:
+                    await out.put(None)
+            except Exception as exc:  # noqa: BLE001 - surfaces as the stream's error
+                await out.put(exc)
+
+        async def relay():
+            try:
+                async for res in downstream_call:
+                    res.stage_seconds.insert(0, seconds.popleft())
+                    await out.put(res)
+                await out.put(None)
+            except Exception as exc:  # noqa: BLE001
+                await out.put(exc)
+
+        tasks = [asyncio.create_task(pump())]
+        if downstream_call is not None:
+            tasks.append(asyncio.create_task(relay()))
+        try:
+            while True:
+                item = await out.get()
+                if item is None:
+                    return
+                if isinstance(item, grpc.aio.AioRpcError):
+                    raise Unavailable(f"next stage {route[0]}: {item.code().name} {item.details()}")
+                if isinstance(item, ValueError):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad step plan: {item}")
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            if downstream_call is not None:
+                downstream_call.cancel()
+            if chan is not None:
+                await chan.close()
