@@ -126,6 +126,10 @@ class Client:
     def model_info(self) -> generate_pb2.ModelInfo:
         return self._stub.GetModelInfo(generate_pb2.ModelInfoRequest(), timeout=self.timeout or 10)
 
+    def stats(self) -> generate_pb2.SchedulerStats:
+        """Live scheduler state per replica (queues, KV blocks, step timing)."""
+        return self._stub.GetStats(generate_pb2.StatsRequest(), timeout=self.timeout or 10)
+
     def close(self) -> None:
         self._channel.close()
 

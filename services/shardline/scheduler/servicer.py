@@ -68,6 +68,20 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
             raise Unavailable("scheduler is still connecting to its workers")
         return self.model_info
 
+    async def GetStats(self, request, context):
+        out = generate_pb2.SchedulerStats()
+        for e in self.engines:
+            st = e.stats
+            out.replicas.add(
+                replica=e.pipeline.replica_id, healthy=e.failed is None,
+                num_waiting=len(e.scheduler.waiting), num_running=len(e.scheduler.running),
+                num_blocks=e.blocks.num_blocks, num_free_blocks=e.blocks.num_free_blocks,
+                num_preemptions=e.scheduler.num_preemptions, num_steps=int(st["steps"]),
+                num_tokens=int(st["tokens"]), schedule_seconds=st["schedule_s"],
+                wait_seconds=st["wait_s"], compute_seconds=st["compute_s"],
+                postprocess_seconds=st["postprocess_s"])
+        return out
+
     def _pick_engine(self) -> PipelineEngine:
         live = [e for e in self.engines if e.failed is None]
         if not live:

@@ -110,3 +110,43 @@ class ModelInfo(_message.Message):
     dtype: str
     device: str
     def __init__(self, model: _Optional[str] = ..., max_context: _Optional[int] = ..., max_tokens_cap: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_stages: _Optional[int] = ..., num_replicas: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReplicaStats(_message.Message):
+    __slots__ = ("replica", "healthy", "num_waiting", "num_running", "num_blocks", "num_free_blocks", "num_preemptions", "num_steps", "num_tokens", "schedule_seconds", "wait_seconds", "compute_seconds", "postprocess_seconds")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    POSTPROCESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    replica: int
+    healthy: bool
+    num_waiting: int
+    num_running: int
+    num_blocks: int
+    num_free_blocks: int
+    num_preemptions: int
+    num_steps: int
+    num_tokens: int
+    schedule_seconds: float
+    wait_seconds: float
+    compute_seconds: float
+    postprocess_seconds: float
+    def __init__(self, replica: _Optional[int] = ..., healthy: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_tokens: _Optional[int] = ..., schedule_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., postprocess_seconds: _Optional[float] = ...) -> None: ...
+
+class SchedulerStats(_message.Message):
+    __slots__ = ("replicas",)
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStats]
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ...) -> None: ...

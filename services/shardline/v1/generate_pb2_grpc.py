@@ -45,6 +45,11 @@ class GenerationStub:
                 request_serializer=shardline_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=shardline_dot_v1_dot_generate__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/shardline.v1.Generation/GetStats',
+                request_serializer=shardline_dot_v1_dot_generate__pb2.StatsRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_generate__pb2.SchedulerStats.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -66,6 +71,13 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """/ Live scheduler state per replica: queues, KV blocks, step timing (for operators and tests).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +90,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=shardline_dot_v1_dot_generate__pb2.ModelInfoRequest.FromString,
                     response_serializer=shardline_dot_v1_dot_generate__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=shardline_dot_v1_dot_generate__pb2.StatsRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_generate__pb2.SchedulerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +152,33 @@ class Generation:
             '/shardline.v1.Generation/GetModelInfo',
             shardline_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
             shardline_dot_v1_dot_generate__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.Generation/GetStats',
+            shardline_dot_v1_dot_generate__pb2.StatsRequest.SerializeToString,
+            shardline_dot_v1_dot_generate__pb2.SchedulerStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh machine: .venv with the pinned CPU build of torch and the
+# project installed editable. Re-runs only when requirements.txt or pyproject.toml change.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp=.venv/.shardline-setup
+want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "setup: creating .venv and installing requirements (first run only)" >&2
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first, pinned, so nothing later pulls a CUDA build.
+.venv/bin/python -m pip install -q "$(grep '^torch==' requirements.txt)"
+.venv/bin/python -m pip install -q -r requirements.txt
+.venv/bin/python -m pip install -q --no-deps -e .
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "setup: installing redis-server" >&2
+  (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) >/dev/null
+fi
+echo "$want" > "$stamp"
+echo "setup: done" >&2

@@ -1,0 +1,153 @@
+"""The tokenizer service as its own process, over real gRPC on localhost."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from shardline.v1 import generate_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+SERVICES_DIR = Path(__file__).resolve().parents[2] / "services"
+TEXT = "Héllo 世界 🦄👍🏽  naïve café"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"tokenizer exited with {proc.returncode}:\n{proc.stdout.read()}")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service="shardline.v1.Tokenizer"),
+                                    timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"tokenizer not SERVING on {address} after {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    from shardline.worker.loader import DEFAULT_MODEL, resolve_model
+    return str(resolve_model(DEFAULT_MODEL))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(SERVICES_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardline.tokenizer.server", "--model", model_dir,
+         "--port", str(port), "--host", "127.0.0.1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_serving(address, proc)
+        yield proc, address
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    _, address = server
+    with grpc.insecure_channel(address) as ch:
+        yield tokenizer_pb2_grpc.TokenizerStub(ch)
+
+
+def test_get_info(stub, model_dir):
+    info = stub.GetInfo(tokenizer_pb2.TokenizerInfoRequest(), timeout=10)
+    assert info.vocab_size == 49152
+    assert 2 in info.eos_token_ids                      # <|im_end|>
+    assert info.has_chat_template and info.name == model_dir
+
+
+def test_tokenize_and_detokenize_roundtrip(stub):
+    resp = stub.Tokenize(tokenizer_pb2.TokenizeRequest(texts=[TEXT, "", "hi"]), timeout=10)
+    assert len(resp.results) == 3 and list(resp.results[1].ids) == []
+    ids = list(resp.results[0].ids)
+
+    prefix = read = 0
+    out = []
+    for end in range(1, len(ids) + 1):                  # one new token per step, as the scheduler does
+        item = tokenizer_pb2.DetokenizeItem(token_ids=ids[prefix:end], read_offset=read - prefix,
+                                            skip_special_tokens=True)
+        other = tokenizer_pb2.DetokenizeItem(token_ids=list(resp.results[2].ids))   # batched along
+        r, r2 = stub.Detokenize(tokenizer_pb2.DetokenizeRequest(items=[item, other]), timeout=10).results
+        assert r2.text == "hi"
+        out.append(r.text)
+        prefix, read = prefix + r.prefix_advance, prefix + r.read_offset
+    assert "".join(out) == TEXT
+
+
+def test_apply_chat_template(stub):
+    req = tokenizer_pb2.ChatTemplateRequest(
+        messages=[generate_pb2.ChatMessage(role="user", content="Hi")], add_generation_prompt=True)
+    resp = stub.ApplyChatTemplate(req, timeout=10)
+    assert resp.rendered.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert len(resp.results) == 1
+    again = stub.Tokenize(tokenizer_pb2.TokenizeRequest(texts=[resp.rendered]), timeout=10)
+    assert list(resp.results[0].ids) == list(again.results[0].ids)
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "empty"),
+    ([generate_pb2.ChatMessage(role="wizard", content="x")], "wizard"),
+])
+def test_bad_chat_input_is_invalid_argument(stub, messages, match):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(messages=messages), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert match in err.value.details()
+
+
+def test_bad_detokenize_offsets_are_invalid_argument(stub):
+    item = tokenizer_pb2.DetokenizeItem(token_ids=[1, 2], read_offset=5)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Detokenize(tokenizer_pb2.DetokenizeRequest(items=[item]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_reflection_lists_the_service(server):
+    _, address = server
+    with grpc.insecure_channel(address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                              timeout=10)
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"shardline.v1.Tokenizer", "grpc.health.v1.Health"} <= names
+
+
+def test_sigterm_exits_cleanly(server):              # last: stops the module's server
+    proc, _ = server
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail("tokenizer did not stop within 10s of SIGTERM")
+    out = proc.stdout.read()
+    assert code == 0, out
+    assert "stopped" in out

@@ -1,0 +1,110 @@
+"""Block manager and scheduler on tiny configs: exact block ids, chunking, preemption."""
+from shardline.scheduler.block_manager import BlockManager
+from shardline.scheduler.request import Sequence, SeqStatus
+from shardline.scheduler.scheduler import Scheduler
+from shardline.worker.plan import SampledToken
+
+
+def seq(i, n_prompt, max_tokens=8, eos=()):
+    return Sequence(seq_id=i, prompt_token_ids=list(range(100, 100 + n_prompt)),
+                    max_tokens=max_tokens, eos_token_ids=frozenset(eos))
+
+
+def run_step(s: Scheduler, token=7):
+    batch = s.schedule()
+    toks = [SampledToken(q.seq_id, token) for q, st in batch.items if st.sample]
+    return batch, s.postprocess(batch, toks)
+
+
+def test_block_manager_allocates_lowest_ids_and_frees():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a, b = seq(1, 6), seq(2, 4)
+    assert bm.allocate(a, 6) == [0, 1]
+    assert bm.allocate(b, 4) == [2]
+    a.num_computed_tokens = 6
+    assert bm.allocate(a, 2) == []          # 8 tokens still fit in 2 blocks
+    a.num_computed_tokens = 8
+    assert bm.allocate(a, 1) == [3]
+    assert bm.num_free_blocks == 4
+    bm.free(a)
+    assert a.block_table == [] and bm.num_free_blocks == 7
+    assert bm.allocate(seq(3, 40), 40) is None   # needs 10 blocks: says no, changes nothing
+    assert bm.num_free_blocks == 7
+
+
+def test_prefill_then_decode_plans():
+    s = Scheduler(BlockManager(16, 4), max_num_batched_tokens=64)
+    a = seq(1, 5, max_tokens=3)
+    s.add(a)
+    batch, events = run_step(s, token=9)
+    (q, step), = batch.items
+    assert step.admit and step.token_ids == list(range(100, 105)) and step.start_pos == 0
+    assert step.new_block_ids == [0, 1] and step.sample and step.num_generated == 0
+    assert a.output_token_ids == [9] and a.num_computed_tokens == 5
+    batch, _ = run_step(s, token=10)
+    (_, step), = batch.items
+    assert not step.admit and step.token_ids == [9] and step.start_pos == 5
+    assert step.new_block_ids == [] and step.num_generated == 1
+    batch, events = run_step(s, token=11)
+    assert events[-1].finish_reason == "length" and a.is_finished
+    assert s.blocks.num_free_blocks == 16
+    batch = s.schedule()                     # the worker is told to forget seq 1
+    assert batch.items == [] and batch.free_seq_ids == [1]
+    assert s.schedule() is None
+
+
+def test_chunked_prefill_under_token_budget_and_decodes_first():
+    s = Scheduler(BlockManager(32, 4), max_num_batched_tokens=8)
+    a, b = seq(1, 3), seq(2, 20)
+    s.add(a)
+    run_step(s)                              # a prefilled, now decoding
+    s.add(b)
+    batch, _ = run_step(s)
+    assert [(q.seq_id, len(st.token_ids), st.sample) for q, st in batch.items] == [(1, 1, True), (2, 7, False)]
+    batch, _ = run_step(s)
+    assert [(q.seq_id, st.start_pos, len(st.token_ids)) for q, st in batch.items] == [(1, 4, 1), (2, 7, 7)]
+    batch, _ = run_step(s)
+    (qa, sa), (qb, sb) = batch.items
+    assert (sb.start_pos, len(sb.token_ids), sb.sample) == (14, 6, True)
+    assert b.output_token_ids == [7]
+
+
+def test_eos_stops_and_abort_frees():
+    s = Scheduler(BlockManager(8, 4))
+    a, b = seq(1, 4, eos=[5]), seq(2, 4)
+    s.add(a), s.add(b)
+    batch, events = run_step(s, token=5)
+    assert a.finish_reason == "stop" and not b.is_finished
+    s.abort(b)
+    assert b.finish_reason == "abort" and s.blocks.num_free_blocks == 8
+    assert sorted(s.schedule().free_seq_ids) == [1, 2]
+
+
+def test_preemption_by_recompute_when_blocks_run_out():
+    s = Scheduler(BlockManager(4, 4), max_num_batched_tokens=64)
+    a, b = seq(1, 8, max_tokens=20), seq(2, 7, max_tokens=20)
+    s.add(a), s.add(b)
+    batch, _ = run_step(s)                   # a: blocks 0,1; b: blocks 2,3 -> pool empty
+    assert a.block_table == [0, 1] and b.block_table == [2, 3]
+    batch, _ = run_step(s)                   # a needs a 3rd block: newest (b) is preempted
+    assert [q.seq_id for q, _ in batch.items] == [1]
+    assert b.status is SeqStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
+    assert batch.free_seq_ids == [2] and a.block_table == [0, 1, 2]
+    assert s.num_preemptions == 1
+    # b keeps its generated token and is recomputed from prompt + output when room returns.
+    assert b.output_token_ids == [7]
+    s.abort(a)
+    batch = s.schedule()
+    (q, st), = batch.items
+    assert q is b and st.admit and st.token_ids == list(range(100, 107)) + [7]
+    assert st.new_block_ids == b.block_table and st.num_generated == 1
+
+
+def test_in_flight_sequences_are_not_rescheduled():
+    s = Scheduler(BlockManager(8, 4))
+    a = seq(1, 4)
+    s.add(a)
+    first = s.schedule()
+    assert s.schedule() is None              # a is in flight: the second micro-batch is empty
+    s.postprocess(first, [SampledToken(1, 3)])
+    assert [q.seq_id for q, _ in s.schedule().items] == [1]
