@@ -47,13 +47,7 @@ def wait_serving(address: str, proc: subprocess.Popen, timeout_s: float = 120.0)
 
 
 @pytest.fixture(scope="module")
-def model_dir():
-    from shardline.worker.loader import DEFAULT_MODEL, resolve_model
-    return str(resolve_model(DEFAULT_MODEL))
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
+def server(model_dir):                             # model_dir: conftest.py, resolve_model(DEFAULT_MODEL)
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(SERVICES_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 DEFAULT_PORT = 50052
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -15,6 +17,7 @@ class TokenizerConfig:
     port: int = DEFAULT_PORT        # 0 picks a free port
     host: str = "0.0.0.0"
     log_level: str = "INFO"
+    cache_dir: Optional[str] = None # where resolve_model keeps converted models ($SHARDLINE_CACHE)
 
     def __post_init__(self):
         if not self.model:
@@ -38,4 +41,5 @@ class TokenizerConfig:
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "TokenizerConfig":
         from shardline.worker.loader import DEFAULT_MODEL
-        return cls(model=ns.model or DEFAULT_MODEL, port=ns.port, host=ns.host, log_level=ns.log_level)
+        return cls(model=ns.model or DEFAULT_MODEL, port=ns.port, host=ns.host, log_level=ns.log_level,
+                   cache_dir=os.environ.get("SHARDLINE_CACHE"))

@@ -85,10 +85,10 @@ class TokenizerCore:
         )
 
     @classmethod
-    def load(cls, model: str) -> "TokenizerCore":
+    def load(cls, model: str, cache_dir: Optional[str] = None) -> "TokenizerCore":
         """Resolve `model` (dir, hub id, .gguf or alias) with the worker's loader and load it."""
         from shardline.worker.loader import resolve_model
-        return cls.from_dir(resolve_model(model), name=model)
+        return cls.from_dir(resolve_model(model, cache_dir), name=model)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, name: Optional[str] = None) -> "TokenizerCore":

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 async def serve(cfg: TokenizerConfig) -> None:
     """Load the tokenizer, serve until SIGTERM/SIGINT, then drain and stop."""
-    core = TokenizerCore.load(cfg.model)
+    core = TokenizerCore.load(cfg.model, cfg.cache_dir)
     service = Service("tokenizer", cfg.port, cfg.host)
     servicer = TokenizerServicer(core)
     service.add(tokenizer_pb2_grpc.add_TokenizerServicer_to_server, servicer, [SERVICE_NAME])
