@@ -68,7 +68,7 @@ class TokenizerClient:
                 continue
             for (state, fut), r in zip(batch, res.results):
                 del state.token_ids[:r.prefix_advance]
-                state.read_offset = r.read_offset
+                state.read_offset = r.read_offset - r.prefix_advance
                 if not fut.done():
                     fut.set_result(r.text)
 
