@@ -6,7 +6,7 @@ from shardline.worker.plan import SampledToken
 
 
 def seq(i, n_prompt, max_tokens=8, eos=()):
-    return Sequence(seq_id=i, prompt_token_ids=list(range(100, 100 + n_prompt)),
+    return Sequence(seq_id=i, prompt_token_ids=list(range(100 * i, 100 * i + n_prompt)),
                     max_tokens=max_tokens, eos_token_ids=frozenset(eos))
 
 
@@ -89,15 +89,18 @@ def test_preemption_by_recompute_when_blocks_run_out():
     batch, _ = run_step(s)                   # a needs a 3rd block: newest (b) is preempted
     assert [q.seq_id for q, _ in batch.items] == [1]
     assert b.status is SeqStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
-    assert batch.free_seq_ids == [2] and a.block_table == [0, 1, 2]
+    # b's full first block stays cached; the unhashed tail block is reused first.
+    assert batch.free_seq_ids == [2] and a.block_table == [0, 1, 3]
     assert s.num_preemptions == 1
-    # b keeps its generated token and is recomputed from prompt + output when room returns.
+    # b keeps its generated token and is recomputed from prompt + output when room returns,
+    # starting after its cached first block.
     assert b.output_token_ids == [7]
     s.abort(a)
     batch = s.schedule()
     (q, st), = batch.items
-    assert q is b and st.admit and st.token_ids == list(range(100, 107)) + [7]
-    assert st.new_block_ids == b.block_table and st.num_generated == 1
+    assert q is b and st.admit and st.start_pos == 4 and st.token_ids == [204, 205, 206, 7]
+    assert st.new_block_ids == b.block_table and b.block_table[0] == 2
+    assert b.num_cached_tokens == 0                    # usage counts the first admission only
 
 
 def test_in_flight_sequences_are_not_rescheduled():
@@ -108,3 +111,44 @@ def test_in_flight_sequences_are_not_rescheduled():
     assert s.schedule() is None              # a is in flight: the second micro-batch is empty
     s.postprocess(first, [SampledToken(1, 3)])
     assert [q.seq_id for q, _ in s.schedule().items] == [1]
+
+
+def test_prefix_cache_hits_exact_blocks_and_lru_eviction():
+    bm = BlockManager(6, 4)
+    s = Scheduler(bm, max_num_batched_tokens=64)
+    shared = list(range(500, 508))                      # two full blocks
+    a = Sequence(1, shared + [1, 2, 3], max_tokens=1)
+    s.add(a)
+    run_step(s)                                          # a finishes after one token
+    assert a.is_finished and a.finish_reason == "length"
+    assert bm.num_free_blocks == 6 and bm.num_cached_blocks == 2
+    b = Sequence(2, shared + [9, 9], max_tokens=1)
+    s.add(b)
+    batch = s.schedule()
+    (_, st), = batch.items
+    assert st.start_pos == 8 and st.token_ids == [9, 9] and b.num_cached_tokens == 8
+    assert st.new_block_ids[:2] == [0, 1]                # a's first two blocks, shared
+    # Another tenant never hits.
+    c = Sequence(3, shared + [9, 9], max_tokens=1, cache_salt="tenant-x")
+    s.add(c)
+    batch2 = s.schedule()
+    (_, st2), = batch2.items
+    assert st2.start_pos == 0 and c.num_cached_tokens == 0 and 0 not in st2.new_block_ids
+    # Whole-prompt hits still compute the last token.
+    d = Sequence(4, shared, max_tokens=1)
+    assert [bid for bid in bm.match_prefix(d)] == [0]
+
+
+def test_eviction_order_is_least_recently_freed_first():
+    events = []
+    bm = BlockManager(4, 2, listener=lambda ev, items: events.append((ev, items)))
+    x = Sequence(1, [1, 2, 3, 4], max_tokens=1)
+    bm.allocate(x, 4)
+    x.num_computed_tokens = 4
+    bm.commit_full_blocks(x)
+    assert events == [("stored", [(x.block_hashes[0], 0), (x.block_hashes[1], 1)])]
+    bm.free(x)                                           # tail block 1 first in eviction order
+    y = Sequence(2, [7, 7, 7, 7, 7, 7], max_tokens=1)
+    assert bm.allocate(y, 6) == [2, 3, 1]                # unhashed first, then LRU cached
+    assert events[-1] == ("evicted", [(x.block_hashes[1], 1)])
+    assert bm.num_cached_blocks == 1 and bm.match_prefix(Sequence(3, [1, 2, 3, 4, 5], 1)) == [0]

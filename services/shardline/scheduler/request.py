@@ -35,7 +35,10 @@ class Sequence:
     admitted: bool = False        # workers hold state for it (else the next plan admits it)
     in_flight: bool = False       # part of a micro-batch not yet answered
     finish_reason: Optional[str] = None
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0    # prompt tokens served from the prefix cache
+    cache_salt: str = ""          # tenant: hashes of different tenants never match
+    block_hashes: list[str] = field(default_factory=list)   # chained hashes of full blocks
+    num_committed_blocks: int = 0 # leading blocks of block_table already hashed into the cache
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
 

@@ -100,10 +100,14 @@ class Scheduler:
         # Then admit waiting sequences while budget, slots and blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            new_blocks = self.blocks.allocate(seq, n)
-            if new_blocks is None:
+            hit = self.blocks.match_prefix(seq)
+            cached = len(hit) * self.blocks.block_size
+            n = min(seq.num_tokens - cached, budget)
+            need = -(-(cached + n) // self.blocks.block_size) - len(hit)
+            if need > self.blocks.free_blocks_after(hit):
                 break
+            self.blocks.take_prefix(seq, hit)
+            new_blocks = self.blocks.allocate(seq, n)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -156,6 +160,7 @@ class Scheduler:
             if seq.is_finished:
                 continue
             seq.num_computed_tokens += len(step.token_ids)
+            self.blocks.commit_full_blocks(seq)
             by_id[seq.seq_id] = seq
         events = []
         for tok in tokens:
