@@ -61,8 +61,13 @@ class PipelineEngine:
         self._wake.set()
 
     @property
-    def load(self) -> tuple[int, int]:
-        return self.scheduler.num_unfinished, -self.blocks.num_free_blocks
+    def accepting(self) -> bool:
+        return self.failed is None
+
+    def routing_cost(self, seq: Sequence, tokens_per_queued_seq: int = 256) -> int:
+        """Prompt tokens seq would compute here plus a price per sequence already here."""
+        cached = len(self.blocks.match_prefix(seq)) * self.blocks.block_size
+        return seq.num_tokens - cached + tokens_per_queued_seq * self.scheduler.num_unfinished
 
     # -- the loop -------------------------------------------------------------------------
     async def _run(self) -> None:

@@ -17,6 +17,15 @@ from shardline.worker.plan import SamplingConfig
 log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 16
+TENANT_KEY = "x-shardline-tenant"
+
+
+def tenant_of(context) -> str:
+    """The request's tenant (metadata x-shardline-tenant); '' is the shared default tenant."""
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_KEY:
+            return value
+    return ""
 
 
 class Limits:
@@ -82,11 +91,13 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 postprocess_seconds=st["postprocess_s"])
         return out
 
-    def _pick_engine(self) -> PipelineEngine:
-        live = [e for e in self.engines if e.failed is None]
+    def _pick_engine(self, seq: Sequence) -> PipelineEngine:
+        """The replica with the least work for seq: uncached prompt tokens plus a price per
+        sequence already queued or running there, so one hot prefix does not pin all traffic."""
+        live = [e for e in self.engines if e.accepting]
         if not live:
             raise Unavailable("no pipeline replica is serving")
-        return min(live, key=lambda e: e.load)
+        return min(live, key=lambda e: e.routing_cost(seq))
 
     async def _prompt_ids(self, request) -> list[int]:
         kind = request.WhichOneof("prompt")
@@ -136,10 +147,10 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         if len(ids) + max_tokens > lim.capacity_tokens:
             raise ResourceExhausted(f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceeds the KV "
                                     f"cache capacity of {lim.capacity_tokens} tokens per replica")
-        engine = self._pick_engine()
         seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, max_tokens=max_tokens,
                        sampling=sampling, eos_token_ids=self.eos_ids, ignore_eos=request.ignore_eos,
-                       max_context=lim.max_context)
+                       max_context=lim.max_context, cache_salt=tenant_of(context))
+        engine = self._pick_engine(seq)
         queue = engine.add(seq)
         stream = _TextStream(self.tokenizer, stops)
         finished = False
