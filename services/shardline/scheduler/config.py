@@ -20,6 +20,7 @@ class SchedulerConfig:
     connect_timeout_s: float = 600.0                 # wait for workers to load their model
     step_timeout_s: float = 120.0                    # a step slower than this breaks the replica
     rpc_timeout_s: float = 30.0                      # deadline of tokenizer calls
+    unavailable_timeout_s: float = 10.0              # how long a request waits for a live replica
     log_level: str = "INFO"
 
     def __post_init__(self):
@@ -46,7 +47,10 @@ class SchedulerConfig:
         p.add_argument("--max-num-seqs", type=int, default=64)
         p.add_argument("--max-num-batched-tokens", type=int, default=512)
         p.add_argument("--connect-timeout", type=float, default=600.0)
-        p.add_argument("--step-timeout", type=float, default=120.0)
+        p.add_argument("--step-timeout", type=float, default=120.0,
+                       help="seconds without a step result before a replica counts as dead")
+        p.add_argument("--unavailable-timeout", type=float, default=10.0,
+                       help="seconds a request waits for a live replica before UNAVAILABLE")
         p.add_argument("--log-level", default="INFO")
 
     @classmethod
@@ -56,4 +60,5 @@ class SchedulerConfig:
                    default_max_tokens=ns.default_max_tokens, max_context=ns.max_context,
                    max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
                    connect_timeout_s=ns.connect_timeout, step_timeout_s=ns.step_timeout,
+                   unavailable_timeout_s=ns.unavailable_timeout,
                    log_level=ns.log_level)

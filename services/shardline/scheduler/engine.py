@@ -22,37 +22,43 @@ log = logging.getLogger(__name__)
 
 
 class PipelineEngine:
+    """One replica's scheduler and step loop. When the replica breaks, its unfinished
+    sequences go to `on_failure` (the router moves them to another replica)."""
+
     def __init__(self, pipeline: PipelineClient, max_num_seqs: int, max_num_batched_tokens: int,
-                 step_timeout_s: float):
+                 step_timeout_s: float, listener=None, on_failure=None):
         self.pipeline = pipeline
-        self.blocks = BlockManager(pipeline.num_blocks, pipeline.block_size)
+        self.replica_id = pipeline.replica_id
+        self.blocks = BlockManager(pipeline.num_blocks, pipeline.block_size, listener=listener)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.step_timeout_s = step_timeout_s
+        self.on_failure = on_failure
         self._queues: dict[int, asyncio.Queue] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.failed: BaseException | None = None
-        # Profiling counters (seconds), read by GetModelInfo/bench.
+        self.draining = False
+        # Profiling counters (seconds), read by GetStats / bench.
         self.stats = collections.Counter()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"engine-{self.pipeline.replica_id}")
+        self._task = asyncio.create_task(self._run(), name=f"engine-{self.replica_id}")
 
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
         await self.pipeline.close()
 
-    # -- called by request handlers ---------------------------------------------------
-    def add(self, seq: Sequence) -> asyncio.Queue:
-        """Queue seq; its TokenEvents (or an exception) arrive on the returned queue."""
-        if self.failed is not None:
-            raise self.failed
-        q: asyncio.Queue = asyncio.Queue()
-        self._queues[seq.seq_id] = q
+    # -- called by the router ---------------------------------------------------------
+    def add(self, seq: Sequence, queue: asyncio.Queue) -> None:
+        """Queue seq; its TokenEvents (or an exception) go to queue."""
+        self._queues[seq.seq_id] = queue
         self.scheduler.add(seq)
         self._wake.set()
-        return q
 
     def abort(self, seq: Sequence, reason: str = "abort") -> None:
         """Stop seq (client gone, stop string); its blocks are freed before the next step."""
@@ -62,7 +68,11 @@ class PipelineEngine:
 
     @property
     def accepting(self) -> bool:
-        return self.failed is None
+        return self.failed is None and not self.draining
+
+    @property
+    def idle(self) -> bool:
+        return self.scheduler.num_unfinished == 0
 
     def routing_cost(self, seq: Sequence, tokens_per_queued_seq: int = 256) -> int:
         """Prompt tokens seq would compute here plus a price per sequence already here."""
@@ -101,11 +111,14 @@ class PipelineEngine:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - the replica is broken
-            log.error("replica %d failed: %r", self.pipeline.replica_id, exc)
+            log.error("replica %s failed: %r", self.replica_id, exc)
             self.failed = exc
-            for seq in self.scheduler.finish_all("error"):
-                q = self._queues.pop(seq.seq_id, None)
-                if q is not None:
+            moved = [(seq, self._queues.pop(seq.seq_id)) for seq in self.scheduler.evict_all()
+                     if seq.seq_id in self._queues]
+            if self.on_failure is not None:
+                self.on_failure(self, moved)
+            else:
+                for _, q in moved:
                     q.put_nowait(exc)
 
     def _deliver(self, events: list[TokenEvent]) -> None:

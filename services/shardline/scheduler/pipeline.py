@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 class PipelineClient:
     """Stages [0..S) of one replica. send() a StepRequest to stage 0, recv() its StepResult."""
 
-    def __init__(self, replica_id: int, addresses: list[str]):
+    def __init__(self, replica_id: str, addresses: list[str]):
         self.replica_id = replica_id
         self.addresses = addresses
         self.infos: list[worker_pb2.StageInfo] = []
@@ -52,7 +52,7 @@ class PipelineClient:
             raise Unavailable(f"replica {self.replica_id}: stages disagree on block size")
         stub = worker_pb2_grpc.StageWorkerStub(self._channels[0])
         self._call = stub.Step(metadata=((ROUTE_KEY, ",".join(self.addresses[1:])),))
-        log.info("replica %d: %d stages, %d KV blocks of %d", self.replica_id, self.num_stages,
+        log.info("replica %s: %d stages, %d KV blocks of %d", self.replica_id, self.num_stages,
                  self.num_blocks, self.block_size)
 
     async def _wait_info(self, i: int, deadline: float) -> worker_pb2.StageInfo:

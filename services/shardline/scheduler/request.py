@@ -63,6 +63,16 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
+    def reset_for_recompute(self) -> None:
+        """Forget KV state (preempted, or its replica died): recompute from all tokens."""
+        self.block_table = []
+        self.num_computed_tokens = 0
+        self.num_committed_blocks = 0
+        self.admitted = False
+        self.in_flight = False
+        self.status = SeqStatus.WAITING
+        self.num_preemptions += 1
+
     def check_stop(self, token_id: int) -> Optional[str]:
         """Finish reason after appending token_id, or None to continue."""
         if not self.ignore_eos and token_id in self.eos_token_ids:

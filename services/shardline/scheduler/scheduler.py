@@ -144,10 +144,7 @@ class Scheduler:
         self.running.remove(seq)
         if seq.admitted:
             self._pending_free.append(seq.seq_id)
-        seq.admitted = False
-        seq.num_computed_tokens = 0
-        seq.status = SeqStatus.WAITING
-        seq.num_preemptions += 1
+        seq.reset_for_recompute()
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
@@ -184,10 +181,12 @@ class Scheduler:
             self._pending_free.append(seq.seq_id)
             seq.admitted = False
 
-    def finish_all(self, reason: str) -> list[Sequence]:
-        """Finish every sequence (pipeline lost); returns them."""
-        seqs = list(self.waiting) + list(self.running)
+    def evict_all(self) -> list[Sequence]:
+        """Take every unfinished sequence out (its replica is lost), reset to be recomputed
+        elsewhere from prompt + generated tokens; oldest first."""
+        seqs = sorted(list(self.waiting) + list(self.running), key=lambda s: s.arrival_time)
         self.waiting.clear()
+        self.running.clear()
         for seq in seqs:
-            self._finish(seq, reason)
+            seq.reset_for_recompute()
         return seqs

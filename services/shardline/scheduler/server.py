@@ -10,6 +10,7 @@ from shardline.common.server import Service, configure_logging
 from shardline.scheduler.config import SchedulerConfig
 from shardline.scheduler.engine import PipelineEngine
 from shardline.scheduler.pipeline import PipelineClient
+from shardline.scheduler.router import Router
 from shardline.scheduler.servicer import GenerationServicer, Limits
 from shardline.scheduler.tokenizer_client import TokenizerClient
 from shardline.v1 import generate_pb2, generate_pb2_grpc
@@ -25,35 +26,40 @@ async def serve(cfg: SchedulerConfig) -> None:
                 ["shardline.v1.Generation"])
     await service.start()           # health answers NOT_SERVING while stages load
     await service.set_serving(False)
-    info = await tokenizer.connect(cfg.connect_timeout_s)
-    pipelines = [PipelineClient(i, addrs) for i, addrs in enumerate(cfg.pipelines)]
-    await asyncio.gather(*(p.connect(cfg.connect_timeout_s) for p in pipelines))
-    engines = [PipelineEngine(p, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.step_timeout_s)
-               for p in pipelines]
-    first = pipelines[0].infos
-    max_context = first[0].max_position
+    await tokenizer.connect(cfg.connect_timeout_s)
+
+    def make_engine(pipeline: PipelineClient, on_failure) -> PipelineEngine:
+        return PipelineEngine(pipeline, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                              cfg.step_timeout_s, on_failure=on_failure)
+
+    router = Router(make_engine, cfg.connect_timeout_s, cfg.unavailable_timeout_s)
+    await asyncio.gather(*(router.add_pipeline(str(i), addrs)
+                           for i, addrs in enumerate(cfg.pipelines)))
+    if not router.engines:
+        raise SystemExit("scheduler: no pipeline replica could be reached")
+    first = next(iter(router.engines.values())).pipeline
+    infos = first.infos
+    max_context = infos[0].max_position
     if cfg.max_context:
         max_context = min(max_context, cfg.max_context)
     limits = Limits(max_context=max_context, max_tokens_cap=cfg.max_tokens_cap,
-                    default_max_tokens=cfg.default_max_tokens, vocab_size=first[-1].vocab_size,
-                    capacity_tokens=min(p.num_blocks * p.block_size for p in pipelines))
+                    default_max_tokens=cfg.default_max_tokens, vocab_size=infos[-1].vocab_size,
+                    capacity_tokens=min(e.blocks.num_blocks * e.blocks.block_size
+                                        for e in router.engines.values()))
     model_info = generate_pb2.ModelInfo(
-        model=cfg.model or first[0].model, max_context=max_context,
-        max_tokens_cap=cfg.max_tokens_cap, vocab_size=first[-1].vocab_size,
-        num_stages=len(first), num_replicas=len(pipelines), block_size=pipelines[0].block_size,
-        num_blocks=pipelines[0].num_blocks, dtype=first[0].dtype, device=first[0].device)
-    servicer.ready(engines, limits, model_info)
-    for e in engines:
-        e.start()
+        model=cfg.model or infos[0].model, max_context=max_context,
+        max_tokens_cap=cfg.max_tokens_cap, vocab_size=infos[-1].vocab_size,
+        num_stages=len(infos), num_replicas=len(router.engines), block_size=first.block_size,
+        num_blocks=first.num_blocks, dtype=infos[0].dtype, device=infos[0].device)
+    servicer.ready(router, limits, model_info)
 
     async def shutdown():
-        for e in engines:
-            await e.stop()
+        await router.close()
         await tokenizer.close()
     service.on_stop(shutdown)
     await service.set_serving(True)
     log.info("serving on port %d: %d replica(s) x %d stage(s), context %d", service.port,
-             len(pipelines), len(first), max_context)
+             len(router.engines), len(infos), max_context)
     await service.serve_until_stopped()
 
 

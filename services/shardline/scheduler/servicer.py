@@ -7,7 +7,7 @@ import math
 from typing import Optional
 
 from shardline.common.server import InvalidArgument, ResourceExhausted, Unavailable
-from shardline.scheduler.engine import PipelineEngine
+from shardline.scheduler.router import Router
 from shardline.scheduler.request import Sequence
 from shardline.scheduler.scheduler import TokenEvent
 from shardline.scheduler.tokenizer_client import DetokenizeState, TokenizerClient
@@ -58,16 +58,15 @@ def validate_sampling(pb: generate_pb2.GenerateRequest) -> SamplingConfig:
 class GenerationServicer(generate_pb2_grpc.GenerationServicer):
     def __init__(self, tokenizer: TokenizerClient):
         self.tokenizer = tokenizer
-        self.engines: list[PipelineEngine] = []
+        self.router: Optional[Router] = None
         self.limits: Optional[Limits] = None
         self.model_info: Optional[generate_pb2.ModelInfo] = None
         self.eos_ids: frozenset = frozenset()
         self._seq_ids = itertools.count(1)
 
-    def ready(self, engines: list[PipelineEngine], limits: Limits,
-              model_info: generate_pb2.ModelInfo) -> None:
-        """Called once the tokenizer and every pipeline have answered."""
-        self.engines = engines
+    def ready(self, router: Router, limits: Limits, model_info: generate_pb2.ModelInfo) -> None:
+        """Called once the tokenizer and the first pipeline have answered."""
+        self.router = router
         self.limits = limits
         self.model_info = model_info
         self.eos_ids = frozenset(self.tokenizer.info.eos_token_ids)
@@ -75,14 +74,17 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
     async def GetModelInfo(self, request, context):
         if self.model_info is None:
             raise Unavailable("scheduler is still connecting to its workers")
-        return self.model_info
+        info = generate_pb2.ModelInfo()
+        info.CopyFrom(self.model_info)
+        info.num_replicas = len(self.router.live)
+        return info
 
     async def GetStats(self, request, context):
         out = generate_pb2.SchedulerStats()
-        for e in self.engines:
+        for rid, e in sorted((self.router.engines if self.router else {}).items()):
             st = e.stats
             out.replicas.add(
-                replica=e.pipeline.replica_id, healthy=e.failed is None,
+                replica=str(rid), healthy=e.accepting,
                 num_waiting=len(e.scheduler.waiting), num_running=len(e.scheduler.running),
                 num_blocks=e.blocks.num_blocks, num_free_blocks=e.blocks.num_free_blocks,
                 num_preemptions=e.scheduler.num_preemptions, num_steps=int(st["steps"]),
@@ -90,14 +92,6 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 wait_seconds=st["wait_s"], compute_seconds=st["compute_s"],
                 postprocess_seconds=st["postprocess_s"])
         return out
-
-    def _pick_engine(self, seq: Sequence) -> PipelineEngine:
-        """The replica with the least work for seq: uncached prompt tokens plus a price per
-        sequence already queued or running there, so one hot prefix does not pin all traffic."""
-        live = [e for e in self.engines if e.accepting]
-        if not live:
-            raise Unavailable("no pipeline replica is serving")
-        return min(live, key=lambda e: e.routing_cost(seq))
 
     async def _prompt_ids(self, request) -> list[int]:
         kind = request.WhichOneof("prompt")
@@ -150,8 +144,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, max_tokens=max_tokens,
                        sampling=sampling, eos_token_ids=self.eos_ids, ignore_eos=request.ignore_eos,
                        max_context=lim.max_context, cache_salt=tenant_of(context))
-        engine = self._pick_engine(seq)
-        queue = engine.add(seq)
+        queue = self.router.submit(seq)
         stream = _TextStream(self.tokenizer, stops)
         finished = False
         try:
@@ -160,13 +153,15 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 while not queue.empty():
                     events.append(queue.get_nowait())
                 for ev in events:
+                    if isinstance(ev, Unavailable):
+                        raise ev
                     if isinstance(ev, BaseException):
                         raise Unavailable(f"pipeline failed: {ev}")
                 toks = [ev.token for ev in events]
                 reason = events[-1].finish_reason
                 text, hit_stop = await stream.push([t.token_id for t in toks], final=reason is not None)
                 if hit_stop:
-                    engine.abort(seq, "stop")
+                    self.router.abort(seq, "stop")
                     reason = "stop"
                 resp = generate_pb2.GenerateResponse(text=text, token_ids=[t.token_id for t in toks])
                 if request.sampling.logprobs:
@@ -181,8 +176,10 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                         cached_tokens=seq.num_cached_tokens))
                 yield resp
         finally:
-            if not finished:
-                engine.abort(seq, "abort")
+            if finished:
+                self.router.finished(seq)
+            else:
+                self.router.abort(seq, "abort")
 
 
 class _TextStream:

@@ -130,7 +130,7 @@ class ReplicaStats(_message.Message):
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     POSTPROCESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    replica: int
+    replica: str
     healthy: bool
     num_waiting: int
     num_running: int
@@ -143,7 +143,7 @@ class ReplicaStats(_message.Message):
     wait_seconds: float
     compute_seconds: float
     postprocess_seconds: float
-    def __init__(self, replica: _Optional[int] = ..., healthy: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_tokens: _Optional[int] = ..., schedule_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., postprocess_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, replica: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_tokens: _Optional[int] = ..., schedule_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., postprocess_seconds: _Optional[float] = ...) -> None: ...
 
 class SchedulerStats(_message.Message):
     __slots__ = ("replicas",)

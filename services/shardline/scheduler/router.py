@@ -1,0 +1,175 @@
+"""Pipeline replicas behind one front door: routing, failover, reconnection, draining.
+
+A request goes to the replica with the least work for it (uncached prompt tokens plus a
+price per sequence already there). When a replica breaks, its unfinished sequences move to
+another live replica and are recomputed from prompt + generated tokens; the client's stream
+goes on. With no replica left they wait up to `unavailable_timeout_s` for one, then fail
+with UNAVAILABLE.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, Optional
+
+from shardline.common.server import Unavailable
+from shardline.scheduler.engine import PipelineEngine
+from shardline.scheduler.pipeline import PipelineClient
+from shardline.scheduler.request import Sequence
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[PipelineClient, Callable], PipelineEngine]
+
+
+class Router:
+    def __init__(self, make_engine: EngineFactory, connect_timeout_s: float,
+                 unavailable_timeout_s: float = 10.0, reconnect_interval_s: float = 2.0):
+        self.make_engine = make_engine
+        self.connect_timeout_s = connect_timeout_s
+        self.unavailable_timeout_s = unavailable_timeout_s
+        self.reconnect_interval_s = reconnect_interval_s
+        self.engines: dict[str, PipelineEngine] = {}
+        self._addresses: dict[str, list[str]] = {}
+        self._where: dict[int, PipelineEngine] = {}          # seq_id -> engine
+        self._orphans: list[tuple[Sequence, asyncio.Queue, float]] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    # -- replicas -----------------------------------------------------------------------
+    async def add_pipeline(self, replica_id: str, addresses: list[str],
+                           retry: bool = True) -> Optional[PipelineEngine]:
+        """Connect to a replica's stages and start serving on it."""
+        self._addresses[replica_id] = addresses
+        pipeline = PipelineClient(replica_id, addresses)
+        try:
+            await pipeline.connect(self.connect_timeout_s)
+        except Exception as exc:  # noqa: BLE001
+            await pipeline.close()
+            log.warning("replica %s not connected: %s", replica_id, exc)
+            if retry:
+                self._spawn(self._reconnect(replica_id))
+            return None
+        engine = self.make_engine(pipeline, self._on_failure)
+        old = self.engines.get(replica_id)
+        self.engines[replica_id] = engine
+        engine.start()
+        if old is not None:
+            self._spawn(old.stop())
+        self._changed.set()
+        self._adopt_orphans()
+        return engine
+
+    async def remove_pipeline(self, replica_id: str, drain: bool = True) -> None:
+        """Stop routing to a replica; with drain, let its sequences finish first."""
+        self._addresses.pop(replica_id, None)
+        engine = self.engines.get(replica_id)
+        if engine is None:
+            return
+        engine.draining = True
+        if drain:
+            while not engine.idle and engine.failed is None:
+                await asyncio.sleep(0.1)
+        if self.engines.get(replica_id) is engine:
+            del self.engines[replica_id]
+        await engine.stop()
+
+    async def _reconnect(self, replica_id: str) -> None:
+        while not self._closed and replica_id in self._addresses:
+            await asyncio.sleep(self.reconnect_interval_s)
+            cur = self.engines.get(replica_id)
+            if cur is not None and cur.failed is None:
+                return
+            addrs = self._addresses.get(replica_id)
+            if addrs is None:
+                return
+            pipeline = PipelineClient(replica_id, addrs)
+            try:
+                await pipeline.connect(self.reconnect_interval_s)
+            except Exception:  # noqa: BLE001 - still down
+                await pipeline.close()
+                continue
+            await pipeline.close()
+            if await self.add_pipeline(replica_id, addrs, retry=False) is not None:
+                log.info("replica %s reconnected", replica_id)
+                return
+
+    def _on_failure(self, engine: PipelineEngine, moved: list[tuple[Sequence, asyncio.Queue]]) -> None:
+        log.warning("replica %s lost: moving %d sequence(s)", engine.replica_id, len(moved))
+        now = time.monotonic()
+        for seq, q in moved:
+            self._where.pop(seq.seq_id, None)
+            self._orphans.append((seq, q, now))
+        self._adopt_orphans()
+        if self._orphans:
+            self._spawn(self._expire_orphans())
+        if engine.replica_id in self._addresses:
+            self._spawn(self._reconnect(engine.replica_id))
+
+    def _adopt_orphans(self) -> None:
+        orphans, self._orphans = self._orphans, []
+        for seq, q, since in orphans:
+            if seq.is_finished:
+                continue
+            try:
+                self._place(seq, q)
+            except Unavailable:
+                self._orphans.append((seq, q, since))
+
+    async def _expire_orphans(self) -> None:
+        while self._orphans and not self._closed:
+            await asyncio.sleep(0.2)
+            self._adopt_orphans()
+            now = time.monotonic()
+            keep = []
+            for seq, q, since in self._orphans:
+                if now - since > self.unavailable_timeout_s:
+                    q.put_nowait(Unavailable("no pipeline replica is serving"))
+                else:
+                    keep.append((seq, q, since))
+            self._orphans = keep
+
+    # -- requests --------------------------------------------------------------------------
+    @property
+    def live(self) -> list[PipelineEngine]:
+        return [e for e in self.engines.values() if e.accepting]
+
+    def submit(self, seq: Sequence) -> asyncio.Queue:
+        """Route seq to a replica; its TokenEvents (or an exception) arrive on the queue."""
+        q: asyncio.Queue = asyncio.Queue()
+        self._place(seq, q)
+        return q
+
+    def _place(self, seq: Sequence, q: asyncio.Queue) -> None:
+        live = self.live
+        if not live:
+            raise Unavailable("no pipeline replica is serving")
+        engine = min(live, key=lambda e: e.routing_cost(seq))
+        self._where[seq.seq_id] = engine
+        engine.add(seq, q)
+
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
+        engine = self._where.pop(seq.seq_id, None)
+        if engine is not None:
+            engine.abort(seq, reason)
+        else:
+            self._orphans = [o for o in self._orphans if o[0] is not seq]
+            seq.finish_reason = seq.finish_reason or reason
+
+    def finished(self, seq: Sequence) -> None:
+        self._where.pop(seq.seq_id, None)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _spawn(self, coro) -> None:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        self._closed = True
+        for t in list(self._tasks):
+            t.cancel()
+        for e in list(self.engines.values()):
+            await e.stop()
