@@ -1,0 +1,200 @@
+"""Self-attention over a paged KV cache.
+
+Tokens of all sequences in a step are flattened into one batch of T rows. Each layer writes
+its new K/V at the rows' cache slots, then attends:
+
+  * decode rows (one token per sequence) together: one SDPA call over their gathered,
+    right-padded contexts, the query heads of each KV head grouped as "query positions"
+    ([D, kv_heads, group, head_dim]) so GQA needs no repeated K/V;
+  * prefill chunks (several tokens, maybe after earlier chunks already in the cache) one by
+    one: causal SDPA, with the mask shifted by the chunk's start position.
+
+Slots: slot = block_id * block_size + offset; a sequence's block table lists its block ids.
+
+    block table [7, 2, 9], block_size 4:  positions 0..3 -> slots 28..31,
+                                          positions 4..7 -> slots 8..11, 8.. -> 36..
+
+Everything that depends only on the step's plan (slots, gather indices, masks, positions)
+is computed once per step in `AttentionMetadata.build` and shared by all layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardline.worker.layers import Linear, apply_rope
+from shardline.worker.model_config import ModelConfig
+
+
+@dataclass
+class PrefillChunk:
+    """A sequence computing several tokens this step: rows [row_start, row_end) of the batch."""
+    row_start: int
+    row_end: int
+    gather: Optional[torch.Tensor]   # [context] cache slots of positions 0..end; None if start_pos 0
+    mask: Optional[torch.Tensor]     # [tokens, context] bool, True = attend; None = plain causal
+
+
+@dataclass
+class DecodeBatch:
+    """Sequences computing one token each, attended together."""
+    rows: Optional[torch.Tensor]     # [D] their rows in the batch; None when they are all rows
+    gather: torch.Tensor             # [D, L] cache slots of each context, right-padded
+    mask: Optional[torch.Tensor]     # [D, 1, 1, L] bool; None when all contexts have length L
+
+
+@dataclass
+class AttentionMetadata:
+    """The step's cache addressing, shared by every layer."""
+    num_tokens: int
+    positions: torch.Tensor          # [T] absolute position of each row
+    slot_mapping: torch.Tensor       # [T] cache slot each row's K/V is written to
+    decode: Optional[DecodeBatch]
+    prefills: list[PrefillChunk]
+
+    @classmethod
+    def build(cls, start_positions: Sequence[int], num_tokens: Sequence[int],
+              block_tables: Sequence[Sequence[int]], block_size: int,
+              device: torch.device) -> "AttentionMetadata":
+        """Addressing for sequences computing `num_tokens[i]` tokens from `start_positions[i]`,
+        whose blocks are `block_tables[i]` (which must cover every position computed)."""
+        bs = block_size
+        total = sum(num_tokens)
+        long = dict(dtype=torch.long, device=device)
+        if all(n == 1 for n in num_tokens):       # the common pure-decode step: no torch loops
+            positions = torch.tensor(start_positions, **long)
+            slots = [t[p // bs] * bs + p % bs for p, t in zip(start_positions, block_tables)]
+            decode = _decode_batch(None, list(start_positions), block_tables, bs, device)
+            return cls(total, positions, torch.tensor(slots, **long), decode, [])
+
+        positions, slots, prefills = [], [], []
+        dec_rows, dec_starts, dec_tables = [], [], []
+        row = 0
+        for start, n, table in zip(start_positions, num_tokens, block_tables):
+            end = start + n
+            nblocks = (end + bs - 1) // bs
+            # cache slots of positions 0..end: [nblocks, bs] -> flat
+            ctx_slots = (torch.tensor(table[:nblocks], **long)[:, None] * bs
+                         + torch.arange(bs, **long)).view(-1)[:end]
+            positions.append(torch.arange(start, end, **long))
+            slots.append(ctx_slots[start:])
+            if n == 1:
+                dec_rows.append(row)
+                dec_starts.append(start)
+                dec_tables.append(table)
+            elif start == 0:
+                prefills.append(PrefillChunk(row, row + n, None, None))
+            else:
+                q_pos = torch.arange(start, end, **long)
+                mask = torch.arange(end, **long)[None, :] <= q_pos[:, None]   # [n, end]
+                prefills.append(PrefillChunk(row, row + n, ctx_slots, mask))
+            row += n
+        decode = None
+        if dec_rows:
+            decode = _decode_batch(torch.tensor(dec_rows, **long), dec_starts, dec_tables, bs,
+                                   device)
+        return cls(total, torch.cat(positions), torch.cat(slots), decode, prefills)
+
+
+def _decode_batch(rows: Optional[torch.Tensor], starts: list[int],
+                  tables: Sequence[Sequence[int]], bs: int, device) -> DecodeBatch:
+    lengths = [s + 1 for s in starts]
+    max_len = max(lengths)
+    nblocks = (max_len + bs - 1) // bs
+    padded = [list(t[:nblocks]) + [0] * (nblocks - min(len(t), nblocks)) for t in tables]
+    table = torch.tensor(padded, dtype=torch.long, device=device)               # [D, nblocks]
+    offsets = torch.arange(bs, dtype=torch.long, device=device)
+    gather = (table[:, :, None] * bs + offsets).view(len(tables), -1)[:, :max_len].contiguous()
+    mask = None
+    if min(lengths) != max_len:
+        lens = torch.tensor(lengths, dtype=torch.long, device=device)
+        mask = (torch.arange(max_len, dtype=torch.long, device=device)[None, :]
+                < lens[:, None])[:, None, None, :]                             # [D, 1, 1, L]
+    return DecodeBatch(rows, gather, mask)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Write k, v into the cache and attend.
+
+    q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim]
+    k_cache, v_cache: [kv_heads, slots, head_dim] (this layer's)
+    returns [T, heads, head_dim]
+    """
+    k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+
+    dec_out = None
+    if meta.decode is not None:
+        d = meta.decode
+        qd = q if d.rows is None else q.index_select(0, d.rows)                # [D, H, hd]
+        n, length = d.gather.shape
+        flat = d.gather.view(-1)
+        kd = k_cache.index_select(1, flat).view(num_kv_heads, n, length, head_dim)
+        vd = v_cache.index_select(1, flat).view(num_kv_heads, n, length, head_dim)
+        # queries grouped by their KV head: [D, KV, group, hd] against [D, KV, L, hd]
+        dec_out = F.scaled_dot_product_attention(
+            qd.view(n, num_kv_heads, group, head_dim), kd.transpose(0, 1), vd.transpose(0, 1),
+            attn_mask=d.mask, scale=scale)
+        dec_out = dec_out.view(n, num_heads, head_dim)
+        if d.rows is None:
+            return dec_out
+
+    if len(meta.prefills) == 1 and dec_out is None:
+        return _prefill(q, k, v, k_cache, v_cache, meta.prefills[0], scale)
+    out = torch.empty_like(q)
+    if dec_out is not None:
+        out.index_copy_(0, meta.decode.rows, dec_out)
+    for p in meta.prefills:
+        out[p.row_start:p.row_end] = _prefill(q, k, v, k_cache, v_cache, p, scale)
+    return out
+
+
+def _prefill(q, k, v, k_cache, v_cache, p: PrefillChunk, scale: float) -> torch.Tensor:
+    qp = q[p.row_start:p.row_end].transpose(0, 1)                                # [H, n, hd]
+    if p.gather is None:                 # the chunk is the whole context: no cache read
+        kp = k[p.row_start:p.row_end].transpose(0, 1)                            # [KV, n, hd]
+        vp = v[p.row_start:p.row_end].transpose(0, 1)
+    else:
+        kp = k_cache.index_select(1, p.gather)                                   # [KV, ctx, hd]
+        vp = v_cache.index_select(1, p.gather)
+    out = F.scaled_dot_product_attention(qp[None], kp[None], vp[None], attn_mask=p.mask,
+                                         is_causal=p.mask is None, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)                                                # [n, H, hd]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads, rotary positions and a paged cache."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = hd = config.head_dim
+        self.scale = hd ** -0.5
+        bias = config.attention_bias
+        self.q_proj = Linear(config.hidden_size, self.num_heads * hd, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = Linear(self.num_heads * hd, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # x: [T, hidden]; cos, sin: [T, 1, head_dim]
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)      # [T, H, hd]
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)   # [T, KV, hd]
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)   # [T, KV, hd]
+        qk = apply_rope(torch.cat([q, k], dim=1), cos, sin)            # [T, H + KV, hd]
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, hd]
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))

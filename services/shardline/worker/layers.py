@@ -1,0 +1,121 @@
+"""Building blocks of a Llama-style decoder: linear, RMSNorm, rotary embedding, gated MLP.
+
+Linear layers are `nn.Linear` modules named as in HF checkpoints (gate_proj, up_proj,
+down_proj, ...), so weight names map 1:1 and quantization can swap them for other modules.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardline.worker.model_config import ModelConfig
+
+
+def _slow_low_precision_cpu_gemm() -> bool:
+    """True on CPUs where PyTorch has no native bf16/fp16 matrix multiply (no AVX512-BF16 or
+    AMX): there, its reduced-precision GEMM is a generic kernel whose cost grows with the rows
+    (bf16 [16, 576] x [576, 1536]: 3.3 ms vs 0.74 ms converting the weight and using fp32, on
+    2 AVX2 cores), while its matrix-vector kernel is fine (0.2 ms, at memory speed)."""
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return not (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:                      # older torch: assume the slow path
+        return True
+
+
+_CPU_GEMM_IS_SLOW = _slow_low_precision_cpu_gemm()
+
+
+class Linear(nn.Linear):
+    """nn.Linear; on CPUs without native bf16/fp16 GEMM, inputs of more than 2 rows (prefill,
+    batched decode) are multiplied in float32 with a converted copy of the weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [tokens, in] -> [tokens, out]
+        if (x.shape[0] > 2 and x.dtype != torch.float32 and x.device.type == "cpu"
+                and _CPU_GEMM_IS_SLOW):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, computed in float32 for low-precision inputs."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [tokens, hidden]
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [tokens, hidden] -> [tokens, intermediate] -> [tokens, hidden]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] (float32), with linear or llama3 scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif config.rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths are divided by `factor`, short ones kept, the middle interpolated
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos / sin tables indexed by absolute position.
+
+    Rotation in the "rotate half" convention of HF Llama checkpoints:
+        rope(x) = x * cos + rotate_half(x) * sin,  rotate_half(x) = [-x2, x1]
+    computed as x * cos + swap_halves(x) * sin_signed with sin_signed = [-sin, sin].
+    """
+
+    def __init__(self, config: ModelConfig, device: Optional[torch.device] = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        inv_freq = rope_inv_freq(config).to(device)
+        positions = torch.arange(config.max_position_embeddings, device=device).float()
+        freqs = torch.outer(positions, inv_freq)                       # [max_pos, head_dim / 2]
+        cos, sin = freqs.cos(), freqs.sin()
+        self.register_buffer("cos", torch.cat([cos, cos], -1).to(dtype), persistent=False)
+        self.register_buffer("sin_signed", torch.cat([-sin, sin], -1).to(dtype), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin_signed for `positions` [tokens], shaped [tokens, 1, head_dim] (broadcast
+        over heads). Computed once per step and shared by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, heads, head_dim]; cos, sin_signed: [tokens, 1, head_dim]."""
+    swapped = torch.roll(x, x.shape[-1] // 2, dims=-1)                # [x2, x1]
+    return x * cos + swapped * sin_signed       # not addcmul: its fused multiply-add rounds differently

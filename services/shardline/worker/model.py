@@ -1,0 +1,79 @@
+"""A Llama-style decoder cut to layers [layer_start, layer_end): one pipeline stage.
+
+    stage 0:   token ids -> embed_tokens -> layers[a:b] -> hidden (residual stream)
+    stage k:   hidden -> layers[a:b] -> hidden
+    last:      hidden -> layers[a:b] -> norm -> lm_head (only at the rows that sample)
+
+All sequences of a step are flattened into one batch of rows, x: [tokens, hidden].
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from shardline.worker.attention import Attention, AttentionMetadata
+from shardline.worker.layers import MLP, Linear, RMSNorm, RotaryEmbedding
+from shardline.worker.model_config import ModelConfig
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # x: [T, hidden]
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class StageModel(nn.Module):
+    """Layers [layer_start, layer_end) of the model, plus the embedding on the first stage and
+    the final norm and LM head on the last. Parameter names match HF checkpoints with the
+    "model." prefix dropped and layers renumbered from 0 (see weights.py)."""
+
+    def __init__(self, config: ModelConfig, layer_start: int, layer_end: int):
+        super().__init__()
+        if not 0 <= layer_start < layer_end <= config.num_layers:
+            raise ValueError(f"layer range [{layer_start}, {layer_end}) is not inside "
+                             f"[0, {config.num_layers})")
+        self.config = config
+        self.layer_start, self.layer_end = layer_start, layer_end
+        self.is_first = layer_start == 0
+        self.is_last = layer_end == config.num_layers
+        self.embed_tokens = (nn.Embedding(config.vocab_size, config.hidden_size)
+                             if self.is_first else None)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(layer_end - layer_start))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last else None
+        self.lm_head = (Linear(config.hidden_size, config.vocab_size, bias=False)
+                        if self.is_last else None)
+        self.rotary: Optional[RotaryEmbedding] = None   # built with the weights (see weights.py)
+
+    def init_rotary(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.rotary = RotaryEmbedding(self.config, device=device, dtype=dtype)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        # token_ids: [T] -> [T, hidden]
+        return self.embed_tokens(token_ids)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata,
+                kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Run this stage's layers. x: [T, hidden] residual stream; kv_layers[i] is layer i's
+        (k_cache, v_cache), each [kv_heads, slots, head_dim]. Returns [T, hidden]."""
+        cos, sin = self.rotary(meta.positions)                         # [T, 1, head_dim]
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_layers):
+            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [S, hidden] (the rows that sample) -> [S, vocab] float32
+        return self.lm_head(self.norm(x)).float()

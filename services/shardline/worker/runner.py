@@ -1,0 +1,268 @@
+"""StageRunner: executes step plans on one pipeline stage.
+
+    step(seqs, free_seq_ids, hidden):
+        forget free_seq_ids -> check the plan -> update block tables
+        -> embed (stage 0) or take `hidden` -> layers (writing K/V) ->
+        hidden for the next stage, or (last stage) logits at sampling rows -> sampled tokens
+
+The runner keeps per sequence only what it must: its block table and computed-token count
+(every stage), its sampling state (last stage). The scheduler owns block allocation; the
+runner checks that a plan stays inside the blocks it was given, so a bad plan raises
+ValueError instead of writing another sequence's cache.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+from shardline.common.tensors import DTYPE_NAMES, DTYPES
+from shardline.v1 import worker_pb2
+from shardline.worker.attention import AttentionMetadata
+from shardline.worker.kv_cache import KVCache
+from shardline.worker.model_config import ModelConfig
+from shardline.worker.plan import SampledToken, SeqStep
+from shardline.worker.sampler import Sampler
+from shardline.worker.weights import load_stage_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20
+DEFAULT_CUDA_KV_CACHE_FRACTION = 0.8
+
+
+@dataclass
+class _SeqState:
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0               # tokens of the sequence whose K/V are in the cache
+
+
+def _as_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+        name = aliases.get(dtype, dtype)
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        return DTYPES[name]
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
+    return dtype
+
+
+class StageRunner:
+    """Layers [layer_start, layer_end) of the model in model_dir, with a paged KV cache.
+
+    kv_cache_bytes: KV budget in bytes. Default: kv_cache_fraction (default 0.8) of the free
+    device memory after loading the weights on CUDA, 256 MiB on the CPU.
+    """
+
+    def __init__(self, model_dir: Union[str, pathlib.Path], layer_start: int, layer_end: int,
+                 device: Union[str, torch.device] = "cpu",
+                 dtype: Union[str, torch.dtype, None] = None,
+                 kv_cache_bytes: Optional[int] = None,
+                 kv_cache_fraction: Optional[float] = None,
+                 block_size: int = 16):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = _as_dtype(dtype, self.device)
+        if block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {block_size}")
+        self.config = ModelConfig.from_dir(model_dir)
+        self.model = load_stage_model(model_dir, self.config, layer_start, layer_end,
+                                      self.dtype, self.device)
+        self.layer_start, self.layer_end = layer_start, layer_end
+        cfg = self.config
+        num_local = layer_end - layer_start
+        if kv_cache_bytes is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                kv_cache_bytes = int(free * (kv_cache_fraction or DEFAULT_CUDA_KV_CACHE_FRACTION))
+            else:
+                kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
+        num_blocks = KVCache.num_blocks_for_budget(kv_cache_bytes, num_local, block_size,
+                                                   cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        if num_blocks < 1:
+            need = KVCache.bytes_per_block(num_local, block_size, cfg.num_kv_heads,
+                                           cfg.head_dim, self.dtype)
+            raise ValueError(f"KV cache budget of {kv_cache_bytes} bytes holds no block "
+                             f"({need} bytes each)")
+        self.kv_cache = KVCache(num_local, num_blocks, block_size, cfg.num_kv_heads,
+                                cfg.head_dim, self.dtype, self.device)
+        self.seqs: dict[int, _SeqState] = {}
+        self.sampler = Sampler(cfg.vocab_size, self.device) if self.is_last else None
+        log.info("stage [%d, %d): %d KV blocks of %d tokens (%.0f MiB) on %s in %s",
+                 layer_start, layer_end, num_blocks, block_size, self.kv_cache.nbytes / 2**20,
+                 self.device, self.dtype_name)
+
+    # ---- what StageInfo reports -------------------------------------------------------
+    @property
+    def is_first(self) -> bool:
+        return self.model.is_first
+
+    @property
+    def is_last(self) -> bool:
+        return self.model.is_last
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.kv_cache.block_size
+
+    @property
+    def max_position(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def device_name(self) -> str:
+        return str(self.device)
+
+    def stage_info(self, model: str, quantization: str = "none") -> worker_pb2.StageInfo:
+        return worker_pb2.StageInfo(
+            model=model, layer_start=self.layer_start, layer_end=self.layer_end,
+            num_layers=self.num_layers, is_first=self.is_first, is_last=self.is_last,
+            num_blocks=self.num_blocks, block_size=self.block_size,
+            max_position=self.max_position, vocab_size=self.vocab_size, dtype=self.dtype_name,
+            device=self.device_name, quantization=quantization)
+
+    # ---- the step -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, seqs: Sequence[SeqStep], free_seq_ids: Sequence[int],
+             hidden: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], list[SampledToken]]:
+        """Run one step. seqs: the scheduled sequences, their tokens in this order in the
+        batch; free_seq_ids: sequences to forget first; hidden: [T, hidden] from the previous
+        stage (None on stage 0). Returns (hidden [T, hidden] for the next stage, []) or, on the
+        last stage, (None, one SampledToken per seq with sample=True, in seqs order)."""
+        for seq_id in free_seq_ids:
+            self.seqs.pop(seq_id, None)
+            if self.sampler is not None:
+                self.sampler.remove(seq_id)
+        if not seqs:
+            return (None if self.is_last else self._empty_hidden()), []
+        tables = self._check_and_apply(seqs, hidden)
+
+        num_tokens = [len(s.token_ids) for s in seqs]
+        meta = AttentionMetadata.build([s.start_pos for s in seqs], num_tokens, tables,
+                                       self.block_size, self.device)
+        if self.is_first:
+            ids = [t for s in seqs for t in s.token_ids]
+            token_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+            x = self.model.embed(token_ids)                                # [T, hidden]
+        else:
+            x = hidden.to(device=self.device, dtype=self.dtype)
+        x = self.model(x, meta, self.kv_cache.layers)                      # [T, hidden]
+        if not self.is_last:
+            return x, []
+        return None, self._sample(seqs, num_tokens, x)
+
+    def _sample(self, seqs: Sequence[SeqStep], num_tokens: list[int],
+                x: torch.Tensor) -> list[SampledToken]:
+        sampler = self.sampler
+        offset = 0
+        rows, ids, num_generated = [], [], []
+        for s, n in zip(seqs, num_tokens):
+            if sampler.seqs[s.seq_id].seen is not None:
+                sampler.observe(s.seq_id, torch.tensor(s.token_ids, device=self.device))
+            offset += n
+            if s.sample:
+                rows.append(offset - 1)                  # the sequence's last token
+                ids.append(s.seq_id)
+                num_generated.append(s.num_generated)
+        if not rows:
+            return []
+        if len(rows) == x.shape[0]:
+            last = x
+        else:
+            last = x.index_select(0, torch.tensor(rows, device=self.device))
+        logits = self.model.logits(last)                                  # [S, vocab]
+        return sampler.sample(logits, ids, num_generated)
+
+    def _empty_hidden(self) -> torch.Tensor:
+        return torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
+
+    def _check_and_apply(self, seqs: Sequence[SeqStep],
+                         hidden: Optional[torch.Tensor]) -> list[list[int]]:
+        """Validate the whole plan, then update per-sequence state. Returns block tables."""
+        total = 0
+        seen_ids = set()
+        planned = []
+        for s in seqs:
+            if s.seq_id in seen_ids:
+                raise ValueError(f"seq {s.seq_id} appears twice in one step")
+            seen_ids.add(s.seq_id)
+            n = len(s.token_ids)
+            if n == 0:
+                raise ValueError(f"seq {s.seq_id}: no token_ids to compute")
+            if s.start_pos < 0:
+                raise ValueError(f"seq {s.seq_id}: negative start_pos {s.start_pos}")
+            state = None if s.admit else self.seqs.get(s.seq_id)
+            if not s.admit:
+                if state is None:
+                    raise ValueError(f"seq {s.seq_id} is unknown to this stage and not admitted "
+                                     "(freed, or its admission was lost)")
+                if s.start_pos != state.num_computed:
+                    raise ValueError(f"seq {s.seq_id}: start_pos {s.start_pos} but "
+                                     f"{state.num_computed} tokens are cached")
+            for b in s.new_block_ids:
+                if not 0 <= b < self.num_blocks:
+                    raise ValueError(f"seq {s.seq_id}: block id {b} outside "
+                                     f"[0, {self.num_blocks})")
+            num_blocks = len(s.new_block_ids) + (0 if state is None else len(state.block_table))
+            end = s.start_pos + n
+            if end > num_blocks * self.block_size:
+                raise ValueError(f"seq {s.seq_id}: positions up to {end} need "
+                                 f"{-(-end // self.block_size)} blocks, its block table has "
+                                 f"{num_blocks}")
+            if end > self.max_position:
+                raise ValueError(f"seq {s.seq_id}: position {end - 1} beyond the model's "
+                                 f"{self.max_position} positions")
+            if self.is_first and (min(s.token_ids) < 0 or max(s.token_ids) >= self.vocab_size):
+                raise ValueError(f"seq {s.seq_id}: token id outside [0, {self.vocab_size})")
+            if self.is_last and not s.admit and s.seq_id not in self.sampler.seqs:
+                raise ValueError(f"seq {s.seq_id} has no sampling state on the last stage")
+            total += n
+            planned.append(state)
+        if self.is_first:
+            if hidden is not None:
+                raise ValueError("stage 0 embeds token_ids; it must not be sent hidden states")
+        elif hidden is None:
+            raise ValueError(f"stage [{self.layer_start}, {self.layer_end}) needs hidden states")
+        elif tuple(hidden.shape) != (total, self.hidden_size):
+            raise ValueError(f"hidden has shape {tuple(hidden.shape)}, the plan needs "
+                             f"({total}, {self.hidden_size})")
+
+        tables = []
+        for s, state in zip(seqs, planned):
+            if s.admit:
+                state = self.seqs[s.seq_id] = _SeqState(list(s.new_block_ids))
+                if self.sampler is not None:
+                    self.sampler.add(s.seq_id, s.sampling)
+            else:
+                state.block_table.extend(s.new_block_ids)
+            state.num_computed = s.start_pos + len(s.token_ids)
+            tables.append(state.block_table)
+        return tables

@@ -1,0 +1,99 @@
+"""Load one stage's weights from an HF safetensors checkpoint (single file or sharded).
+
+Only the tensors of the stage's layers are read, one at a time, straight into the target
+dtype and device; the model skeleton is built on the meta device, so the full model is never
+materialized. Names map 1:1 to the checkpoint's:
+
+    model.embed_tokens.weight          -> embed_tokens.weight          (first stage)
+    model.layers.{layer_start + j}.X   -> layers.{j}.X
+    model.norm.weight                  -> norm.weight                  (last stage)
+    lm_head.weight                     -> lm_head.weight               (last stage; with tied
+                                          embeddings: model.embed_tokens.weight)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from collections import defaultdict
+from typing import Union
+
+import torch
+from safetensors import safe_open
+
+from shardline.worker.model import StageModel
+from shardline.worker.model_config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_names(model: StageModel) -> dict[str, str]:
+    """The stage's parameter names -> the checkpoint tensor each is loaded from."""
+    cfg, start = model.config, model.layer_start
+    names = {}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        if name.startswith("layers."):
+            _, j, rest = name.split(".", 2)
+            names[name] = f"model.layers.{start + int(j)}.{rest}"
+        elif name == "lm_head.weight":
+            names[name] = "model.embed_tokens.weight" if cfg.tie_word_embeddings else name
+        else:
+            names[name] = f"model.{name}"
+    return names
+
+
+def _tensor_files(model_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Checkpoint tensor name -> the safetensors file holding it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    where = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                where[name] = path
+    return where
+
+
+def load_stage_model(model_dir: Union[str, pathlib.Path], config: ModelConfig,
+                     layer_start: int, layer_end: int, dtype: torch.dtype,
+                     device: Union[str, torch.device]) -> StageModel:
+    """Build StageModel(config, layer_start, layer_end) with its weights in dtype on device."""
+    t0 = time.perf_counter()
+    model_dir = pathlib.Path(model_dir)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = StageModel(config, layer_start, layer_end)
+    names = checkpoint_names(model)
+    share_embedding = model.is_first and model.is_last and config.tie_word_embeddings
+    if share_embedding:
+        names.pop("lm_head.weight")
+    where = _tensor_files(model_dir)
+    missing = sorted(src for src in names.values() if src not in where)
+    if missing:
+        raise KeyError(f"checkpoint {model_dir} lacks {missing[:5]}"
+                       f"{' ...' if len(missing) > 5 else ''}")
+
+    by_file: dict[pathlib.Path, list[tuple[str, str]]] = defaultdict(list)
+    for name, src in names.items():
+        by_file[where[src]].append((name, src))
+    state = {}
+    for path, pairs in by_file.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name, src in pairs:
+                state[name] = f.get_tensor(src).to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=not share_embedding, assign=True)
+    if share_embedding:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.requires_grad_(False)
+    model.init_rotary(device, dtype)
+    model.eval()
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    log.info("loaded layers [%d, %d) (%d tensors, %.0f MiB) in %.1fs", layer_start, layer_end,
+             len(state), nbytes / 2**20, time.perf_counter() - t0)
+    return model

@@ -1,0 +1,62 @@
+"""Fixtures of the unit tests: the real default model and tiny random HF checkpoints."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> pathlib.Path:
+    """The default model, converted once into $SHARDLINE_CACHE (or ~/.cache/shardline/models)."""
+    from shardline.worker.loader import DEFAULT_MODEL, resolve_model
+    return resolve_model(DEFAULT_MODEL, os.environ.get("SHARDLINE_CACHE"))
+
+
+TINY_FAMILIES = {
+    # name: (HF config class name, extra config)
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "llama3": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+}
+
+
+def make_tiny_model(path: pathlib.Path, family: str = "llama", num_layers: int = 4,
+                    seed: int = 0) -> pathlib.Path:
+    """Save a random-weight HF model of `family` (safetensors) into `path`."""
+    import transformers
+
+    cls_name, extra = TINY_FAMILIES[family]
+    config = getattr(transformers, cls_name)(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+        max_position_embeddings=512, rms_norm_eps=1e-6, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():                    # larger weights than the init: peaked logits
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "norm" in name:
+                p.normal_(1, 0.1)
+            else:
+                p.normal_(0, 0.15)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """tiny_model_dir(family) -> a directory with a random tiny model (made once per family)."""
+    made: dict[str, pathlib.Path] = {}
+
+    def get(family: str = "llama") -> pathlib.Path:
+        if family not in made:
+            made[family] = make_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+        return made[family]
+    return get
