@@ -61,11 +61,30 @@ class Stack:
 
     def start(self, env: Optional[dict] = None) -> None:
         for c in self.children:
-            c.proc = subprocess.Popen([sys.executable, "-m", "shardline", *c.argv],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      env=env, start_new_session=True, text=True, bufsize=1)
-            c.thread = threading.Thread(target=self._forward, args=(c,), daemon=True)
-            c.thread.start()
+            self._spawn(c, env)
+
+    def _spawn(self, c: Child, env: Optional[dict] = None) -> None:
+        c.proc = subprocess.Popen([sys.executable, "-m", "shardline", *c.argv],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env=env, start_new_session=True, text=True, bufsize=1)
+        c.thread = threading.Thread(target=self._forward, args=(c,), daemon=True)
+        c.thread.start()
+
+    def child(self, name: str) -> Child:
+        (c,) = [c for c in self.children if c.name == name]
+        return c
+
+    def restart(self, name: str, grace_s: float = 10.0) -> None:
+        """Stop one child (SIGTERM) and start it again with the same command line."""
+        c = self.child(name)
+        if c.proc.poll() is None:
+            c.proc.send_signal(signal.SIGTERM)
+            try:
+                c.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+        self._spawn(c)
 
     def _forward(self, c: Child) -> None:
         for line in c.proc.stdout:
@@ -165,6 +184,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--kv-cache-memory", default=None)
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: cores / workers)")
     p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--redis-url", default=None, help="Redis for prefix-cache metadata (optional)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--demo", action="store_true", help="run a demo generation once ready")
     p.add_argument("--exit-after-demo", action="store_true")
@@ -174,6 +194,8 @@ def main(argv: list[str]) -> int:
     print(f"shardline up: resolving model {a.model}", file=sys.stderr, flush=True)
     model_dir = str(resolve_model(a.model, os.environ.get("SHARDLINE_CACHE")))
     extra = ["--max-num-seqs", str(a.max_num_seqs)] if a.max_num_seqs else []
+    if a.redis_url:
+        extra += ["--redis-url", a.redis_url]
     stack = build_stack(model_dir, a.model, a.stages, a.port, a.device, a.dtype,
                         a.kv_cache_memory, a.threads, extra, a.replicas, a.log_level)
     stopping = threading.Event()

@@ -310,7 +310,7 @@ def test_scheduler_pipelines_list_every_stage_of_every_replica(rendered, name):
         svc = one(manifests, "Service", s["spec"]["serviceName"])
         assert svc["spec"]["clusterIP"] == "None"
         assert svc["spec"]["selector"] == s["spec"]["selector"]["matchLabels"]
-        assert s["spec"]["template"]["metadata"]["labels"]["shardline.dev/stage"] == str(k)
+        assert s["spec"]["template"]["metadata"]["labels"]["shardline.io/stage"] == str(k)
     for key, value in (("--max-tokens-cap", "4096"), ("--max-num-seqs", "64"),
                        ("--max-num-batched-tokens", "512")):
         assert flag(args, key) == value
@@ -439,7 +439,7 @@ def pod_groups(manifests) -> dict[str, dict]:
         labels = w["spec"]["template"]["metadata"]["labels"]
         key = component(w)
         if key == "worker":
-            key = f"worker-{labels['shardline.dev/stage']}"
+            key = f"worker-{labels['shardline.io/stage']}"
         out[key] = labels
     return out
 

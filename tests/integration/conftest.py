@@ -19,7 +19,8 @@ class RunningStack:
         self.port = free_port()
         self.stack = build_stack(model_dir, DEFAULT_MODEL, stages, self.port, "cpu", dtype,
                                  kw.pop("kv_cache_memory", "64MiB"), kw.pop("threads", 1),
-                                 kw.pop("extra_scheduler", []), quiet=not os.environ.get("SHARDLINE_TEST_LOGS"))
+                                 kw.pop("extra_scheduler", []), replicas=kw.pop("replicas", 1),
+                                 quiet=not os.environ.get("SHARDLINE_TEST_LOGS"))
         self.address = f"127.0.0.1:{self.port}"
 
     def __enter__(self):

@@ -40,7 +40,7 @@ app.kubernetes.io/part-of: shardline
 {{/* Selector labels of the worker pods of stage .stage. */}}
 {{- define "shardline.workerSelectorLabels" -}}
 {{ include "shardline.selectorLabels" (dict "root" .root "component" "worker") }}
-shardline.dev/stage: {{ .stage | quote }}
+shardline.io/stage: {{ .stage | quote }}
 {{- end -}}
 
 {{- define "shardline.workerName" -}}

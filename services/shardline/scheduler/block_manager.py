@@ -110,7 +110,13 @@ class BlockManager:
         hit: list[int] = []
         for i, h in enumerate(self.prefix_hashes(seq, max_blocks)):
             bid = self._cached.get(h)
-            if bid is None or self.blocks[bid].token_ids != tuple(seq.token_ids(i * bs, (i + 1) * bs)):
+            if bid is None:
+                break
+            tokens = tuple(seq.token_ids(i * bs, (i + 1) * bs))
+            block = self.blocks[bid]
+            if block.token_ids is None:           # restored from Redis: the hash vouches
+                block.token_ids = tokens
+            elif block.token_ids != tokens:
                 break
             hit.append(bid)
         return hit
@@ -177,6 +183,22 @@ class BlockManager:
                     self._free.move_to_end(bid, last=False)
         seq.block_table = []
         seq.num_committed_blocks = 0
+
+    def restore(self, entries: list[tuple[str, int]]) -> int:
+        """Re-register cached blocks known from the prefix index (scheduler restart, workers
+        unchanged); only blocks free and unhashed here are taken. Returns how many."""
+        n = 0
+        for h, bid in entries:
+            if not 0 <= bid < self.num_blocks or h in self._cached:
+                continue
+            block = self.blocks[bid]
+            if block.ref_count or block.hash is not None:
+                continue
+            block.hash, block.token_ids = h, None
+            self._cached[h] = bid
+            self._free.move_to_end(bid)
+            n += 1
+        return n
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (e.g. after the workers lost their KV)."""

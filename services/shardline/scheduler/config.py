@@ -21,13 +21,24 @@ class SchedulerConfig:
     step_timeout_s: float = 120.0                    # a step slower than this breaks the replica
     rpc_timeout_s: float = 30.0                      # deadline of tokenizer calls
     unavailable_timeout_s: float = 10.0              # how long a request waits for a live replica
+    discovery: str = "static"                       # static (--pipeline) or kubernetes (pod watch)
+    k8s_namespace: str = "default"
+    k8s_selector: str = ""                           # label selector of the worker pods
+    worker_port: int = 50061                         # workers' gRPC port (kubernetes discovery)
+    redis_url: str = ""                              # prefix-cache metadata; "" = in memory only
+    redis_prefix: str = "shardline:"
+    redis_ttl_s: int = 3600
     log_level: str = "INFO"
 
     def __post_init__(self):
         if not self.tokenizer:
             raise ValueError("--tokenizer address is required")
-        if not self.pipelines or any(not p for p in self.pipelines):
+        if self.discovery not in ("static", "kubernetes"):
+            raise ValueError(f"discovery must be static or kubernetes, got {self.discovery!r}")
+        if self.discovery == "static" and (not self.pipelines or any(not p for p in self.pipelines)):
             raise ValueError("at least one pipeline (--pipeline addr0,addr1,...) is required")
+        if self.discovery == "kubernetes" and not self.k8s_selector:
+            raise ValueError("--k8s-selector is required with --discovery kubernetes")
         for name in ("max_tokens_cap", "default_max_tokens", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
@@ -51,6 +62,16 @@ class SchedulerConfig:
                        help="seconds without a step result before a replica counts as dead")
         p.add_argument("--unavailable-timeout", type=float, default=10.0,
                        help="seconds a request waits for a live replica before UNAVAILABLE")
+        p.add_argument("--discovery", choices=["static", "kubernetes"], default="static",
+                       help="static: the --pipeline lists; kubernetes: watch worker pods by label")
+        p.add_argument("--k8s-namespace", default="default")
+        p.add_argument("--k8s-selector", default="",
+                       help="label selector of worker pods, e.g. app.kubernetes.io/component=worker")
+        p.add_argument("--worker-port", type=int, default=50061)
+        p.add_argument("--redis-url", default="",
+                       help="Redis for prefix-cache metadata, e.g. redis://host:6379/0 (optional)")
+        p.add_argument("--redis-prefix", default="shardline:")
+        p.add_argument("--redis-ttl", type=int, default=3600, help="seconds; refreshed while cached")
         p.add_argument("--log-level", default="INFO")
 
     @classmethod
@@ -61,4 +82,6 @@ class SchedulerConfig:
                    max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
                    connect_timeout_s=ns.connect_timeout, step_timeout_s=ns.step_timeout,
                    unavailable_timeout_s=ns.unavailable_timeout,
-                   log_level=ns.log_level)
+                   discovery=ns.discovery, k8s_namespace=ns.k8s_namespace,
+                   k8s_selector=ns.k8s_selector, worker_port=ns.worker_port, redis_url=ns.redis_url, redis_prefix=ns.redis_prefix,
+                   redis_ttl_s=ns.redis_ttl, log_level=ns.log_level)

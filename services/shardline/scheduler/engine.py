@@ -112,14 +112,24 @@ class PipelineEngine:
             raise
         except BaseException as exc:  # noqa: BLE001 - the replica is broken
             log.error("replica %s failed: %r", self.replica_id, exc)
-            self.failed = exc
-            moved = [(seq, self._queues.pop(seq.seq_id)) for seq in self.scheduler.evict_all()
-                     if seq.seq_id in self._queues]
-            if self.on_failure is not None:
-                self.on_failure(self, moved)
-            else:
-                for _, q in moved:
-                    q.put_nowait(exc)
+            self._fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        """Take the replica out of service now (it is gone); its sequences move elsewhere."""
+        if self.failed is None:
+            if self._task is not None:
+                self._task.cancel()
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failed = exc
+        moved = [(seq, self._queues.pop(seq.seq_id)) for seq in self.scheduler.evict_all()
+                 if seq.seq_id in self._queues]
+        if self.on_failure is not None:
+            self.on_failure(self, moved)
+        else:
+            for _, q in moved:
+                q.put_nowait(exc)
 
     def _deliver(self, events: list[TokenEvent]) -> None:
         for ev in events:

@@ -14,19 +14,24 @@ import time
 from typing import Callable, Optional
 
 from shardline.common.server import Unavailable
+from shardline.scheduler.discovery import PipelineDown, PipelineUp
 from shardline.scheduler.engine import PipelineEngine
 from shardline.scheduler.pipeline import PipelineClient
+from shardline.scheduler.prefix_index import PrefixIndex
 from shardline.scheduler.request import Sequence
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[PipelineClient, Callable], PipelineEngine]
+# (pipeline, on_failure, cache listener) -> engine
+EngineFactory = Callable[[PipelineClient, Callable, Optional[Callable]], PipelineEngine]
 
 
 class Router:
     def __init__(self, make_engine: EngineFactory, connect_timeout_s: float,
-                 unavailable_timeout_s: float = 10.0, reconnect_interval_s: float = 2.0):
+                 unavailable_timeout_s: float = 10.0, reconnect_interval_s: float = 2.0,
+                 index: Optional[PrefixIndex] = None):
         self.make_engine = make_engine
+        self.index = index
         self.connect_timeout_s = connect_timeout_s
         self.unavailable_timeout_s = unavailable_timeout_s
         self.reconnect_interval_s = reconnect_interval_s
@@ -52,7 +57,14 @@ class Router:
             if retry:
                 self._spawn(self._reconnect(replica_id))
             return None
-        engine = self.make_engine(pipeline, self._on_failure)
+        engine = self.make_engine(pipeline, self._on_failure, self._cache_listener(replica_id))
+        if self.index is not None:
+            meta = {"instances": [i.instance_id for i in pipeline.infos],
+                    "num_blocks": pipeline.num_blocks, "block_size": pipeline.block_size}
+            restored = engine.blocks.restore(await self.index.load_pipeline(replica_id, meta))
+            if restored:
+                log.info("replica %s: %d cached blocks restored from the prefix index",
+                         replica_id, restored)
         old = self.engines.get(replica_id)
         self.engines[replica_id] = engine
         engine.start()
@@ -72,9 +84,38 @@ class Router:
         if drain:
             while not engine.idle and engine.failed is None:
                 await asyncio.sleep(0.1)
+        else:
+            engine.fail(Unavailable(f"replica {replica_id} removed"))
         if self.engines.get(replica_id) is engine:
             del self.engines[replica_id]
         await engine.stop()
+
+    async def follow(self, discovery) -> None:
+        """Apply discovery events (replicas up, draining, gone) until discovery closes."""
+        async for ev in discovery:
+            if isinstance(ev, PipelineUp):
+                cur = self.engines.get(ev.replica_id)
+                if cur is not None and cur.accepting and cur.pipeline.addresses == ev.addresses:
+                    continue
+                self._spawn(self.add_pipeline(ev.replica_id, ev.addresses))
+            elif isinstance(ev, PipelineDown):
+                self._spawn(self.remove_pipeline(ev.replica_id, drain=ev.drain))
+
+    def capacity_tokens(self) -> int:
+        """KV tokens one sequence may use: the least over live replicas."""
+        live = self.live
+        return min((e.blocks.num_blocks * e.blocks.block_size for e in live), default=0)
+
+    async def wait_for_replica(self, timeout_s: float) -> Optional[PipelineEngine]:
+        """The first live replica, waiting up to timeout_s for one."""
+        deadline = time.monotonic() + timeout_s
+        while not self.live and time.monotonic() < deadline:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
+        return self.live[0] if self.live else None
 
     async def _reconnect(self, replica_id: str) -> None:
         while not self._closed and replica_id in self._addresses:
@@ -96,8 +137,22 @@ class Router:
                 log.info("replica %s reconnected", replica_id)
                 return
 
+    def _cache_listener(self, replica_id: str) -> Optional[Callable]:
+        index = self.index
+        if index is None:
+            return None
+
+        def on_cache_event(event: str, items: list[tuple[str, int]]) -> None:
+            if event == "stored":
+                index.publish(replica_id, items)
+            else:
+                index.remove(replica_id, [h for h, _ in items])
+        return on_cache_event
+
     def _on_failure(self, engine: PipelineEngine, moved: list[tuple[Sequence, asyncio.Queue]]) -> None:
         log.warning("replica %s lost: moving %d sequence(s)", engine.replica_id, len(moved))
+        if self.index is not None and self.engines.get(engine.replica_id) is engine:
+            self.index.drop_pipeline(engine.replica_id)   # its KV may be gone
         now = time.monotonic()
         for seq, q in moved:
             self._where.pop(seq.seq_id, None)
@@ -173,3 +228,5 @@ class Router:
             t.cancel()
         for e in list(self.engines.values()):
             await e.stop()
+        if self.index is not None:
+            await self.index.close()

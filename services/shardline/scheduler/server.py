@@ -8,8 +8,10 @@ import sys
 
 from shardline.common.server import Service, configure_logging
 from shardline.scheduler.config import SchedulerConfig
+from shardline.scheduler.discovery import KubernetesDiscovery
 from shardline.scheduler.engine import PipelineEngine
 from shardline.scheduler.pipeline import PipelineClient
+from shardline.scheduler.prefix_index import PrefixIndex
 from shardline.scheduler.router import Router
 from shardline.scheduler.servicer import GenerationServicer, Limits
 from shardline.scheduler.tokenizer_client import TokenizerClient
@@ -28,24 +30,35 @@ async def serve(cfg: SchedulerConfig) -> None:
     await service.set_serving(False)
     await tokenizer.connect(cfg.connect_timeout_s)
 
-    def make_engine(pipeline: PipelineClient, on_failure) -> PipelineEngine:
+    def make_engine(pipeline: PipelineClient, on_failure, listener) -> PipelineEngine:
         return PipelineEngine(pipeline, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                              cfg.step_timeout_s, on_failure=on_failure)
+                              cfg.step_timeout_s, listener=listener, on_failure=on_failure)
 
-    router = Router(make_engine, cfg.connect_timeout_s, cfg.unavailable_timeout_s)
-    await asyncio.gather(*(router.add_pipeline(str(i), addrs)
-                           for i, addrs in enumerate(cfg.pipelines)))
-    if not router.engines:
+    index = None
+    if cfg.redis_url:
+        index = PrefixIndex(cfg.redis_url, key_prefix=cfg.redis_prefix, ttl_s=cfg.redis_ttl_s)
+        await index.start()
+    router = Router(make_engine, cfg.connect_timeout_s, cfg.unavailable_timeout_s, index=index)
+    discovery = None
+    if cfg.discovery == "kubernetes":
+        discovery = KubernetesDiscovery(cfg.k8s_namespace, cfg.k8s_selector, cfg.worker_port)
+        await discovery.start()
+        follow = asyncio.create_task(router.follow(discovery))
+        first_engine = await router.wait_for_replica(cfg.connect_timeout_s)
+    else:
+        await asyncio.gather(*(router.add_pipeline(str(i), addrs)
+                               for i, addrs in enumerate(cfg.pipelines)))
+        first_engine = await router.wait_for_replica(0)
+    if first_engine is None:
         raise SystemExit("scheduler: no pipeline replica could be reached")
-    first = next(iter(router.engines.values())).pipeline
+    first = first_engine.pipeline
     infos = first.infos
     max_context = infos[0].max_position
     if cfg.max_context:
         max_context = min(max_context, cfg.max_context)
     limits = Limits(max_context=max_context, max_tokens_cap=cfg.max_tokens_cap,
                     default_max_tokens=cfg.default_max_tokens, vocab_size=infos[-1].vocab_size,
-                    capacity_tokens=min(e.blocks.num_blocks * e.blocks.block_size
-                                        for e in router.engines.values()))
+                    capacity_tokens=router.capacity_tokens)
     model_info = generate_pb2.ModelInfo(
         model=cfg.model or infos[0].model, max_context=max_context,
         max_tokens_cap=cfg.max_tokens_cap, vocab_size=infos[-1].vocab_size,
@@ -54,6 +67,9 @@ async def serve(cfg: SchedulerConfig) -> None:
     servicer.ready(router, limits, model_info)
 
     async def shutdown():
+        if discovery is not None:
+            follow.cancel()
+            await discovery.close()
         await router.close()
         await tokenizer.close()
     service.on_stop(shutdown)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 from shardline.common.server import InvalidArgument, ResourceExhausted, Unavailable
 from shardline.scheduler.router import Router
@@ -32,7 +32,7 @@ class Limits:
     """What a request may ask for, fixed once the pipelines are known."""
 
     def __init__(self, max_context: int, max_tokens_cap: int, default_max_tokens: int,
-                 vocab_size: int, capacity_tokens: int):
+                 vocab_size: int, capacity_tokens: Callable[[], int]):
         self.max_context = max_context
         self.max_tokens_cap = max_tokens_cap
         self.default_max_tokens = default_max_tokens
@@ -90,7 +90,9 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 num_preemptions=e.scheduler.num_preemptions, num_steps=int(st["steps"]),
                 num_tokens=int(st["tokens"]), schedule_seconds=st["schedule_s"],
                 wait_seconds=st["wait_s"], compute_seconds=st["compute_s"],
-                postprocess_seconds=st["postprocess_s"])
+                postprocess_seconds=st["postprocess_s"],
+                num_cached_blocks=e.blocks.num_cached_blocks, prefix_hit_tokens=e.blocks.hits,
+                prefix_query_tokens=e.blocks.queries)
         return out
 
     async def _prompt_ids(self, request) -> list[int]:
@@ -138,9 +140,10 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         if len(ids) + max_tokens > lim.max_context:
             raise InvalidArgument(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                                   f"the context of {lim.max_context} tokens")
-        if len(ids) + max_tokens > lim.capacity_tokens:
+        capacity = lim.capacity_tokens()
+        if capacity and len(ids) + max_tokens > capacity:
             raise ResourceExhausted(f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceeds the KV "
-                                    f"cache capacity of {lim.capacity_tokens} tokens per replica")
+                                    f"cache capacity of {capacity} tokens per replica")
         seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, max_tokens=max_tokens,
                        sampling=sampling, eos_token_ids=self.eos_ids, ignore_eos=request.ignore_eos,
                        max_context=lim.max_context, cache_salt=tenant_of(context))

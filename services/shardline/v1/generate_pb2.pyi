@@ -116,7 +116,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStats(_message.Message):
-    __slots__ = ("replica", "healthy", "num_waiting", "num_running", "num_blocks", "num_free_blocks", "num_preemptions", "num_steps", "num_tokens", "schedule_seconds", "wait_seconds", "compute_seconds", "postprocess_seconds")
+    __slots__ = ("replica", "healthy", "num_waiting", "num_running", "num_blocks", "num_free_blocks", "num_preemptions", "num_steps", "num_tokens", "schedule_seconds", "wait_seconds", "compute_seconds", "postprocess_seconds", "num_cached_blocks", "prefix_hit_tokens", "prefix_query_tokens")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,9 @@ class ReplicaStats(_message.Message):
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     POSTPROCESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     replica: str
     healthy: bool
     num_waiting: int
@@ -143,7 +146,10 @@ class ReplicaStats(_message.Message):
     wait_seconds: float
     compute_seconds: float
     postprocess_seconds: float
-    def __init__(self, replica: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_tokens: _Optional[int] = ..., schedule_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., postprocess_seconds: _Optional[float] = ...) -> None: ...
+    num_cached_blocks: int
+    prefix_hit_tokens: int
+    prefix_query_tokens: int
+    def __init__(self, replica: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_tokens: _Optional[int] = ..., schedule_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., postprocess_seconds: _Optional[float] = ..., num_cached_blocks: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ...) -> None: ...
 
 class SchedulerStats(_message.Message):
     __slots__ = ("replicas",)
