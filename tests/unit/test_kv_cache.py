@@ -49,7 +49,7 @@ def test_metadata_pads_decodes_of_different_lengths():
     assert meta.decode.rows is None and meta.prefills == []
     # the shorter context is padded (with block 0's slots) and masked
     assert meta.decode.gather.tolist() == [[8, 9, 10, 11, 0], [0, 1, 2, 3, 12]]
-    assert meta.decode.mask[:, 0, 0].tolist() == [[True, True, False, False, False],
+    assert meta.decode.mask[0, :, 0].tolist() == [[True, True, False, False, False],
                                                   [True] * 5]
 
 

@@ -88,8 +88,8 @@ def hf_greedy(model_dir, prompts: list[list[int]], new_tokens: int) -> list[list
     with torch.inference_mode():
         for p in prompts:
             ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=0)
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
             out.append(gen[0, len(p):].tolist())
     return out
 
@@ -171,7 +171,7 @@ def _our_logits(runner: StageRunner, ids: list[int], start: int, blocks: list[in
     with torch.inference_mode():
         meta = AttentionMetadata.build([start], [len(ids)], [blocks], runner.block_size,
                                        runner.device)
-        x = runner.model.embed(torch.tensor(ids))
+        x = runner.model.embed(torch.tensor(ids, device=runner.device))
         x = runner.model(x, meta, runner.kv_cache.layers)
         return runner.model.logits(x)
 

@@ -4,8 +4,9 @@ Tokens of all sequences in a step are flattened into one batch of T rows. Each l
 its new K/V at the rows' cache slots, then attends:
 
   * decode rows (one token per sequence) together: one SDPA call over their gathered,
-    right-padded contexts, the query heads of each KV head grouped as "query positions"
-    ([D, kv_heads, group, head_dim]) so GQA needs no repeated K/V;
+    right-padded contexts, the query heads sharing a KV head acting as its "query positions"
+    ([kv_heads, D, group, head_dim] against [kv_heads, D, L, head_dim]), so GQA needs no
+    repeated K/V;
   * prefill chunks (several tokens, maybe after earlier chunks already in the cache) one by
     one: causal SDPA, with the mask shifted by the chunk's start position.
 
@@ -35,7 +36,7 @@ class PrefillChunk:
     """A sequence computing several tokens this step: rows [row_start, row_end) of the batch."""
     row_start: int
     row_end: int
-    gather: Optional[torch.Tensor]   # [context] cache slots of positions 0..end; None if start_pos 0
+    gather: Optional[torch.Tensor]   # [context] slots of positions 0..end; None if start_pos 0
     mask: Optional[torch.Tensor]     # [tokens, context] bool, True = attend; None = plain causal
 
 
@@ -44,7 +45,7 @@ class DecodeBatch:
     """Sequences computing one token each, attended together."""
     rows: Optional[torch.Tensor]     # [D] their rows in the batch; None when they are all rows
     gather: torch.Tensor             # [D, L] cache slots of each context, right-padded
-    mask: Optional[torch.Tensor]     # [D, 1, 1, L] bool; None when all contexts have length L
+    mask: Optional[torch.Tensor]     # [1, D, 1, L] bool; None when all contexts have length L
 
 
 @dataclass
@@ -113,7 +114,7 @@ def _decode_batch(rows: Optional[torch.Tensor], starts: list[int],
     if min(lengths) != max_len:
         lens = torch.tensor(lengths, dtype=torch.long, device=device)
         mask = (torch.arange(max_len, dtype=torch.long, device=device)[None, :]
-                < lens[:, None])[:, None, None, :]                             # [D, 1, 1, L]
+                < lens[:, None])[None, :, None, :]                             # [1, D, 1, L]
     return DecodeBatch(rows, gather, mask)
 
 
@@ -138,13 +139,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         qd = q if d.rows is None else q.index_select(0, d.rows)                # [D, H, hd]
         n, length = d.gather.shape
         flat = d.gather.view(-1)
-        kd = k_cache.index_select(1, flat).view(num_kv_heads, n, length, head_dim)
+        kd = k_cache.index_select(1, flat).view(num_kv_heads, n, length, head_dim)  # [KV, D, L, hd]
         vd = v_cache.index_select(1, flat).view(num_kv_heads, n, length, head_dim)
-        # queries grouped by their KV head: [D, KV, group, hd] against [D, KV, L, hd]
-        dec_out = F.scaled_dot_product_attention(
-            qd.view(n, num_kv_heads, group, head_dim), kd.transpose(0, 1), vd.transpose(0, 1),
-            attn_mask=d.mask, scale=scale)
-        dec_out = dec_out.view(n, num_heads, head_dim)
+        # KV heads as the outer batch dim keeps the gathered K/V contiguous; the query heads of
+        # each KV head act as its "query positions": [KV, D, group, hd] against [KV, D, L, hd]
+        qd = qd.view(n, num_kv_heads, group, head_dim).transpose(0, 1)
+        dec_out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale)
+        dec_out = dec_out.transpose(0, 1).reshape(n, num_heads, head_dim)
         if d.rows is None:
             return dec_out
 

@@ -36,7 +36,9 @@ def default_cache_dir() -> pathlib.Path:
     """Where converted models live unless a cache_dir is given: $SHARDLINE_CACHE (read at call
     time) or ~/.cache/shardline/models."""
     env = os.environ.get("SHARDLINE_CACHE")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache/shardline/models"
+    if env:
+        return pathlib.Path(env).expanduser()
+    return pathlib.Path.home() / ".cache" / "shardline" / "models"
 
 
 def resolve_model(model: str, cache_dir: Optional[str] = None) -> pathlib.Path:
