@@ -199,3 +199,21 @@ def test_tiny_greedy_matches_hf_generate(tiny_model_dir):
     reference = hf_greedy(path, prompts, 20)
     runners = split_runners(path, (0, 1, 4))
     assert Driver(runners).run(prompts, 20, chunk=4, stagger=1) == reference
+
+
+def test_admission_after_a_cached_prefix_reuses_its_blocks(tiny_model_dir):
+    """A prefix-cache hit: B is admitted at start_pos 8 onto A's first two full blocks."""
+    path = tiny_model_dir("llama")
+    a_prompt, b_prompt = list(range(1, 15)), list(range(1, 9)) + [50, 51, 52, 53, 54]
+    reference = hf_greedy(path, [b_prompt], 10)[0]
+    r = StageRunner(path, 0, 4, dtype=torch.float32, kv_cache_bytes=1 << 20, block_size=4)
+    r.step([SeqStep(1, a_prompt, 0, [3, 7, 1, 9], True, admit=True)], [], None)
+    _, out = r.step([SeqStep(2, b_prompt[8:], 8, [3, 7, 4, 5], True, admit=True)], [1], None)
+    tokens = [out[0].token_id]
+    for i in range(9):
+        pos = len(b_prompt) + i
+        new_blocks = [6 + pos // 4] if pos % 4 == 0 else []     # a new block every 4 positions
+        _, out = r.step([SeqStep(2, [tokens[-1]], pos, new_blocks, True, num_generated=i + 1)],
+                        [], None)
+        tokens.append(out[0].token_id)
+    assert tokens == reference
