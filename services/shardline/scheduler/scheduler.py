@@ -130,7 +130,9 @@ class Scheduler:
             new_block_ids=list(seq.block_table) if admit else new_blocks,
             sample=start + n == seq.num_tokens, admit=admit,
             sampling=seq.sampling if admit else None,
-            num_generated=len(seq.output_token_ids))
+            num_generated=len(seq.output_token_ids),
+            prefix_token_ids=seq.token_ids(0, start)
+            if admit and start and seq.sampling.repetition_penalty != 1.0 else [])
 
     def _preemption_victim(self, exclude: Sequence) -> Optional[Sequence]:
         for seq in reversed(self.running):

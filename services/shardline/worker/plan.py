@@ -55,19 +55,21 @@ class SeqStep:
     admit: bool = False
     sampling: Optional[SamplingConfig] = None
     num_generated: int = 0
+    prefix_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
     def from_pb(cls, pb: worker_pb2.SeqPlan) -> "SeqStep":
         return cls(seq_id=pb.seq_id, token_ids=list(pb.token_ids), start_pos=pb.start_pos,
                    new_block_ids=list(pb.new_block_ids), sample=pb.sample, admit=pb.admit,
                    sampling=SamplingConfig.from_pb(pb.sampling) if pb.admit else None,
-                   num_generated=pb.num_generated)
+                   num_generated=pb.num_generated, prefix_token_ids=list(pb.prefix_token_ids))
 
     def to_pb(self) -> worker_pb2.SeqPlan:
         pb = worker_pb2.SeqPlan(seq_id=self.seq_id, token_ids=self.token_ids,
                                 start_pos=self.start_pos, new_block_ids=self.new_block_ids,
                                 sample=self.sample, admit=self.admit,
-                                num_generated=self.num_generated)
+                                num_generated=self.num_generated,
+                                prefix_token_ids=self.prefix_token_ids)
         if self.admit and self.sampling is not None:
             pb.sampling.CopyFrom(self.sampling.to_pb())
         return pb

@@ -261,6 +261,9 @@ class StageRunner:
                 state = self.seqs[s.seq_id] = _SeqState(list(s.new_block_ids))
                 if self.sampler is not None:
                     self.sampler.add(s.seq_id, s.sampling)
+                    if s.prefix_token_ids:       # cached prefix: the penalty must see it too
+                        self.sampler.observe(s.seq_id, torch.tensor(s.prefix_token_ids,
+                                                                    device=self.device))
             else:
                 state.block_table.extend(s.new_block_ids)
             state.num_computed = s.start_pos + len(s.token_ids)
