@@ -149,6 +149,13 @@ class StageRunner:
             max_position=self.max_position, vocab_size=self.vocab_size, dtype=self.dtype_name,
             device=self.device_name, quantization=quantization)
 
+    def forget_all(self) -> None:
+        """Drop every sequence's state (its scheduler's stream ended); KV content stays, so a
+        restarted scheduler can reuse cached prefixes."""
+        self.seqs.clear()
+        if self.sampler is not None:
+            self.sampler.seqs.clear()
+
     # ---- the step -----------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, seqs: Sequence[SeqStep], free_seq_ids: Sequence[int],

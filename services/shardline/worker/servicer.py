@@ -126,6 +126,7 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
         finally:
             for t in tasks:
                 t.cancel()
+            loop.run_in_executor(self.executor, runner.forget_all)
             if downstream_call is not None:
                 downstream_call.cancel()
             if chan is not None:
