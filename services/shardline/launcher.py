@@ -124,7 +124,8 @@ class Stack:
 def build_stack(model_dir: str, model_name: str, stages: int, port: int, device: str,
                 dtype: Optional[str], kv_cache_memory: Optional[str], threads: int,
                 extra_scheduler: list[str] = (), replicas: int = 1,
-                log_level: str = "INFO", quiet: bool = False) -> Stack:
+                log_level: str = "INFO", quiet: bool = False,
+                worker_extra: list[str] = ()) -> Stack:
     tok_port = free_port()
     children = [Child("tokenizer", ["tokenizer", "--model", model_dir, "--port", str(tok_port),
                                     "--log-level", log_level])]
@@ -137,7 +138,8 @@ def build_stack(model_dir: str, model_name: str, stages: int, port: int, device:
             addrs.append(f"127.0.0.1:{p}")
             argv = ["worker", "--model", model_dir, "--port", str(p), "--stage-index", str(s),
                     "--num-stages", str(stages), "--device", device,
-                    "--threads", str(per_worker_threads), "--log-level", log_level]
+                    "--threads", str(per_worker_threads), "--log-level", log_level,
+                    *worker_extra]
             if dtype:
                 argv += ["--dtype", dtype]
             if kv_cache_memory:
@@ -173,6 +175,7 @@ def run_demo(address: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from shardline.worker.config import add_weight_args, weight_argv
     from shardline.worker.loader import DEFAULT_MODEL, resolve_model
     p = argparse.ArgumentParser(prog="shardline up", description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -186,6 +189,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--redis-url", default=None, help="Redis for prefix-cache metadata (optional)")
     p.add_argument("--log-level", default="INFO")
+    add_weight_args(p)
     p.add_argument("--demo", action="store_true", help="run a demo generation once ready")
     p.add_argument("--exit-after-demo", action="store_true")
     a = p.parse_args(argv)
@@ -197,7 +201,8 @@ def main(argv: list[str]) -> int:
     if a.redis_url:
         extra += ["--redis-url", a.redis_url]
     stack = build_stack(model_dir, a.model, a.stages, a.port, a.device, a.dtype,
-                        a.kv_cache_memory, a.threads, extra, a.replicas, a.log_level)
+                        a.kv_cache_memory, a.threads, extra, a.replicas, a.log_level,
+                        worker_extra=weight_argv(a))
     stopping = threading.Event()
 
     def on_signal(signum, frame):

@@ -186,12 +186,20 @@ class Attention(nn.Module):
         self.k_proj = Linear(config.hidden_size, self.num_kv_heads * hd, bias=bias)
         self.v_proj = Linear(config.hidden_size, self.num_kv_heads * hd, bias=bias)
         self.o_proj = Linear(self.num_heads * hd, config.hidden_size, bias=False)
+        self.qkv_proj: Optional[nn.Module] = None    # q, k, v in one (see fuse.fuse_stage)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         # x: [T, hidden]; cos, sin: [T, 1, head_dim]
         t = x.shape[0]
+        if self.qkv_proj is not None:
+            h, kv = self.num_heads, self.num_kv_heads
+            qkv = self.qkv_proj(x).view(t, h + 2 * kv, self.head_dim)   # [T, H + 2KV, hd]
+            qk = apply_rope(qkv[:, :h + kv], cos, sin)                     # [T, H + KV, hd]
+            o = paged_attention(qk[:, :h], qk[:, h:], qkv[:, h + kv:], k_cache, v_cache, meta,
+                                self.scale)                                # [T, H, hd]
+            return self.o_proj(o.reshape(t, h * self.head_dim))
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)      # [T, H, hd]
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)   # [T, KV, hd]
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)   # [T, KV, hd]

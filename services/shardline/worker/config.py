@@ -27,6 +27,10 @@ class WorkerConfig:
     threads: int = 0                      # torch intra-op threads; 0 = torch default
     cache_dir: Optional[str] = None
     log_level: str = "INFO"
+    fuse: bool = True                     # fused qkv / gate_up / residual adds (worker/fuse.py)
+    quantize: str = "none"                # none | int8 | int4 | fp8 (worker/quantize.py)
+    group_size: int = 32                  # int4 group size
+    quantize_head: bool = False           # also quantize the LM head
 
     def __post_init__(self):
         if not 0 <= self.stage_index < self.num_stages:
@@ -39,6 +43,8 @@ class WorkerConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.block_size <= 0:
             raise ValueError("block_size must be > 0")
+        if self.quantize not in ("none", "int8", "int4", "fp8"):
+            raise ValueError(f"quantize must be none, int8, int4 or fp8, got {self.quantize!r}")
         if self.kv_cache_memory is not None:
             parse_bytes(self.kv_cache_memory)
 
@@ -74,6 +80,7 @@ class WorkerConfig:
         p.add_argument("--block-size", type=int, default=16)
         p.add_argument("--threads", type=int, default=0)
         p.add_argument("--log-level", default="INFO")
+        add_weight_args(p)
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "WorkerConfig":
@@ -83,4 +90,22 @@ class WorkerConfig:
                    device=ns.device, dtype=ns.dtype, kv_cache_memory=ns.kv_cache_memory,
                    kv_cache_fraction=ns.kv_cache_fraction, block_size=ns.block_size,
                    threads=ns.threads, cache_dir=os.environ.get("SHARDLINE_CACHE"),
-                   log_level=ns.log_level)
+                   log_level=ns.log_level, fuse=ns.fuse,
+                   quantize=ns.quantize, group_size=ns.group_size,
+                   quantize_head=ns.quantize_head)
+
+def add_weight_args(p: argparse.ArgumentParser) -> None:
+    """Weight transforms, shared by `shardline worker` and `shardline up`."""
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="fuse q/k/v and gate/up projections (default on)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "fp8"],
+                   help="weight-only quantization of the stage's Linear layers")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size")
+    p.add_argument("--quantize-head", action="store_true", help="also quantize the LM head")
+
+
+def weight_argv(ns: argparse.Namespace) -> list[str]:
+    """The flags of add_weight_args, to pass on to a worker's command line."""
+    argv = ["--fuse" if ns.fuse else "--no-fuse", "--quantize", ns.quantize,
+            "--group-size", str(ns.group_size)]
+    return argv + (["--quantize-head"] if ns.quantize_head else [])

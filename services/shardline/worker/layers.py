@@ -72,17 +72,31 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
+                 norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused residual add + RMSNorm: returns (norm(x + residual), x + residual).
+    x must be a fresh tensor (a projection's output): the sum is written into it."""
+    residual = x.add_(residual)
+    return F.rms_norm(residual, norm.weight.shape, norm.weight, norm.eps), residual
+
+
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
+
+    After `fuse.fuse_stage`, gate_proj and up_proj are one gate_up_proj [2 * inter, hidden]."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj: Optional[nn.Module] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, hidden] -> [tokens, intermediate] -> [tokens, hidden]
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)              # [tokens, inter] x 2
+            return self.down_proj(F.silu(gate).mul_(up))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

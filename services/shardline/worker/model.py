@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from shardline.worker.attention import Attention, AttentionMetadata
-from shardline.worker.layers import MLP, Linear, RMSNorm, RotaryEmbedding
+from shardline.worker.layers import MLP, Linear, RMSNorm, RotaryEmbedding, add_rms_norm
 from shardline.worker.model_config import ModelConfig
 
 
@@ -27,11 +27,16 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.fused = False               # set by fuse.fuse_stage: in-place residual adds
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         # x: [T, hidden]
+        if self.fused:
+            a = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+            normed, h = add_rms_norm(a, x, self.post_attention_layernorm)   # h = x + attn
+            return self.mlp(normed).add_(h)
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 

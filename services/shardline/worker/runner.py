@@ -22,6 +22,8 @@ import torch
 from shardline.common.tensors import DTYPE_NAMES, DTYPES
 from shardline.v1 import worker_pb2
 from shardline.worker.attention import AttentionMetadata
+from shardline.worker.fuse import fuse_stage
+from shardline.worker.quantize import quantize_stage
 from shardline.worker.kv_cache import KVCache
 from shardline.worker.model_config import ModelConfig
 from shardline.worker.plan import SampledToken, SeqStep
@@ -57,6 +59,9 @@ def _as_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> tor
 class StageRunner:
     """Layers [layer_start, layer_end) of the model in model_dir, with a paged KV cache.
 
+    quantize: none | int8 | int4 | fp8 weight-only quantization of the layers' Linear modules
+    (and the LM head with quantize_head); group_size: int4 group (worker/quantize.py).
+    fuse: fuse q/k/v and gate/up projections and the residual adds (worker/fuse.py).
     kv_cache_bytes: KV budget in bytes. Default: kv_cache_fraction (default 0.8) of the free
     device memory after loading the weights on CUDA, 256 MiB on the CPU.
     """
@@ -66,7 +71,8 @@ class StageRunner:
                  dtype: Union[str, torch.dtype, None] = None,
                  kv_cache_bytes: Optional[int] = None,
                  kv_cache_fraction: Optional[float] = None,
-                 block_size: int = 16):
+                 block_size: int = 16, fuse: bool = True, quantize: str = "none",
+                 group_size: int = 32, quantize_head: bool = False):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -76,6 +82,10 @@ class StageRunner:
         self.config = ModelConfig.from_dir(model_dir)
         self.model = load_stage_model(model_dir, self.config, layer_start, layer_end,
                                       self.dtype, self.device)
+        if fuse:
+            fuse_stage(self.model)
+        quantize_stage(self.model, quantize, group_size, quantize_head)
+        self.quantization = quantize
         self.layer_start, self.layer_end = layer_start, layer_end
         cfg = self.config
         num_local = layer_end - layer_start

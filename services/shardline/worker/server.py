@@ -32,12 +32,13 @@ def build_runner(cfg: WorkerConfig):
              start, end, cfg.model, cfg.device, cfg.dtype)
     return StageRunner(model_dir, start, end, device=cfg.device, dtype=getattr(torch, cfg.dtype),
                        kv_cache_bytes=cfg.kv_cache_bytes(), kv_cache_fraction=cfg.kv_cache_fraction,
-                       block_size=cfg.block_size)
+                       block_size=cfg.block_size, fuse=cfg.fuse, quantize=cfg.quantize,
+                       group_size=cfg.group_size, quantize_head=cfg.quantize_head)
 
 
 async def serve(cfg: WorkerConfig) -> None:
     service = Service(f"worker-{cfg.stage_index}", cfg.port, cfg.host)
-    servicer = StageWorkerServicer(cfg.model)
+    servicer = StageWorkerServicer(cfg.model, cfg.quantize)
     service.add(worker_pb2_grpc.add_StageWorkerServicer_to_server, servicer,
                 ["shardline.v1.StageWorker"])
     await service.start()

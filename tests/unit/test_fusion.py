@@ -1,0 +1,42 @@
+"""Layer fusion (worker/fuse.py): fused and unfused stages compute the same thing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardline.worker.runner import StageRunner
+from tests.unit.test_model import Driver
+
+
+def _logits(runner: StageRunner, ids: list[int]) -> torch.Tensor:
+    from shardline.worker.attention import AttentionMetadata
+    with torch.inference_mode():
+        meta = AttentionMetadata.build([0], [len(ids)], [list(range(4))], runner.block_size,
+                                       runner.device)
+        x = runner.model.embed(torch.tensor(ids))
+        x = runner.model(x, meta, runner.kv_cache.layers)
+        return runner.model.logits(x)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_matches_unfused(tiny_model_dir, family):
+    path = tiny_model_dir(family)
+    runners = {fuse: StageRunner(path, 0, 4, kv_cache_bytes=1 << 20, block_size=16, fuse=fuse)
+               for fuse in (False, True)}
+    fused_layer = runners[True].model.layers[0]
+    assert fused_layer.fused and not hasattr(fused_layer.self_attn, "q_proj")
+    if family == "qwen2":                                   # q/k/v biases kept
+        assert fused_layer.self_attn.qkv_proj.bias is not None
+    ids = [3, 17, 42, 99, 5, 64, 1, 7]
+    a, b = _logits(runners[False], ids), _logits(runners[True], ids)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
+    outs = [Driver([runners[fuse]]).run(prompts, 8) for fuse in (False, True)]
+    assert outs[0] == outs[1]
+
+
+def test_fused_bf16_close(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    a, b = (_logits(StageRunner(path, 0, 4, dtype="bfloat16", kv_cache_bytes=1 << 20, fuse=f),
+                    [3, 17, 42, 99]) for f in (False, True))
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
