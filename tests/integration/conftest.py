@@ -20,11 +20,13 @@ class RunningStack:
         self.stack = build_stack(model_dir, DEFAULT_MODEL, stages, self.port, "cpu", dtype,
                                  kw.pop("kv_cache_memory", "64MiB"), kw.pop("threads", 1),
                                  kw.pop("extra_scheduler", []), replicas=kw.pop("replicas", 1),
-                                 quiet=not os.environ.get("SHARDLINE_TEST_LOGS"))
+                                 quiet=not os.environ.get("SHARDLINE_TEST_LOGS"),
+                                 metrics=kw.pop("metrics", False))
+        self.env = kw.pop("env", None)
         self.address = f"127.0.0.1:{self.port}"
 
     def __enter__(self):
-        self.stack.start()
+        self.stack.start(self.env)
         if not self.stack.wait_ready(180):
             dead = [(c.name, c.proc.returncode) for c in self.stack.dead()]
             self.stack.stop()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import grpc
+from opentelemetry import propagate
 
 from shardline.common.server import CHANNEL_OPTIONS
 from shardline.v1 import common_pb2, generate_pb2, generate_pb2_grpc
@@ -100,7 +101,11 @@ class Client:
         self._stub = generate_pb2_grpc.GenerationStub(self._channel)
 
     def _metadata(self):
-        return ((TENANT_KEY, self.tenant),) if self.tenant else ()
+        md = [(TENANT_KEY, self.tenant)] if self.tenant else []
+        carrier: dict = {}
+        propagate.inject(carrier)       # the caller's trace context (W3C traceparent), if any
+        md.extend(carrier.items())
+        return tuple(md)
 
     def stream(self, prompt: Optional[str] = None, **kwargs) -> Iterator[Chunk]:
         """Yield chunks as they are generated; raises grpc.RpcError on failure."""

@@ -108,7 +108,9 @@ class Service:
     def __init__(self, name: str, port: int, host: str = "0.0.0.0", grace_s: float = 5.0):
         self.name = name
         self.grace_s = grace_s
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
+        from shardline.common.telemetry import TracingInterceptor
+        self.server = grpc.aio.server(interceptors=[TracingInterceptor(), ErrorInterceptor()],
+                                      options=CHANNEL_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -157,6 +159,8 @@ class Service:
             res = fn()
             if asyncio.iscoroutine(res):
                 await res
+        from shardline.common.telemetry import shutdown_tracing
+        shutdown_tracing()
         log.info("%s: stopped", self.name)
 
 

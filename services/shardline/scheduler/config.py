@@ -29,6 +29,7 @@ class SchedulerConfig:
     redis_prefix: str = "shardline:"
     redis_ttl_s: int = 3600
     log_level: str = "INFO"
+    metrics_port: int = 0                            # Prometheus /metrics; 0 = off
 
     def __post_init__(self):
         if not self.tokenizer:
@@ -68,6 +69,8 @@ class SchedulerConfig:
         p.add_argument("--k8s-selector", default="",
                        help="label selector of worker pods, e.g. app.kubernetes.io/component=worker")
         p.add_argument("--worker-port", type=int, default=50061)
+        p.add_argument("--metrics-port", type=int, default=0,
+                       help="serve Prometheus metrics on this port (0 = off)")
         p.add_argument("--redis-url", default="",
                        help="Redis for prefix-cache metadata, e.g. redis://host:6379/0 (optional)")
         p.add_argument("--redis-prefix", default="shardline:")
@@ -83,5 +86,5 @@ class SchedulerConfig:
                    connect_timeout_s=ns.connect_timeout, step_timeout_s=ns.step_timeout,
                    unavailable_timeout_s=ns.unavailable_timeout,
                    discovery=ns.discovery, k8s_namespace=ns.k8s_namespace,
-                   k8s_selector=ns.k8s_selector, worker_port=ns.worker_port, redis_url=ns.redis_url, redis_prefix=ns.redis_prefix,
+                   k8s_selector=ns.k8s_selector, worker_port=ns.worker_port, metrics_port=ns.metrics_port, redis_url=ns.redis_url, redis_prefix=ns.redis_prefix,
                    redis_ttl_s=ns.redis_ttl, log_level=ns.log_level)

@@ -11,6 +11,9 @@ import collections
 import logging
 import time
 
+from opentelemetry import trace
+
+from shardline.common import telemetry
 from shardline.scheduler.block_manager import BlockManager
 from shardline.scheduler.pipeline import PipelineClient
 from shardline.scheduler.request import Sequence
@@ -82,6 +85,7 @@ class PipelineEngine:
     # -- the loop -------------------------------------------------------------------------
     async def _run(self) -> None:
         inflight: collections.deque[StepBatch] = collections.deque()
+        spans: collections.deque = collections.deque()
         try:
             while True:
                 while len(inflight) < self.pipeline.num_stages:
@@ -89,7 +93,10 @@ class PipelineEngine:
                     batch = self.scheduler.schedule()
                     if batch is None:
                         break
-                    await self.pipeline.send(self._to_pb(batch))
+                    pb = self._to_pb(batch)
+                    span = self._step_span(batch, pb) if telemetry.tracing_enabled() else None
+                    await self.pipeline.send(pb)
+                    spans.append(span)
                     self.stats["schedule_s"] += time.perf_counter() - t0
                     inflight.append(batch)
                 if not inflight:
@@ -101,6 +108,9 @@ class PipelineEngine:
                 result = await self.pipeline.recv(self.step_timeout_s)
                 t1 = time.perf_counter()
                 batch = inflight.popleft()
+                span = spans.popleft()
+                if span is not None:
+                    span.end()
                 tokens = [SampledToken.from_pb(t) for t in result.tokens]
                 self._deliver(self.scheduler.postprocess(batch, tokens))
                 self.stats["steps"] += 1
@@ -139,8 +149,29 @@ class PipelineEngine:
                 if ev.finish_reason is not None:
                     del self._queues[ev.seq.seq_id]
 
+    def _step_span(self, batch: StepBatch, pb: worker_pb2.StepRequest):
+        """A span per step (its own trace), linked to the requests it serves; the stages'
+        forward spans are its children (trace context in the StepRequest)."""
+        span = telemetry.tracer.start_span(
+            "scheduler.step", context=trace.set_span_in_context(trace.INVALID_SPAN),
+            links=telemetry.links(seq.span_context for seq, _ in batch.items),
+            attributes={"shardline.replica": str(self.replica_id), "shardline.step_id": batch.step_id,
+                        "shardline.num_seqs": len(batch.items),
+                        "shardline.num_tokens": batch.num_tokens})
+        pb.trace_context.update(telemetry.inject(trace.set_span_in_context(span)))
+        return span
+
     @staticmethod
     def _to_pb(batch: StepBatch) -> worker_pb2.StepRequest:
-        return worker_pb2.StepRequest(step_id=batch.step_id,
-                                      seqs=[step.to_pb() for _, step in batch.items],
+        plans = []
+        for seq, step in batch.items:
+            pb = step.to_pb()
+            if step.admit:
+                if seq.trace_context:
+                    pb.trace_context.update(seq.trace_context)
+                if seq.queue_span is not None:
+                    seq.queue_span.end()
+                    seq.queue_span = None
+            plans.append(pb)
+        return worker_pb2.StepRequest(step_id=batch.step_id, seqs=plans,
                                       free_seq_ids=batch.free_seq_ids)

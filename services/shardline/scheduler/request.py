@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from shardline.worker.plan import SamplingConfig
 
@@ -41,6 +41,11 @@ class Sequence:
     num_committed_blocks: int = 0 # leading blocks of block_table already hashed into the cache
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    # Tracing (empty / None when not traced): the request span's W3C context, sent to workers on
+    # admission; its SpanContext (step spans link to it); the open "queue" span until admission.
+    trace_context: dict = field(default_factory=dict)
+    span_context: Any = None
+    queue_span: Any = None
 
     @property
     def num_tokens(self) -> int:

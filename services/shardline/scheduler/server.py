@@ -6,10 +6,12 @@ import asyncio
 import logging
 import sys
 
+from shardline.common import telemetry
 from shardline.common.server import Service, configure_logging
 from shardline.scheduler.config import SchedulerConfig
 from shardline.scheduler.discovery import KubernetesDiscovery
 from shardline.scheduler.engine import PipelineEngine
+from shardline.scheduler.metrics import register_replicas
 from shardline.scheduler.pipeline import PipelineClient
 from shardline.scheduler.prefix_index import PrefixIndex
 from shardline.scheduler.router import Router
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 
 
 async def serve(cfg: SchedulerConfig) -> None:
+    telemetry.setup("scheduler", cfg.metrics_port)
     service = Service("scheduler", cfg.port, cfg.host)
     tokenizer = TokenizerClient(cfg.tokenizer, cfg.rpc_timeout_s)
     servicer = GenerationServicer(tokenizer)
@@ -39,6 +42,8 @@ async def serve(cfg: SchedulerConfig) -> None:
         index = PrefixIndex(cfg.redis_url, key_prefix=cfg.redis_prefix, ttl_s=cfg.redis_ttl_s)
         await index.start()
     router = Router(make_engine, cfg.connect_timeout_s, cfg.unavailable_timeout_s, index=index)
+    if cfg.metrics_port:
+        register_replicas(router)
     discovery = None
     if cfg.discovery == "kubernetes":
         discovery = KubernetesDiscovery(cfg.k8s_namespace, cfg.k8s_selector, cfg.worker_port)

@@ -1,12 +1,19 @@
 """The public Generation service: validate, tokenize, queue, stream text deltas."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
+import time
 from typing import Callable, Optional
 
-from shardline.common.server import InvalidArgument, ResourceExhausted, Unavailable
+import grpc
+from opentelemetry import trace
+
+from shardline.common import telemetry
+from shardline.common.server import InvalidArgument, ResourceExhausted, Unavailable, status_for
+from shardline.scheduler import metrics
 from shardline.scheduler.router import Router
 from shardline.scheduler.request import Sequence
 from shardline.scheduler.scheduler import TokenEvent
@@ -96,6 +103,10 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         return out
 
     async def _prompt_ids(self, request) -> list[int]:
+        with telemetry.tracer.start_as_current_span("tokenize"):
+            return await self._prompt_ids_inner(request)
+
+    async def _prompt_ids_inner(self, request) -> list[int]:
         kind = request.WhichOneof("prompt")
         if kind == "text":
             if not request.text:
@@ -126,6 +137,25 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         return n
 
     async def Generate(self, request, context):
+        status = "CANCELLED"
+        try:
+            async for resp in self._generate(request, context):
+                yield resp
+            status = "OK"
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            code = context.code() if hasattr(context, "code") else None
+            status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+            raise
+        except Exception as exc:  # noqa: BLE001 - counted, then mapped by the error interceptor
+            status = status_for(exc).name
+            raise
+        finally:
+            metrics.REQUESTS.labels(status).inc()
+
+    async def _generate(self, request, context):
         if self.limits is None:
             raise Unavailable("scheduler is still connecting to its workers")
         sampling = validate_sampling(request)
@@ -147,9 +177,16 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, max_tokens=max_tokens,
                        sampling=sampling, eos_token_ids=self.eos_ids, ignore_eos=request.ignore_eos,
                        max_context=lim.max_context, cache_salt=tenant_of(context))
+        if telemetry.tracing_enabled():
+            seq.span_context = trace.get_current_span().get_span_context()
+            seq.trace_context = telemetry.inject()
+            seq.queue_span = telemetry.tracer.start_span(
+                "queue", attributes={"shardline.seq_id": seq.seq_id,
+                                     "shardline.prompt_tokens": len(ids)})
         queue = self.router.submit(seq)
         stream = _TextStream(self.tokenizer, stops)
         finished = False
+        t_first = None
         try:
             while not finished:
                 events = [await queue.get()]
@@ -161,6 +198,9 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                     if isinstance(ev, BaseException):
                         raise Unavailable(f"pipeline failed: {ev}")
                 toks = [ev.token for ev in events]
+                if t_first is None:
+                    t_first = time.monotonic()
+                    metrics.TTFT.observe(t_first - seq.arrival_time)
                 reason = events[-1].finish_reason
                 text, hit_stop = await stream.push([t.token_id for t in toks], final=reason is not None)
                 if hit_stop:
@@ -177,12 +217,27 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                     resp.usage.CopyFrom(generate_pb2.Usage(
                         prompt_tokens=len(ids), completion_tokens=len(seq.output_token_ids),
                         cached_tokens=seq.num_cached_tokens))
+                    self._observe_finished(seq, len(ids), t_first)
                 yield resp
         finally:
+            if seq.queue_span is not None:      # never admitted (cancelled, failed)
+                seq.queue_span.end()
+                seq.queue_span = None
             if finished:
                 self.router.finished(seq)
             else:
                 self.router.abort(seq, "abort")
+
+    @staticmethod
+    def _observe_finished(seq: Sequence, prompt_tokens: int, t_first: float) -> None:
+        now = time.monotonic()
+        n = len(seq.output_token_ids)
+        metrics.E2E.observe(now - seq.arrival_time)
+        if n > 1:
+            metrics.TPOT.observe((now - t_first) / (n - 1))
+        metrics.PROMPT_TOKENS.inc(prompt_tokens)
+        metrics.GENERATION_TOKENS.inc(n)
+        metrics.CACHED_TOKENS.inc(seq.num_cached_tokens)
 
 
 class _TextStream:
@@ -198,7 +253,8 @@ class _TextStream:
 
     async def push(self, ids: list[int], final: bool) -> tuple[str, bool]:
         """New text to send, and whether a stop string ended the sequence."""
-        self.text += await self.tokenizer.detokenize(self.state, ids)
+        with telemetry.tracer.start_as_current_span("detokenize"):
+            self.text += await self.tokenizer.detokenize(self.state, ids)
         if self.stops:
             search_from = max(0, self.emitted - self.hold)
             hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]

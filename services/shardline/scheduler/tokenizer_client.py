@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from shardline.common import telemetry
 from shardline.common.server import channel
 from shardline.v1 import generate_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
@@ -34,13 +35,13 @@ class TokenizerClient:
     async def tokenize(self, text: str) -> list[int]:
         res = await self._stub.Tokenize(
             tokenizer_pb2.TokenizeRequest(texts=[text], add_special_tokens=True),
-            timeout=self.timeout_s)
+            timeout=self.timeout_s, metadata=telemetry.metadata())
         return list(res.results[0].ids)
 
     async def apply_chat_template(self, messages: list[generate_pb2.ChatMessage]) -> list[int]:
         res = await self._stub.ApplyChatTemplate(
             tokenizer_pb2.ChatTemplateRequest(messages=messages, add_generation_prompt=True),
-            timeout=self.timeout_s)
+            timeout=self.timeout_s, metadata=telemetry.metadata())
         return list(res.results[0].ids)
 
     async def detokenize(self, state: DetokenizeState, new_ids: list[int]) -> str:
@@ -60,7 +61,7 @@ class TokenizerClient:
                 tokenizer_pb2.DetokenizeItem(token_ids=s.token_ids, read_offset=s.read_offset,
                                              skip_special_tokens=True) for s, _ in batch])
             try:
-                res = await self._stub.Detokenize(req, timeout=self.timeout_s)
+                res = await self._stub.Detokenize(req, timeout=self.timeout_s, metadata=telemetry.metadata())
             except Exception as exc:  # noqa: BLE001 - handed to every waiter
                 for _, fut in batch:
                     if not fut.done():

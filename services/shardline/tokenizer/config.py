@@ -17,6 +17,7 @@ class TokenizerConfig:
     port: int = DEFAULT_PORT        # 0 picks a free port
     host: str = "0.0.0.0"
     log_level: str = "INFO"
+    metrics_port: int = 0           # Prometheus /metrics; 0 = off
     cache_dir: Optional[str] = None # where resolve_model keeps converted models ($SHARDLINE_CACHE)
 
     def __post_init__(self):
@@ -37,9 +38,11 @@ class TokenizerConfig:
         p.add_argument("--port", type=int, default=DEFAULT_PORT)
         p.add_argument("--host", default="0.0.0.0")
         p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+        p.add_argument("--metrics-port", type=int, default=0,
+                       help="serve Prometheus metrics on this port (0 = off)")
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "TokenizerConfig":
         from shardline.worker.loader import DEFAULT_MODEL
         return cls(model=ns.model or DEFAULT_MODEL, port=ns.port, host=ns.host, log_level=ns.log_level,
-                   cache_dir=os.environ.get("SHARDLINE_CACHE"))
+                   metrics_port=ns.metrics_port, cache_dir=os.environ.get("SHARDLINE_CACHE"))

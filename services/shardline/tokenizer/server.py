@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from shardline.common import telemetry
 from shardline.common.server import Service, configure_logging
 from shardline.tokenizer.config import TokenizerConfig
 from shardline.tokenizer.core import TokenizerCore
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 async def serve(cfg: TokenizerConfig) -> None:
     """Load the tokenizer, serve until SIGTERM/SIGINT, then drain and stop."""
+    telemetry.setup("tokenizer", cfg.metrics_port)
     core = TokenizerCore.load(cfg.model, cfg.cache_dir)
     service = Service("tokenizer", cfg.port, cfg.host)
     servicer = TokenizerServicer(core)

@@ -15,7 +15,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from opentelemetry import trace
+from prometheus_client import Counter, Histogram
 
+from shardline.common import telemetry
 from shardline.common.server import Unavailable, channel
 from shardline.common.tensors import pb_to_tensor, tensor_to_pb
 from shardline.v1 import worker_pb2, worker_pb2_grpc
@@ -25,6 +28,12 @@ log = logging.getLogger(__name__)
 
 ROUTE_KEY = "x-shardline-route"
 
+STEP_SECONDS = Histogram(
+    "shardline_stage_step_seconds", "Compute time of one step on this stage (decode plan, layers, "
+    "encode output)", ["stage"],
+    buckets=(.001, .0025, .005, .01, .025, .05, .075, .1, .15, .25, .5, 1, 2.5, 5, 10))
+STEP_TOKENS = Counter("shardline_stage_tokens_total", "Tokens computed by this stage", ["stage"])
+
 
 class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
     def __init__(self, model_name: str, quantization: str = "none"):
@@ -33,6 +42,37 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
         self.runner = None                      # set once the model is loaded
         self.instance_id = uuid.uuid4().hex
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.stage_index = 0
+        self._seq_span_ctx: dict[int, trace.SpanContext] = {}   # request span per sequence
+
+    def _trace_step(self, req: worker_pb2.StepRequest):
+        """(step span, admit spans) when tracing is on: the step span is the scheduler step's
+        child, linked to every request it serves; admitted sequences get a span in their trace."""
+        for sid in req.free_seq_ids:
+            self._seq_span_ctx.pop(sid, None)
+        admitted = []
+        for s in req.seqs:
+            if s.admit:
+                sc = telemetry.span_context_of(s.trace_context)
+                if sc is None:
+                    self._seq_span_ctx.pop(s.seq_id, None)
+                else:
+                    self._seq_span_ctx[s.seq_id] = sc
+                    admitted.append(s)
+        ctxs = [self._seq_span_ctx.get(s.seq_id) for s in req.seqs]
+        name = f"stage{self.stage_index}.forward"
+        span = telemetry.tracer.start_span(
+            name, context=telemetry.extract(req.trace_context), links=telemetry.links(ctxs),
+            attributes={"shardline.stage": self.stage_index, "shardline.step_id": req.step_id,
+                        "shardline.num_seqs": len(req.seqs)})
+        step_link = [trace.Link(span.get_span_context())]
+        admits = [telemetry.tracer.start_span(
+            f"stage{self.stage_index}.admit", context=telemetry.extract(s.trace_context),
+            links=step_link, attributes={"shardline.seq_id": s.seq_id,
+                                         "shardline.start_pos": s.start_pos,
+                                         "shardline.num_tokens": len(s.token_ids)})
+            for s in admitted]
+        return span, admits
 
     def _require_runner(self):
         if self.runner is None:
@@ -52,18 +92,32 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
         """Runs on the compute thread: decode the plan, run layers, encode the output."""
         runner = self.runner
         t0 = time.perf_counter()
-        seqs = [SeqStep.from_pb(s) for s in req.seqs]
-        hidden = pb_to_tensor(req.hidden, device=runner.device) if req.HasField("hidden") else None
-        hidden_out, tokens = runner.step(seqs, list(req.free_seq_ids), hidden)
-        if forward:
-            out = worker_pb2.StepRequest(step_id=req.step_id, seqs=req.seqs,
-                                         free_seq_ids=req.free_seq_ids)
-            if hidden_out is not None:
-                out.hidden.CopyFrom(tensor_to_pb(hidden_out))
-            return out, time.perf_counter() - t0
-        res = worker_pb2.StepResult(step_id=req.step_id, tokens=[t.to_pb() for t in tokens])
-        res.stage_seconds.append(time.perf_counter() - t0)
-        return res, 0.0
+        span, admits = self._trace_step(req) if telemetry.tracing_enabled() else (None, ())
+        try:
+            seqs = [SeqStep.from_pb(s) for s in req.seqs]
+            hidden = pb_to_tensor(req.hidden, device=runner.device) if req.HasField("hidden") else None
+            hidden_out, tokens = runner.step(seqs, list(req.free_seq_ids), hidden)
+            if forward:
+                out = worker_pb2.StepRequest(step_id=req.step_id, seqs=req.seqs,
+                                             free_seq_ids=req.free_seq_ids)
+                if hidden_out is not None:
+                    out.hidden.CopyFrom(tensor_to_pb(hidden_out))
+                if span is not None:
+                    out.trace_context.update(telemetry.inject(trace.set_span_in_context(span)))
+                dt = time.perf_counter() - t0
+                return out, dt
+            res = worker_pb2.StepResult(step_id=req.step_id, tokens=[t.to_pb() for t in tokens])
+            dt = time.perf_counter() - t0
+            res.stage_seconds.append(dt)
+            return res, 0.0
+        finally:
+            stage = str(self.stage_index)
+            STEP_SECONDS.labels(stage).observe(time.perf_counter() - t0)
+            STEP_TOKENS.labels(stage).inc(sum(len(s.token_ids) for s in req.seqs))
+            for s in admits:
+                s.end()
+            if span is not None:
+                span.end()
 
     async def Step(self, request_iterator, context):
         runner = self._require_runner()
