@@ -124,7 +124,7 @@ class Stack:
 def build_stack(model_dir: str, model_name: str, stages: int, port: int, device: str,
                 dtype: Optional[str], kv_cache_memory: Optional[str], threads: int,
                 extra_scheduler: list[str] = (), replicas: int = 1,
-                log_level: str = "INFO", quiet: bool = False,
+                log_level: str = "INFO", quiet: bool = False, metrics: bool = False,
                 worker_extra: list[str] = ()) -> Stack:
     tok_port = free_port()
     children = [Child("tokenizer", ["tokenizer", "--model", model_dir, "--port", str(tok_port),
@@ -152,7 +152,13 @@ def build_stack(model_dir: str, model_name: str, stages: int, port: int, device:
     for p in pipelines:
         sched += ["--pipeline", p]
     children.append(Child("scheduler", sched))
-    return Stack(children, f"127.0.0.1:{port}", quiet=quiet)
+    stack = Stack(children, f"127.0.0.1:{port}", quiet=quiet)
+    stack.metrics_ports = {}            # child name -> Prometheus port (metrics=True)
+    if metrics:
+        for c in children:
+            stack.metrics_ports[c.name] = free_port()
+            c.argv += ["--metrics-port", str(stack.metrics_ports[c.name])]
+    return stack
 
 
 DEMO_MESSAGES = [{"role": "user", "content": "In two sentences, what is pipeline parallelism?"}]
@@ -202,7 +208,7 @@ def main(argv: list[str]) -> int:
         extra += ["--redis-url", a.redis_url]
     stack = build_stack(model_dir, a.model, a.stages, a.port, a.device, a.dtype,
                         a.kv_cache_memory, a.threads, extra, a.replicas, a.log_level,
-                        worker_extra=weight_argv(a))
+                        metrics=True, worker_extra=weight_argv(a))
     stopping = threading.Event()
 
     def on_signal(signum, frame):
@@ -219,6 +225,9 @@ def main(argv: list[str]) -> int:
             return 1
     print(f"shardline up: ready on {stack.scheduler_address} after {time.monotonic() - t0:.1f}s "
           f"({a.replicas} replica(s) x {a.stages} stage(s)); Ctrl-C stops", file=sys.stderr, flush=True)
+    print("shardline up: metrics " + ", ".join(f"{n} http://127.0.0.1:{p}/metrics"
+                                               for n, p in stack.metrics_ports.items()),
+          file=sys.stderr, flush=True)
     if a.demo:
         try:
             run_demo(stack.scheduler_address)

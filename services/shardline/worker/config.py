@@ -31,6 +31,7 @@ class WorkerConfig:
     quantize: str = "none"                # none | int8 | int4 | fp8 (worker/quantize.py)
     group_size: int = 32                  # int4 group size
     quantize_head: bool = False           # also quantize the LM head
+    metrics_port: int = 0                 # Prometheus /metrics; 0 = off
 
     def __post_init__(self):
         if not 0 <= self.stage_index < self.num_stages:
@@ -81,6 +82,8 @@ class WorkerConfig:
         p.add_argument("--threads", type=int, default=0)
         p.add_argument("--log-level", default="INFO")
         add_weight_args(p)
+        p.add_argument("--metrics-port", type=int, default=0,
+                       help="serve Prometheus metrics on this port (0 = off)")
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "WorkerConfig":
@@ -90,9 +93,10 @@ class WorkerConfig:
                    device=ns.device, dtype=ns.dtype, kv_cache_memory=ns.kv_cache_memory,
                    kv_cache_fraction=ns.kv_cache_fraction, block_size=ns.block_size,
                    threads=ns.threads, cache_dir=os.environ.get("SHARDLINE_CACHE"),
-                   log_level=ns.log_level, fuse=ns.fuse,
+                   log_level=ns.log_level, metrics_port=ns.metrics_port, fuse=ns.fuse,
                    quantize=ns.quantize, group_size=ns.group_size,
                    quantize_head=ns.quantize_head)
+
 
 def add_weight_args(p: argparse.ArgumentParser) -> None:
     """Weight transforms, shared by `shardline worker` and `shardline up`."""

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 
+from shardline.common import telemetry
 from shardline.common.server import Service, configure_logging
 from shardline.v1 import worker_pb2_grpc
 from shardline.worker.config import WorkerConfig
@@ -37,8 +38,10 @@ def build_runner(cfg: WorkerConfig):
 
 
 async def serve(cfg: WorkerConfig) -> None:
+    telemetry.setup("worker", cfg.metrics_port, **{"shardline.stage": cfg.stage_index})
     service = Service(f"worker-{cfg.stage_index}", cfg.port, cfg.host)
     servicer = StageWorkerServicer(cfg.model, cfg.quantize)
+    servicer.stage_index = cfg.stage_index
     service.add(worker_pb2_grpc.add_StageWorkerServicer_to_server, servicer,
                 ["shardline.v1.StageWorker"])
     await service.start()
