@@ -288,13 +288,32 @@ def worker_address(stage: int, replica: int) -> str:
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_scheduler_pipelines_list_every_stage_of_every_replica(rendered, name):
+def test_scheduler_pipelines_list_every_stage_of_every_replica(helm, rendered, name):
     stages, replicas = SHAPES[name]
     manifests = docs(rendered, name)
     scheduler = one(manifests, "Deployment", f"{FULLNAME}-scheduler")
     args = container(scheduler)["args"]
     assert args[0] == "scheduler"
-    pipelines = [p.split(",") for p in flags(args)["--pipeline"]]
+    # default: Kubernetes discovery (watch the worker pods; `kubectl scale` adds replicas live)
+    assert flag(args, "--discovery") == "kubernetes"
+    assert flag(args, "--k8s-namespace") == NAMESPACE
+    assert flag(args, "--worker-port") == "50061"
+    selector = dict(kv.split("=") for kv in flag(args, "--k8s-selector").split(","))
+    assert selector["app.kubernetes.io/component"] == "worker"
+    assert selector["app.kubernetes.io/instance"] == RELEASE
+    assert "--pipeline" not in args
+    # every worker pod matches the selector and carries the labels discovery reads
+    worker_pods = [d["spec"]["template"]["metadata"]["labels"] for d in manifests
+                   if d["kind"] == "StatefulSet" and component(d) == "worker"]
+    assert len(worker_pods) == stages
+    for labels in worker_pods:
+        assert all(labels.get(k) == v for k, v in selector.items())
+        assert "shardline.io/stage" in labels and labels["shardline.io/num-stages"] == str(stages)
+    # static: the rendered --pipeline lists, one per replica, every stage in order
+    static = render_set(helm, "scheduler.discovery=static", values=VALUE_SETS[name])
+    sargs = container(one(static, "Deployment", f"{FULLNAME}-scheduler"))["args"]
+    assert "--discovery" not in sargs
+    pipelines = [p.split(",") for p in flags(sargs)["--pipeline"]]
     assert pipelines == [[worker_address(k, r) for k in range(stages)] for r in range(replicas)]
     assert flag(args, "--tokenizer") == f"{FULLNAME}-tokenizer.{NAMESPACE}.svc.{DOMAIN}:50052"
     one(manifests, "Service", f"{FULLNAME}-tokenizer")
