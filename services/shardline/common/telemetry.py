@@ -57,8 +57,7 @@ def setup_tracing(service_name: str, **attributes) -> bool:
     provider = TracerProvider(resource=Resource.create(attrs))   # OTEL_SERVICE_NAME wins
     for name in names:
         if name == "otlp":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-            exporter = OTLPSpanExporter()
+            exporter = _otlp_exporter()
         elif name == "console":
             exporter = ConsoleSpanExporter(service_name=service_name)
         else:
@@ -70,6 +69,20 @@ def setup_tracing(service_name: str, **attributes) -> bool:
     _enabled = True
     log.info("tracing on: exporters %s", ",".join(names))
     return True
+
+
+def _otlp_exporter():
+    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
+    if protocol.startswith("http"):
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            return OTLPSpanExporter()
+        except ImportError:
+            log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s needs opentelemetry-exporter-otlp-proto-http;"
+                        " exporting over gRPC instead", protocol)
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter()
 
 
 def shutdown_tracing() -> None:
