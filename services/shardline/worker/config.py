@@ -31,6 +31,8 @@ class WorkerConfig:
     quantize: str = "none"                # none | int8 | int4 | fp8 (worker/quantize.py)
     group_size: int = 32                  # int4 group size
     quantize_head: bool = False           # also quantize the LM head
+    prune: Optional[str] = None           # "0.5" or "2:4" (worker/prune.py)
+    prune_calibration: bool = False       # activation-aware pruning scores
     metrics_port: int = 0                 # Prometheus /metrics; 0 = off
 
     def __post_init__(self):
@@ -95,7 +97,8 @@ class WorkerConfig:
                    threads=ns.threads, cache_dir=os.environ.get("SHARDLINE_CACHE"),
                    log_level=ns.log_level, metrics_port=ns.metrics_port, fuse=ns.fuse,
                    quantize=ns.quantize, group_size=ns.group_size,
-                   quantize_head=ns.quantize_head)
+                   quantize_head=ns.quantize_head, prune=ns.prune,
+                   prune_calibration=ns.prune_calibration)
 
 
 def add_weight_args(p: argparse.ArgumentParser) -> None:
@@ -106,10 +109,15 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantization of the stage's Linear layers")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size")
     p.add_argument("--quantize-head", action="store_true", help="also quantize the LM head")
+    p.add_argument("--prune", default=None, help="0.5 (unstructured ratio) or 2:4 (semi-structured)")
+    p.add_argument("--prune-calibration", action="store_true",
+                   help="activation-aware pruning scores from the built-in corpus")
 
 
 def weight_argv(ns: argparse.Namespace) -> list[str]:
     """The flags of add_weight_args, to pass on to a worker's command line."""
     argv = ["--fuse" if ns.fuse else "--no-fuse", "--quantize", ns.quantize,
             "--group-size", str(ns.group_size)]
-    return argv + (["--quantize-head"] if ns.quantize_head else [])
+    argv += ["--quantize-head"] if ns.quantize_head else []
+    argv += ["--prune", ns.prune] if ns.prune else []
+    return argv + (["--prune-calibration"] if ns.prune_calibration else [])

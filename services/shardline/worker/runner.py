@@ -23,6 +23,7 @@ from shardline.common.tensors import DTYPE_NAMES, DTYPES
 from shardline.v1 import worker_pb2
 from shardline.worker.attention import AttentionMetadata
 from shardline.worker.fuse import fuse_stage
+from shardline.worker.prune import accelerate_semi_structured, prune_stage
 from shardline.worker.quantize import quantize_stage
 from shardline.worker.kv_cache import KVCache
 from shardline.worker.model_config import ModelConfig
@@ -61,6 +62,8 @@ class StageRunner:
 
     quantize: none | int8 | int4 | fp8 weight-only quantization of the layers' Linear modules
     (and the LM head with quantize_head); group_size: int4 group (worker/quantize.py).
+    prune: "0.5" (unstructured ratio) or "2:4" (semi-structured), activation-aware with
+    prune_calibration (worker/prune.py).
     fuse: fuse q/k/v and gate/up projections and the residual adds (worker/fuse.py).
     kv_cache_bytes: KV budget in bytes. Default: kv_cache_fraction (default 0.8) of the free
     device memory after loading the weights on CUDA, 256 MiB on the CPU.
@@ -72,7 +75,8 @@ class StageRunner:
                  kv_cache_bytes: Optional[int] = None,
                  kv_cache_fraction: Optional[float] = None,
                  block_size: int = 16, fuse: bool = True, quantize: str = "none",
-                 group_size: int = 32, quantize_head: bool = False):
+                 group_size: int = 32, quantize_head: bool = False,
+                 prune: Optional[str] = None, prune_calibration: bool = False):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -82,8 +86,11 @@ class StageRunner:
         self.config = ModelConfig.from_dir(model_dir)
         self.model = load_stage_model(model_dir, self.config, layer_start, layer_end,
                                       self.dtype, self.device)
+        prune_stage(self.model, prune, model_dir if prune_calibration else None)
         if fuse:
             fuse_stage(self.model)
+        if prune == "2:4" and quantize == "none" and self.device.type == "cuda":
+            accelerate_semi_structured(self.model)
         quantize_stage(self.model, quantize, group_size, quantize_head)
         self.quantization = quantize
         self.layer_start, self.layer_end = layer_start, layer_end

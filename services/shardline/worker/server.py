@@ -34,7 +34,8 @@ def build_runner(cfg: WorkerConfig):
     return StageRunner(model_dir, start, end, device=cfg.device, dtype=getattr(torch, cfg.dtype),
                        kv_cache_bytes=cfg.kv_cache_bytes(), kv_cache_fraction=cfg.kv_cache_fraction,
                        block_size=cfg.block_size, fuse=cfg.fuse, quantize=cfg.quantize,
-                       group_size=cfg.group_size, quantize_head=cfg.quantize_head)
+                       group_size=cfg.group_size, quantize_head=cfg.quantize_head,
+                       prune=cfg.prune, prune_calibration=cfg.prune_calibration)
 
 
 async def serve(cfg: WorkerConfig) -> None:

@@ -1,0 +1,115 @@
+"""`shardline perplexity`: perplexity of a stage worker's model on a fixed English corpus.
+
+Corpus: the prose of the standard library's `pydoc_data.topics` (the help texts of Python's
+language topics), concatenated in sorted key order, the first --tokens tokens (default 2048).
+Sliding window: windows of --window tokens (default 512) every --stride tokens (default
+256); each window scores only the tokens no earlier window scored (the first window scores
+all but its first token), so every token after the first is predicted once with at least
+window - stride tokens of context (except in the first window).
+
+It runs through StageRunner (one stage holding the whole model), with the same weight
+transforms as the worker (--fuse, --quantize, --prune), in float32 by default.
+The last line printed is `perplexity: X`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def corpus_token_ids(model_dir, num_tokens: int) -> list[int]:
+    """The first num_tokens tokens of the pydoc topics corpus, with model_dir's tokenizer."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer
+    import pathlib
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    tok = Tokenizer.from_file(str(pathlib.Path(model_dir) / "tokenizer.json"))
+    ids = tok.encode(text, add_special_tokens=False).ids
+    if len(ids) < num_tokens:
+        raise ValueError(f"the corpus has only {len(ids)} tokens")
+    return ids[:num_tokens]
+
+
+@torch.inference_mode()
+def window_logits(runner, ids: list[int]) -> torch.Tensor:
+    """Logits [len(ids), vocab] (float32) of one prefill from position 0 on a fresh cache."""
+    from shardline.worker.attention import AttentionMetadata
+
+    n = len(ids)
+    blocks = list(range(-(-n // runner.block_size)))
+    meta = AttentionMetadata.build([0], [n], [blocks], runner.block_size, runner.device)
+    x = runner.model.embed(torch.tensor(ids, device=runner.device))
+    x = runner.model(x, meta, runner.kv_cache.layers)
+    return runner.model.logits(x)
+
+
+def perplexity(runner, ids: list[int], window: int = 512, stride: int = 256) -> float:
+    """exp(mean NLL) of ids[1:] under the runner's model, with a sliding window."""
+    if not runner.is_first or not runner.is_last:
+        raise ValueError("perplexity needs a stage holding the whole model")
+    nll, count, scored_until = 0.0, 0, 1        # ids[:scored_until] need no more scoring
+    for start in range(0, len(ids) - 1, stride):
+        end = min(start + window, len(ids))
+        logits = window_logits(runner, ids[start:end])                # [L, vocab]
+        first = max(scored_until, start + 1)                           # first target scored
+        targets = torch.tensor(ids[first:end], device=logits.device)
+        pred = logits[first - start - 1:end - start - 1]
+        nll += F.cross_entropy(pred, targets, reduction="sum").item()
+        count += end - first
+        scored_until = end
+        if end == len(ids):
+            break
+    return math.exp(nll / count)
+
+
+def main(argv: list[str]) -> int:
+    from shardline.worker.config import add_weight_args
+    from shardline.worker.loader import DEFAULT_MODEL, resolve_model
+    from shardline.worker.model_config import ModelConfig
+    from shardline.worker.runner import StageRunner
+
+    p = argparse.ArgumentParser(prog="shardline perplexity", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0)
+    add_weight_args(p)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model_dir = resolve_model(a.model)
+    cfg = ModelConfig.from_dir(model_dir)
+    t0 = time.perf_counter()
+    runner = StageRunner(model_dir, 0, cfg.num_layers, device=a.device, dtype=a.dtype,
+                         kv_cache_bytes=_kv_bytes(cfg, a.window, a.dtype), fuse=a.fuse,
+                         **weight_kwargs(a))
+    ids = corpus_token_ids(model_dir, a.tokens)
+    ppl = perplexity(runner, ids, a.window, a.stride)
+    print(f"{a.model} dtype={a.dtype} quantize={a.quantize} prune={getattr(a, 'prune', None)} "
+          f"tokens={len(ids)} window={a.window} stride={a.stride} "
+          f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    print(f"perplexity: {ppl:.4f}")
+    return 0
+
+
+def weight_kwargs(a: argparse.Namespace) -> dict:
+    """StageRunner's weight-transform arguments from add_weight_args' flags."""
+    kw = dict(quantize=a.quantize, group_size=a.group_size, quantize_head=a.quantize_head)
+    for name in ("prune", "prune_calibration"):
+        if getattr(a, name, None):
+            kw[name] = getattr(a, name)
+    return kw
+
+
+def _kv_bytes(cfg, window: int, dtype: str) -> int:
+    per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
+    return per_token * (window + 64) + (1 << 20)
