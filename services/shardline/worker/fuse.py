@@ -19,8 +19,11 @@ from torch import nn
 from shardline.worker.layers import Linear
 
 
-def concat_linears(linears: list[nn.Linear]) -> Linear:
-    """One Linear whose output is the concatenation of `linears`' outputs."""
+def concat_linears(linears: list[nn.Module]) -> nn.Module:
+    """One Linear whose output is the concatenation of `linears`' outputs (quantized modules
+    of one kind are concatenated by their own `concat`, as in an optimized checkpoint)."""
+    if not isinstance(linears[0], nn.Linear):
+        return type(linears[0]).concat(linears)
     weight = torch.cat([m.weight for m in linears], dim=0)
     biases = [m.bias for m in linears]
     has_bias = any(b is not None for b in biases)

@@ -59,6 +59,15 @@ class Int8Linear(nn.Module):
     def state(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "scale": self.scale}
 
+    @classmethod
+    def from_state(cls, state: dict, bias, group_size: int, dtype) -> "Int8Linear":
+        return cls(state["qweight"], state["scale"], bias)
+
+    @classmethod
+    def concat(cls, mods: list["Int8Linear"]) -> "Int8Linear":
+        return cls(torch.cat([m.qweight for m in mods]), torch.cat([m.scale for m in mods]),
+                   _cat_bias(mods))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" or x.dtype == torch.bfloat16:
             # weight-only: int8 weight, activations in x's dtype
@@ -140,6 +149,16 @@ class Int4Linear(nn.Module):
     def state(self) -> dict[str, torch.Tensor]:
         return {"packed": self.packed, "scale": self.scale, "zero": self.zero}
 
+    @classmethod
+    def from_state(cls, state: dict, bias, group_size: int, dtype) -> "Int4Linear":
+        return cls(state["packed"], state["scale"], state["zero"], bias, group_size, dtype)
+
+    @classmethod
+    def concat(cls, mods: list["Int4Linear"]) -> "Int4Linear":
+        m0 = mods[0]
+        return cls(torch.cat([m.packed for m in mods]), torch.cat([m.scale for m in mods]),
+                   torch.cat([m.zero for m in mods]), _cat_bias(mods), m0.group_size, m0.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xk = x.to(self._kdtype)
         if x.is_cuda:
@@ -184,6 +203,15 @@ class Fp8Linear(nn.Module):
     def state(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "scale": self.scale}
 
+    @classmethod
+    def from_state(cls, state: dict, bias, group_size: int, dtype) -> "Fp8Linear":
+        return cls(state["qweight"], state["scale"], bias)
+
+    @classmethod
+    def concat(cls, mods: list["Fp8Linear"]) -> "Fp8Linear":
+        return cls(torch.cat([m.qweight for m in mods]), torch.cat([m.scale for m in mods]),
+                   _cat_bias(mods))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmax = torch.finfo(torch.float8_e4m3fn).max
         rows = x.shape[0]
@@ -197,6 +225,17 @@ class Fp8Linear(nn.Module):
                              bias=None if self.bias is None else self.bias.to(x.dtype),
                              out_dtype=x.dtype)
         return y[:rows]
+
+
+def _cat_bias(mods) -> Optional[torch.Tensor]:
+    if all(m.bias is None for m in mods):
+        return None
+    like = next(m.bias for m in mods if m.bias is not None)
+    return torch.cat([m.bias if m.bias is not None else like.new_zeros(m.out_features)
+                      for m in mods])
+
+
+QUANTIZED = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}
 
 
 # ---- the transform -------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from shardline.common.tensors import DTYPE_NAMES, DTYPES
 from shardline.v1 import worker_pb2
 from shardline.worker.attention import AttentionMetadata
 from shardline.worker.fuse import fuse_stage
+from shardline.worker.optimize import load_optimized_stage, read_recipe
 from shardline.worker.prune import accelerate_semi_structured, prune_stage
 from shardline.worker.quantize import quantize_stage
 from shardline.worker.kv_cache import KVCache
@@ -84,15 +85,21 @@ class StageRunner:
         if block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
         self.config = ModelConfig.from_dir(model_dir)
-        self.model = load_stage_model(model_dir, self.config, layer_start, layer_end,
-                                      self.dtype, self.device)
+        recipe = read_recipe(model_dir)
+        if recipe is not None:           # an optimized checkpoint: already pruned / quantized
+            self.model = load_optimized_stage(model_dir, self.config, layer_start, layer_end,
+                                              self.dtype, self.device, recipe)
+            quantize, prune = "none", None
+        else:
+            self.model = load_stage_model(model_dir, self.config, layer_start, layer_end,
+                                          self.dtype, self.device)
         prune_stage(self.model, prune, model_dir if prune_calibration else None)
         if fuse:
             fuse_stage(self.model)
         if prune == "2:4" and quantize == "none" and self.device.type == "cuda":
             accelerate_semi_structured(self.model)
         quantize_stage(self.model, quantize, group_size, quantize_head)
-        self.quantization = quantize
+        self.quantization = recipe["quantize"] if recipe else quantize
         self.layer_start, self.layer_end = layer_start, layer_end
         cfg = self.config
         num_local = layer_end - layer_start

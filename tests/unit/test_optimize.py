@@ -1,0 +1,53 @@
+"""Offline optimization (worker/optimize.py) and perplexity (worker/perplexity.py)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shardline.worker.optimize import optimize, read_recipe
+from shardline.worker.perplexity import perplexity
+from shardline.worker.quantize import weight_bytes
+from shardline.worker.runner import StageRunner
+from tests.unit.test_model import Driver
+
+
+@pytest.mark.parametrize("family,quantize,prune,head", [
+    ("llama", "int8", None, True), ("qwen2", "int4", None, False), ("llama", "int4", "2:4", False),
+    ("qwen2", "none", "0.5", False)])
+def test_optimized_checkpoint_reloads_identically(tiny_model_dir, tmp_path, family, quantize,
+                                                  prune, head):
+    src = tiny_model_dir(family)
+    out = optimize(src, tmp_path / "opt", "float32", quantize, 32, head, prune)
+    recipe = read_recipe(out)
+    assert recipe["quantize"] == quantize and recipe["prune"] == prune
+    online = StageRunner(src, 0, 4, kv_cache_bytes=1 << 20, quantize=quantize,
+                         quantize_head=head, prune=prune)
+    offline = StageRunner(out, 0, 4, kv_cache_bytes=1 << 20)
+    assert offline.quantization == quantize
+    assert weight_bytes(offline.model) == weight_bytes(online.model)
+    ids = list(range(1, 40, 3))
+    torch.testing.assert_close(_window_logits(offline, ids), _window_logits(online, ids),
+                               rtol=0, atol=0)
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
+    assert Driver([offline]).run(prompts, 6) == Driver([online]).run(prompts, 6)
+    # a two-stage split of the optimized checkpoint agrees too
+    split = [StageRunner(out, 0, 2, kv_cache_bytes=1 << 20), StageRunner(out, 2, 4, kv_cache_bytes=1 << 20)]
+    assert Driver(split).run(prompts, 6) == Driver([online]).run(prompts, 6)
+
+
+def _window_logits(runner, ids):
+    from shardline.worker.perplexity import window_logits
+    return window_logits(runner, ids)
+
+
+def test_perplexity_sliding_window(tiny_model_dir):
+    r = StageRunner(tiny_model_dir("llama"), 0, 4, kv_cache_bytes=1 << 20)
+    ids = [(5 * i + 3) % 128 for i in range(100)]
+    whole = perplexity(r, ids, window=100, stride=100)
+    logits = _window_logits(r, ids)
+    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
+    assert whole == pytest.approx(math.exp(nll.item()), rel=1e-5)
+    windowed = perplexity(r, ids, window=40, stride=20)
+    assert 1 < windowed < 128 * 10
