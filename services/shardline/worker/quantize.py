@@ -69,8 +69,9 @@ class Int8Linear(nn.Module):
                    _cat_bias(mods))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" or x.dtype == torch.bfloat16:
-            # weight-only: int8 weight, activations in x's dtype
+        if x.dtype != torch.float32 and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+            # weight-only: int8 weight, activations in x's dtype (its float32 CPU kernel is
+            # slow: 1 row 7.5 vs 2.3 ms, 512 rows 1582 vs 52 ms for dequantizing on the fly)
             y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale.to(x.dtype))
             return y if self.bias is None else y + self.bias.to(x.dtype)
         y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
