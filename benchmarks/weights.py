@@ -37,6 +37,7 @@ VARIANTS = {
     "int4-head": dict(quantize="int4", quantize_head=True),
     "2:4": dict(prune="2:4", prune_calibration=True),
     "fp8": dict(quantize="fp8"),
+    "int8-triton": dict(quantize="int8"),       # + triton_int8.ENABLED (CUDA)
 }
 
 SHAPES = {   # HF LlamaConfig fields
@@ -149,6 +150,8 @@ def main() -> None:
     rows = []
     for name in names:
         kw = VARIANTS[name]
+        from shardline.worker import triton_int8
+        triton_int8.ENABLED = name == "int8-triton"
         try:
             runner = StageRunner(model_dir, 0, num_layers, device=a.device, dtype=a.dtype,
                                  kv_cache_bytes=kv, **kw)

@@ -9,7 +9,8 @@ modules holding quantized weights (never a dequantized copy).
 Kernels: int8 runs `_weight_int8pack_mm` (weight-only; one 1536x576 matrix, one row, 2 AVX2
 cores: bf16 0.156 ms vs plain bf16 0.139 ms; fp32 activations 0.74 ms). fbgemm's dynamic int8
 GEMM is faster (0.095 ms) but quantizes activations per tensor too: SmolLM2 greedy tokens
-then matched the unquantized ones at only 4 of 24 positions, so it is not used.
+then matched the unquantized ones at only 4 of 24 positions, so it is not used. CUDA int8
+uses the Triton kernel of triton_int8.py for up to 16 rows, else dequantizes on the fly.
 int4 uses `_weight_int4pack_mm_for_cpu` / `_weight_int4pack_mm` (CUDA, bf16).
 fp8 uses `torch._scaled_mm` with a per-row activation scale.
 
@@ -69,7 +70,12 @@ class Int8Linear(nn.Module):
                    _cat_bias(mods))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        if x.is_cuda and x.shape[0] <= 16:
+            from shardline.worker import triton_int8          # Triton only on CUDA
+            if triton_int8.available():
+                y = triton_int8.int8_linear(x, self.qweight, self.scale)
+                return y if self.bias is None else y + self.bias.to(x.dtype)
+        if x.dtype != torch.float32 and x.device.type == "cpu":
             # weight-only: int8 weight, activations in x's dtype (its float32 CPU kernel is
             # slow: 1 row 7.5 vs 2.3 ms, 512 rows 1582 vs 52 ms for dequantizing on the fly)
             y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale.to(x.dtype))
@@ -223,9 +229,8 @@ class Fp8Linear(nn.Module):
         xs = xf.abs().amax(1, keepdim=True).clamp(min=1e-12) / fmax        # [M, 1]
         xq = (xf / xs).to(torch.float8_e4m3fn)
         y = torch._scaled_mm(xq, self.qweight.t(), scale_a=xs, scale_b=self.scale[None, :],
-                             bias=None if self.bias is None else self.bias.to(x.dtype),
-                             out_dtype=x.dtype)
-        return y[:rows]
+                             out_dtype=torch.bfloat16)[:rows].to(x.dtype)     # row-wise scales
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
 def _cat_bias(mods) -> Optional[torch.Tensor]:
