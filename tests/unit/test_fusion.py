@@ -40,3 +40,19 @@ def test_fused_bf16_close(tiny_model_dir):
     a, b = (_logits(StageRunner(path, 0, 4, dtype="bfloat16", kv_cache_bytes=1 << 20, fuse=f),
                     [3, 17, 42, 99]) for f in (False, True))
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_weight_flags_reach_worker_config():
+    import argparse
+    from shardline.worker.config import WorkerConfig, add_weight_args, weight_argv
+    up = argparse.ArgumentParser()
+    add_weight_args(up)
+    ns = up.parse_args(["--no-fuse", "--quantize", "int4", "--group-size", "64", "--prune", "2:4",
+                        "--prune-calibration"])
+    worker = argparse.ArgumentParser()
+    WorkerConfig.add_args(worker)
+    cfg = WorkerConfig.from_args(worker.parse_args(["--model", "m", *weight_argv(ns)]))
+    assert (cfg.fuse, cfg.quantize, cfg.group_size, cfg.prune, cfg.prune_calibration) == (
+        False, "int4", 64, "2:4", True)
+    default = WorkerConfig.from_args(worker.parse_args(["--model", "m"]))
+    assert default.fuse and default.quantize == "none" and default.prune is None
