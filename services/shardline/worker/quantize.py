@@ -167,6 +167,12 @@ class Int4Linear(nn.Module):
                    torch.cat([m.zero for m in mods]), _cat_bias(mods), m0.group_size, m0.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and not x.is_cuda and x.shape[0] > 16:
+            # the float32 CPU kernel is slow for many rows (prefill, perplexity): dequantize
+            # on the fly into a transient weight, as Int8Linear does
+            w = dequantize_int4(unpack_int4(self.packed), self.scale, self.zero)
+            y = F.linear(x, w)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         xk = x.to(self._kdtype)
         if x.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm(xk, self._kernel_weight, self.group_size,
