@@ -68,8 +68,7 @@ def main() -> int:
 
     def stack(dtype):
         s = build_stack(model_dir, "smollm2-random", 1, free_port(), DEV, dtype,
-                        "256MiB" if SMALL else None, 2 if SMALL else 4,
-                        quiet=True)
+                        "256MiB" if SMALL else None, 2 if SMALL else 4)
         s.start()
         if not s.wait_ready(300):
             s.stop()
