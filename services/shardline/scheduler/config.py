@@ -25,6 +25,8 @@ class SchedulerConfig:
     k8s_namespace: str = "default"
     k8s_selector: str = ""                           # label selector of the worker pods
     worker_port: int = 50061                         # workers' gRPC port (kubernetes discovery)
+    enable_prefix_caching: bool = True
+    routing: str = "cache-aware"                     # or "random" (a baseline for benchmarks)
     redis_url: str = ""                              # prefix-cache metadata; "" = in memory only
     redis_prefix: str = "shardline:"
     redis_ttl_s: int = 3600
@@ -71,6 +73,9 @@ class SchedulerConfig:
         p.add_argument("--worker-port", type=int, default=50061)
         p.add_argument("--metrics-port", type=int, default=0,
                        help="serve Prometheus metrics on this port (0 = off)")
+        p.add_argument("--no-prefix-caching", action="store_true",
+                       help="disable automatic prefix caching (benchmark baseline)")
+        p.add_argument("--routing", choices=["cache-aware", "random"], default="cache-aware")
         p.add_argument("--redis-url", default="",
                        help="Redis for prefix-cache metadata, e.g. redis://host:6379/0 (optional)")
         p.add_argument("--redis-prefix", default="shardline:")
@@ -86,5 +91,7 @@ class SchedulerConfig:
                    connect_timeout_s=ns.connect_timeout, step_timeout_s=ns.step_timeout,
                    unavailable_timeout_s=ns.unavailable_timeout,
                    discovery=ns.discovery, k8s_namespace=ns.k8s_namespace,
-                   k8s_selector=ns.k8s_selector, worker_port=ns.worker_port, metrics_port=ns.metrics_port, redis_url=ns.redis_url, redis_prefix=ns.redis_prefix,
+                   k8s_selector=ns.k8s_selector, worker_port=ns.worker_port, metrics_port=ns.metrics_port,
+                   enable_prefix_caching=not ns.no_prefix_caching, routing=ns.routing,
+                   redis_url=ns.redis_url, redis_prefix=ns.redis_prefix,
                    redis_ttl_s=ns.redis_ttl, log_level=ns.log_level)

@@ -29,10 +29,12 @@ class PipelineEngine:
     sequences go to `on_failure` (the router moves them to another replica)."""
 
     def __init__(self, pipeline: PipelineClient, max_num_seqs: int, max_num_batched_tokens: int,
-                 step_timeout_s: float, listener=None, on_failure=None):
+                 step_timeout_s: float, listener=None, on_failure=None,
+                 enable_prefix_caching: bool = True):
         self.pipeline = pipeline
         self.replica_id = pipeline.replica_id
-        self.blocks = BlockManager(pipeline.num_blocks, pipeline.block_size, listener=listener)
+        self.blocks = BlockManager(pipeline.num_blocks, pipeline.block_size,
+                                   enable_prefix_caching=enable_prefix_caching, listener=listener)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.step_timeout_s = step_timeout_s
         self.on_failure = on_failure

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import Callable, Optional
 
@@ -29,7 +30,10 @@ EngineFactory = Callable[[PipelineClient, Callable, Optional[Callable]], Pipelin
 class Router:
     def __init__(self, make_engine: EngineFactory, connect_timeout_s: float,
                  unavailable_timeout_s: float = 10.0, reconnect_interval_s: float = 2.0,
-                 index: Optional[PrefixIndex] = None):
+                 index: Optional[PrefixIndex] = None, routing: str = "cache-aware"):
+        if routing not in ("cache-aware", "random"):
+            raise ValueError(f"routing must be cache-aware or random, got {routing!r}")
+        self.routing = routing
         self.make_engine = make_engine
         self.index = index
         self.connect_timeout_s = connect_timeout_s
@@ -201,7 +205,10 @@ class Router:
         live = self.live
         if not live:
             raise Unavailable("no pipeline replica is serving")
-        engine = min(live, key=lambda e: e.routing_cost(seq))
+        if self.routing == "random":             # baseline for benchmarks
+            engine = random.choice(live)
+        else:
+            engine = min(live, key=lambda e: e.routing_cost(seq))
         self._where[seq.seq_id] = engine
         engine.add(seq, q)
 

@@ -35,13 +35,15 @@ async def serve(cfg: SchedulerConfig) -> None:
 
     def make_engine(pipeline: PipelineClient, on_failure, listener) -> PipelineEngine:
         return PipelineEngine(pipeline, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                              cfg.step_timeout_s, listener=listener, on_failure=on_failure)
+                              cfg.step_timeout_s, listener=listener, on_failure=on_failure,
+                              enable_prefix_caching=cfg.enable_prefix_caching)
 
     index = None
     if cfg.redis_url:
         index = PrefixIndex(cfg.redis_url, key_prefix=cfg.redis_prefix, ttl_s=cfg.redis_ttl_s)
         await index.start()
-    router = Router(make_engine, cfg.connect_timeout_s, cfg.unavailable_timeout_s, index=index)
+    router = Router(make_engine, cfg.connect_timeout_s, cfg.unavailable_timeout_s, index=index,
+                    routing=cfg.routing)
     if cfg.metrics_port:
         register_replicas(router)
     discovery = None
