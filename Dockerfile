@@ -46,11 +46,13 @@ FROM ${BASE} AS runtime-base
 ENV DEBIAN_FRONTEND=noninteractive
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
-RUN if ! command -v python3 >/dev/null 2>&1; then \
-      apt-get update \
-      && apt-get install -y --no-install-recommends python3 \
-      && rm -rf /var/lib/apt/lists/*; \
+# g++: the CPU decode kernels compile on a worker's first start, into $SHARDLINE_CACHE
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && if ! command -v python3 >/dev/null 2>&1; then \
+      apt-get install -y --no-install-recommends python3 python3-dev; \
     fi \
+    && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 shardline \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/shardline --create-home \
          --shell /usr/sbin/nologin shardline \

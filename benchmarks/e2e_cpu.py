@@ -64,9 +64,10 @@ def main() -> int:
     model_dir = str(resolve_model(DEFAULT_MODEL))
     port = free_port()
     stack = build_stack(model_dir, DEFAULT_MODEL, 1, port, "cpu", a.dtype, "512MiB", a.threads,
-                        quiet=True)
+                        quiet=True, worker_extra=a.extra_worker_args.split())
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                 "date": time.strftime("%Y-%m-%d"), "dtype": a.dtype, "threads": a.threads}
+                 "date": time.strftime("%Y-%m-%d"), "dtype": a.dtype, "threads": a.threads,
+                 "worker_args": a.extra_worker_args}
     print(f"starting stack ({a.dtype}, {a.threads} threads)", file=sys.stderr, flush=True)
     stack.start()
     try:

@@ -6,7 +6,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.venv/.shardline-setup
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+prebuild() {
+  # the CPU decode kernels (services/shardline/worker/csrc): built once per source version, so
+  # the first `shardline up` does not wait for the compiler (a no-op on CPUs they don't fit)
+  .venv/bin/python -c "from shardline.worker import cpu_kernels; cpu_kernels.load()"
+}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  prebuild
   exit 0
 fi
 echo "setup: creating .venv and installing requirements (first run only)" >&2
@@ -20,5 +26,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
   echo "setup: installing redis-server" >&2
   (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) >/dev/null
 fi
+echo "setup: building the CPU kernels" >&2
+prebuild
 echo "$want" > "$stamp"
 echo "setup: done" >&2

@@ -46,6 +46,9 @@ class DecodeBatch:
     rows: Optional[torch.Tensor]     # [D] their rows in the batch; None when they are all rows
     gather: torch.Tensor             # [D, L] cache slots of each context, right-padded
     mask: Optional[torch.Tensor]     # [1, D, 1, L] bool; None when all contexts have length L
+    block_table: torch.Tensor        # [D, blocks] int64, zero-padded (for the CPU kernels)
+    lengths: torch.Tensor            # [D] int64: positions attended, the current one included
+    block_size: int
 
 
 @dataclass
@@ -111,11 +114,11 @@ def _decode_batch(rows: Optional[torch.Tensor], starts: list[int],
     offsets = torch.arange(bs, dtype=torch.long, device=device)
     gather = (table[:, :, None] * bs + offsets).view(len(tables), -1)[:, :max_len].contiguous()
     mask = None
+    lens = torch.tensor(lengths, dtype=torch.long, device=device)
     if min(lengths) != max_len:
-        lens = torch.tensor(lengths, dtype=torch.long, device=device)
         mask = (torch.arange(max_len, dtype=torch.long, device=device)[None, :]
                 < lens[:, None])[None, :, None, :]                             # [1, D, 1, L]
-    return DecodeBatch(rows, gather, mask)
+    return DecodeBatch(rows, gather, mask, table, lens, bs)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

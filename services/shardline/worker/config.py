@@ -33,6 +33,7 @@ class WorkerConfig:
     quantize_head: bool = False           # also quantize the LM head
     prune: Optional[str] = None           # "0.5" or "2:4" (worker/prune.py)
     prune_calibration: bool = False       # activation-aware pruning scores
+    cpu_kernels: bool = True              # decode steps on csrc kernels (bf16 CPU, cpu_decode.py)
     metrics_port: int = 0                 # Prometheus /metrics; 0 = off
 
     def __post_init__(self):
@@ -98,7 +99,7 @@ class WorkerConfig:
                    log_level=ns.log_level, metrics_port=ns.metrics_port, fuse=ns.fuse,
                    quantize=ns.quantize, group_size=ns.group_size,
                    quantize_head=ns.quantize_head, prune=ns.prune,
-                   prune_calibration=ns.prune_calibration)
+                   prune_calibration=ns.prune_calibration, cpu_kernels=ns.cpu_kernels)
 
 
 def add_weight_args(p: argparse.ArgumentParser) -> None:
@@ -112,6 +113,10 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune", default=None, help="0.5 (unstructured ratio) or 2:4 (semi-structured)")
     p.add_argument("--prune-calibration", action="store_true",
                    help="activation-aware pruning scores from the built-in corpus")
+    p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 CPU stages: decode steps on the project's AVX512 kernels, "
+                        "oneDNN-packed weights for batched rows (default on where the CPU "
+                        "has AVX512-BF16)")
 
 
 def weight_argv(ns: argparse.Namespace) -> list[str]:
@@ -119,5 +124,6 @@ def weight_argv(ns: argparse.Namespace) -> list[str]:
     argv = ["--fuse" if ns.fuse else "--no-fuse", "--quantize", ns.quantize,
             "--group-size", str(ns.group_size)]
     argv += ["--quantize-head"] if ns.quantize_head else []
+    argv += [] if ns.cpu_kernels else ["--no-cpu-kernels"]
     argv += ["--prune", ns.prune] if ns.prune else []
     return argv + (["--prune-calibration"] if ns.prune_calibration else [])

@@ -35,7 +35,8 @@ def build_runner(cfg: WorkerConfig):
                        kv_cache_bytes=cfg.kv_cache_bytes(), kv_cache_fraction=cfg.kv_cache_fraction,
                        block_size=cfg.block_size, fuse=cfg.fuse, quantize=cfg.quantize,
                        group_size=cfg.group_size, quantize_head=cfg.quantize_head,
-                       prune=cfg.prune, prune_calibration=cfg.prune_calibration)
+                       prune=cfg.prune, prune_calibration=cfg.prune_calibration,
+                       use_cpu_kernels=cfg.cpu_kernels)
 
 
 async def serve(cfg: WorkerConfig) -> None:

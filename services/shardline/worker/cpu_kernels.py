@@ -1,0 +1,81 @@
+"""The project's CPU decode kernels (csrc/cpu_kernels.cpp), built on first use.
+
+`load()` compiles the extension once per source version with PyTorch's C++ extension
+builder (cached under $SHARDLINE_CACHE/torch_extensions, or ~/.cache/shardline/...; the set-up
+script builds it ahead), and returns the module, or None where it cannot be used: a CPU without
+AVX512-BF16 and VNNI, no compiler, or SHARDLINE_CPU_KERNELS=0. Callers fall back to PyTorch's
+own ops then.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+import threading
+from types import ModuleType
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+_lock = threading.Lock()
+_module: Optional[ModuleType] = None
+_tried = False
+
+
+def _build_dir() -> pathlib.Path:
+    root = os.environ.get("SHARDLINE_CACHE") or os.path.expanduser("~/.cache/shardline")
+    path = pathlib.Path(root) / "torch_extensions"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load() -> Optional[ModuleType]:
+    """The kernels module, or None where they cannot run here (logged once)."""
+    global _module, _tried
+    with _lock:
+        if _tried:
+            return _module
+        _tried = True
+        if os.environ.get("SHARDLINE_CPU_KERNELS", "1") == "0":
+            return None
+        import torch
+        if not torch.cpu._is_avx512_bf16_supported():
+            log.info("CPU kernels off: this CPU lacks AVX512-BF16 / VNNI; using PyTorch ops")
+            return None
+        try:
+            _ninja_on_path()
+            from torch.utils import cpp_extension
+            digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+            mod = cpp_extension.load(
+                name=f"shardline_cpu_kernels_{digest}", sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                build_directory=str(_mkdir(digest)),
+                verbose=False)
+        except Exception as e:                       # no compiler, no ninja, ...
+            log.warning("CPU kernels unavailable (%s); using PyTorch ops", e)
+            return None
+        if not mod.supported():
+            return None
+        _module = mod
+        return mod
+
+
+def _ninja_on_path() -> None:
+    """The extension builder runs `ninja`: put the pip package's binary on PATH (a venv's bin
+    is not on PATH when its python is run by path)."""
+    import shutil
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+
+
+def _mkdir(digest: str) -> pathlib.Path:
+    path = _build_dir() / digest
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,561 @@
+// CPU kernels for the decode step of a bfloat16 (or int8 / int4 weight) stage.
+//
+// A decode step reads every weight once for a handful of rows, so it is bound by memory
+// bandwidth, and by per-op overhead: PyTorch's bf16 matmul reaches about half the bandwidth
+// at one row, and each small elementwise op costs microseconds. These kernels read weights
+// at close to the bandwidth and do each layer in a few calls:
+//
+//   rms_norm         (residual += x;) out = x / rms(x) * w        bf16 in/out, f32 math
+//   linear_bf16      y = x @ w^T (+ b)          w bf16 [n, k]     AVX512-BF16 dot products
+//   linear_int8      y = x @ (q * s)^T (+ b)    q int8 [n, k]     weight-only, f32 FMA
+//   linear_int4      y = x @ w4^T (+ b)         w4 packed nibbles, group 32: activations
+//                                               quantized to int8 per block of 32 (VNNI)
+//   rope_store_kv    rotary on q, k of a fused qkv row, k / v written to the paged cache
+//   decode_attention one query row per sequence against its paged context
+//   silu_mul         silu(gate) * up
+//
+// Kernels are compiled for AVX512 (F, BW, VL, BF16, VNNI) by function attribute, so the
+// module loads on any x86-64 CPU; Python calls them only when the CPU has those features
+// (cpu_kernels.py). Work is split over PyTorch's intra-op threads (at::parallel_for, inline
+// OpenMP: the module is built with -fopenmp and shares PyTorch's libgomp).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma,f16c")))
+
+using bf16_t = uint16_t;
+
+namespace {
+
+KERNEL inline __m512 load_bf16x16(const bf16_t* p) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+KERNEL inline void store_bf16x16(bf16_t* p, __m512 v) {
+  __m256bh h = _mm512_cvtneps_pbh(v);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i&>(h));
+}
+
+inline float bf16_to_f32(bf16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline bf16_t f32_to_bf16(float f) {      // round to nearest even, as PyTorch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return 0x7fc0;
+  u += 0x7fff + ((u >> 16) & 1);
+  return static_cast<bf16_t>(u >> 16);
+}
+
+const bf16_t* bf16_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const bf16_t*>(t.data_ptr<at::BFloat16>());
+}
+bf16_t* bf16_mut(at::Tensor& t) { return reinterpret_cast<bf16_t*>(t.data_ptr<at::BFloat16>()); }
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "shardline cpu kernel: ", what); }
+
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
+              name, " must be a contiguous 2-d bfloat16 tensor");
+}
+
+// Split [0, n) over the intra-op threads in about equal parts.
+template <typename F>
+void parallel(int64_t n, F&& f) {
+  int64_t threads = at::get_num_threads();
+  int64_t grain = std::max<int64_t>(1, (n + threads - 1) / threads);
+  at::parallel_for(0, n, grain, f);
+}
+
+// Software prefetch distance, in weight tiles, for the streaming kernels: the hardware
+// prefetchers alone reached about 16 GB/s of the ~29 GB/s two cores read.
+constexpr int PF_TILES = 2;
+
+// ---- bf16 linear --------------------------------------------------------------------------
+// Tile: NB weight rows against MB input rows; each step of 32 along k is NB weight loads,
+// MB input loads and NB * MB dpbf16 instructions.
+template <int MB, int NB>
+KERNEL void bf16_tile(const bf16_t* x, int64_t k, const bf16_t* w, float* out) {
+  __m512 acc[MB][NB];
+  for (int j = 0; j < MB; ++j)
+    for (int i = 0; i < NB; ++i) acc[j][i] = _mm512_setzero_ps();
+  // the tile's rows are contiguous (NB * k * 2 bytes); prefetch the tile PF_TILES ahead,
+  // NB cache lines per 32-column step, which covers it exactly
+  const char* ahead = reinterpret_cast<const char*>(w + PF_TILES * NB * k);
+  for (int64_t c = 0; c < k; c += 32) {
+    for (int i = 0; i < NB; ++i)
+      _mm_prefetch(ahead + (c / 32 * NB + i) * 64, _MM_HINT_T0);
+    __m512bh wv[NB];
+    for (int i = 0; i < NB; ++i)
+      wv[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + i * k + c));
+    for (int j = 0; j < MB; ++j) {
+      __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + j * k + c));
+      for (int i = 0; i < NB; ++i) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], wv[i], xv);
+    }
+  }
+  for (int j = 0; j < MB; ++j)
+    for (int i = 0; i < NB; ++i) out[j * NB + i] = _mm512_reduce_add_ps(acc[j][i]);
+}
+
+template <int NB>
+KERNEL void bf16_rows(const bf16_t* x, int64_t m, int64_t k, const bf16_t* w, int64_t n0,
+                      float* out /* [m, NB] */) {
+  const bf16_t* wn = w + n0 * k;
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4) bf16_tile<4, NB>(x + j * k, k, wn, out + j * NB);
+  switch (m - j) {
+    case 3: bf16_tile<3, NB>(x + j * k, k, wn, out + j * NB); break;
+    case 2: bf16_tile<2, NB>(x + j * k, k, wn, out + j * NB); break;
+    case 1: bf16_tile<1, NB>(x + j * k, k, wn, out + j * NB); break;
+    default: break;
+  }
+}
+
+// Writes y[:, n0:n1] (float32 or bf16) from dot products, adding bias.
+template <typename Dot>
+void linear_driver(int64_t m, int64_t n, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+                   Dot&& dot) {
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  bool f32 = y.scalar_type() == at::kFloat;
+  float* yf = f32 ? y.data_ptr<float>() : nullptr;
+  bf16_t* yb = f32 ? nullptr : bf16_mut(y);
+  int64_t tiles = (n + 3) / 4;
+  parallel(tiles, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(m * 4);
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t n0 = t * 4;
+      int nb = static_cast<int>(std::min<int64_t>(4, n - n0));
+      dot(n0, nb, buf.data());
+      for (int64_t j = 0; j < m; ++j)
+        for (int i = 0; i < nb; ++i) {
+          float v = buf[j * nb + i] + (b ? b[n0 + i] : 0.f);
+          if (f32) yf[j * n + n0 + i] = v; else yb[j * n + n0 + i] = f32_to_bf16(v);
+        }
+    }
+  });
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w,
+                       const c10::optional<at::Tensor>& bias, bool out_f32) {
+  check_rows(x, "x");
+  check_rows(w, "weight");
+  int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  check(w.size(1) == k && k % 32 == 0, "linear_bf16: k must match and be a multiple of 32");
+  at::Tensor y = at::empty({m, n}, x.options().dtype(out_f32 ? at::kFloat : at::kBFloat16));
+  const bf16_t* xp = bf16_ptr(x);
+  const bf16_t* wp = bf16_ptr(w);
+  linear_driver(m, n, bias, y, [&](int64_t n0, int nb, float* out) {
+    if (nb == 4) bf16_rows<4>(xp, m, k, wp, n0, out);
+    else if (nb == 3) bf16_rows<3>(xp, m, k, wp, n0, out);
+    else if (nb == 2) bf16_rows<2>(xp, m, k, wp, n0, out);
+    else bf16_rows<1>(xp, m, k, wp, n0, out);
+  });
+  return y;
+}
+
+// ---- int8 weight-only linear --------------------------------------------------------------
+template <int MB>
+KERNEL void int8_tile(const float* xf, int64_t k, const int8_t* q, int nb, float* out) {
+  __m512 acc[MB][4];
+  for (int j = 0; j < MB; ++j)
+    for (int i = 0; i < 4; ++i) acc[j][i] = _mm512_setzero_ps();
+  const int8_t* ahead = q + PF_TILES * 4 * k;    // rows of the tile PF_TILES ahead
+  for (int64_t c = 0; c < k; c += 16) {
+    if ((c & 63) == 0)
+      for (int i = 0; i < nb; ++i) _mm_prefetch(reinterpret_cast<const char*>(ahead + i * k + c), _MM_HINT_T0);
+    __m512 wv[4];
+    for (int i = 0; i < nb; ++i)
+      wv[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i * k + c))));
+    for (int j = 0; j < MB; ++j) {
+      __m512 xv = _mm512_loadu_ps(xf + j * k + c);
+      for (int i = 0; i < nb; ++i) acc[j][i] = _mm512_fmadd_ps(wv[i], xv, acc[j][i]);
+    }
+  }
+  for (int j = 0; j < MB; ++j)
+    for (int i = 0; i < nb; ++i) out[j * nb + i] = _mm512_reduce_add_ps(acc[j][i]);
+}
+
+KERNEL void bf16_to_f32_rows(const bf16_t* x, int64_t count, float* out) {
+  for (int64_t c = 0; c < count; c += 16) _mm512_storeu_ps(out + c, load_bf16x16(x + c));
+}
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias) {
+  check_rows(x, "x");
+  int64_t m = x.size(0), k = x.size(1), n = q.size(0);
+  check(q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == k && k % 16 == 0,
+        "linear_int8: q must be contiguous int8 [n, k], k a multiple of 16");
+  check(scale.scalar_type() == at::kFloat && scale.numel() == n, "linear_int8: scale");
+  std::vector<float> xf(m * k);
+  bf16_to_f32_rows(bf16_ptr(x), m * k, xf.data());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  at::Tensor y = at::empty({m, n}, x.options());
+  linear_driver(m, n, bias, y, [&](int64_t n0, int nb, float* out) {
+    int64_t j = 0;
+    for (; j + 4 <= m; j += 4) int8_tile<4>(xf.data() + j * k, k, qp + n0 * k, nb, out + j * nb);
+    for (; j < m; ++j) int8_tile<1>(xf.data() + j * k, k, qp + n0 * k, nb, out + j * nb);
+    for (int64_t r = 0; r < m; ++r)
+      for (int i = 0; i < nb; ++i) out[r * nb + i] *= s[n0 + i];
+  });
+  return y;
+}
+
+// ---- int4 linear (group 32, VNNI) ---------------------------------------------------------
+// Weights: per row, per chunk of 64 input channels, 32 bytes; byte i holds channel i in its
+// low nibble and channel 32 + i in its high nibble (values 0..15). Per group of 32: scale s
+// and offset o (float16), w = q * s + o. Activations: per block of 32, int8 with scale sx.
+//   y = sum_g s_g * sx_g * dot(q_g, xq_g) + sum_g o_g * sum(x_g)
+struct QuantRow {
+  std::vector<int8_t> q;       // [k]
+  std::vector<float> pair;     // [k / 64, 16]: lanes 0..7 sx of the chunk's first group, 8..15 second
+  std::vector<float> sums;     // [k / 32] sums of x per group
+};
+
+KERNEL void quantize_row(const bf16_t* x, int64_t k, QuantRow& r) {
+  r.q.resize(k);
+  r.pair.resize(k / 64 * 16);
+  r.sums.resize(k / 32);
+  for (int64_t g = 0; g < k / 32; ++g) {
+    __m512 a = load_bf16x16(x + g * 32), b = load_bf16x16(x + g * 32 + 16);
+    float amax = std::max(_mm512_reduce_max_ps(_mm512_abs_ps(a)),
+                          _mm512_reduce_max_ps(_mm512_abs_ps(b)));
+    r.sums[g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    float sx = amax / 127.f;
+    __m512 inv = _mm512_set1_ps(sx > 0 ? 1.f / sx : 0.f);
+    __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv));   // round to nearest
+    __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(r.q.data() + g * 32), _mm512_cvtsepi32_epi8(qa));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(r.q.data() + g * 32 + 16), _mm512_cvtsepi32_epi8(qb));
+    float* p = r.pair.data() + (g / 2) * 16 + (g % 2) * 8;
+    for (int l = 0; l < 8; ++l) p[l] = sx;
+  }
+}
+
+KERNEL float int4_dot(const uint8_t* w, const uint16_t* scale, const uint16_t* offset,
+                      const QuantRow& r, int64_t k) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t chunks = k / 64;
+  // prefetch the row PF_TILES * 4 rows ahead: its nibbles and its scales
+  const char* ahead = reinterpret_cast<const char*>(w + PF_TILES * 4 * (k / 2));
+  _mm_prefetch(reinterpret_cast<const char*>(scale + PF_TILES * 4 * (k / 32)), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(offset + PF_TILES * 4 * (k / 32)), _MM_HINT_T0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    if ((c & 1) == 0) _mm_prefetch(ahead + c * 32, _MM_HINT_T0);
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 32));
+    __m256i lo = _mm256_and_si256(v, low);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    __m512i xq = _mm512_loadu_si512(r.q.data() + c * 64);
+    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
+    __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(scale + 2 * c)));
+    __m512 sw = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(s2));
+    __m512 sv = _mm512_mul_ps(sw, _mm512_loadu_ps(r.pair.data() + c * 16));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc);
+  }
+  float total = _mm512_reduce_add_ps(acc);
+  int64_t groups = k / 32, g = 0;
+  __m512 oacc = _mm512_setzero_ps();
+  for (; g + 16 <= groups; g += 16) {
+    __m512 o = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(offset + g)));
+    oacc = _mm512_fmadd_ps(o, _mm512_loadu_ps(r.sums.data() + g), oacc);
+  }
+  if (g < groups) {
+    __mmask16 mask = static_cast<__mmask16>((1u << (groups - g)) - 1);
+    __m512 o = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, offset + g));
+    oacc = _mm512_fmadd_ps(o, _mm512_maskz_loadu_ps(mask, r.sums.data() + g), oacc);
+  }
+  return total + _mm512_reduce_add_ps(oacc);
+}
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                       const at::Tensor& offset, const c10::optional<at::Tensor>& bias) {
+  check_rows(x, "x");
+  int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
+  check(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == k &&
+            k % 64 == 0, "linear_int4: packed must be uint8 [n, k / 2], k a multiple of 64");
+  check(scale.scalar_type() == at::kHalf && offset.scalar_type() == at::kHalf &&
+            scale.is_contiguous() && offset.is_contiguous() && scale.size(0) == n &&
+            scale.size(1) == k / 32 && offset.sizes() == scale.sizes(),
+        "linear_int4: scale and offset must be float16 [n, k / 32]");
+  std::vector<QuantRow> rows(m);
+  for (int64_t j = 0; j < m; ++j) quantize_row(bf16_ptr(x) + j * k, k, rows[j]);
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const uint16_t* op = reinterpret_cast<const uint16_t*>(offset.data_ptr<at::Half>());
+  at::Tensor y = at::empty({m, n}, x.options());
+  int64_t groups = k / 32;
+  linear_driver(m, n, bias, y, [&](int64_t n0, int nb, float* out) {
+    for (int i = 0; i < nb; ++i) {
+      int64_t row = n0 + i;
+      for (int64_t j = 0; j < m; ++j)
+        out[j * nb + i] = int4_dot(wp + row * (k / 2), sp + row * groups, op + row * groups,
+                                   rows[j], k);
+    }
+  });
+  return y;
+}
+
+// ---- exp, RMSNorm, SiLU * up ------------------------------------------------------------
+// exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor series to r^7
+// (relative error below 2e-7 on [-87, 88]).
+KERNEL inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+KERNEL void rms_norm_row(const bf16_t* x, bf16_t* residual, const float* w, float eps,
+                         int64_t h, bf16_t* out) {
+  // with residual: residual = bf16(residual + x), and the new residual is normalized
+  __m512 ss = _mm512_setzero_ps();
+  const bf16_t* src = x;
+  if (residual) {
+    for (int64_t c = 0; c < h; c += 16)
+      store_bf16x16(residual + c, _mm512_add_ps(load_bf16x16(x + c), load_bf16x16(residual + c)));
+    src = residual;
+  }
+  for (int64_t c = 0; c < h; c += 16) {
+    __m512 a = load_bf16x16(src + c);
+    ss = _mm512_fmadd_ps(a, a, ss);
+  }
+  __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / h + eps));
+  for (int64_t c = 0; c < h; c += 16)
+    store_bf16x16(out + c, _mm512_mul_ps(_mm512_mul_ps(load_bf16x16(src + c), inv),
+                                         _mm512_loadu_ps(w + c)));
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                    const at::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  int64_t t = x.size(0), h = x.size(1);
+  check(h % 16 == 0 && weight.scalar_type() == at::kFloat && weight.numel() == h,
+        "rms_norm: hidden size a multiple of 16, float32 weight");
+  bf16_t* res = nullptr;
+  if (residual.has_value()) {
+    at::Tensor r = *residual;
+    check_rows(r, "residual");
+    check(r.sizes() == x.sizes(), "rms_norm: residual shape");
+    res = bf16_mut(r);
+  }
+  at::Tensor out = at::empty_like(x);
+  const bf16_t* xp = bf16_ptr(x);
+  bf16_t* op = bf16_mut(out);
+  const float* wp = weight.data_ptr<float>();
+  for (int64_t i = 0; i < t; ++i)
+    rms_norm_row(xp + i * h, res ? res + i * h : nullptr, wp, static_cast<float>(eps), h,
+                 op + i * h);
+  return out;
+}
+
+KERNEL void silu_mul_row(const bf16_t* gu, int64_t inter, bf16_t* out) {
+  for (int64_t c = 0; c < inter; c += 16) {
+    __m512 g = load_bf16x16(gu + c), u = load_bf16x16(gu + inter + c);
+    __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(
+                                                  _mm512_setzero_ps(), g))));
+    store_bf16x16(out + c, _mm512_mul_ps(s, u));
+  }
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_rows(gate_up, "gate_up");
+  int64_t t = gate_up.size(0), inter = gate_up.size(1) / 2;
+  check(inter % 16 == 0, "silu_mul: intermediate size a multiple of 16");
+  at::Tensor out = at::empty({t, inter}, gate_up.options());
+  for (int64_t i = 0; i < t; ++i)
+    silu_mul_row(bf16_ptr(gate_up) + i * 2 * inter, inter, bf16_mut(out) + i * inter);
+  return out;
+}
+
+// ---- rotary + KV store, decode attention --------------------------------------------------
+// qkv: [T, (H + 2 KV) * hd] (q heads, k heads, v heads). Rotates q and k in place
+// ("rotate half": x * cos + [x2, x1] * sin_signed) and writes k, v at the rows' cache slots.
+KERNEL void rope_row(bf16_t* row, int64_t heads, int64_t hd, const float* cos,
+                     const float* sin) {
+  std::vector<float> v(hd);
+  int64_t half = hd / 2;
+  for (int64_t hh = 0; hh < heads; ++hh) {
+    bf16_t* x = row + hh * hd;
+    for (int64_t c = 0; c < hd; c += 16) _mm512_storeu_ps(v.data() + c, load_bf16x16(x + c));
+    for (int64_t c = 0; c < hd; c += 16) {
+      int64_t sw = (c + half) % hd;     // half is a multiple of 16: a whole vector swaps
+      __m512 r = _mm512_fmadd_ps(_mm512_loadu_ps(v.data() + sw), _mm512_loadu_ps(sin + c),
+                                 _mm512_mul_ps(_mm512_loadu_ps(v.data() + c),
+                                               _mm512_loadu_ps(cos + c)));
+      store_bf16x16(x + c, r);
+    }
+  }
+}
+
+void rope_store_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                   const at::Tensor& sin, const at::Tensor& slots, at::Tensor& k_cache,
+                   at::Tensor& v_cache, int64_t heads, int64_t kv_heads) {
+  check_rows(qkv, "qkv");
+  int64_t t = qkv.size(0), hd = k_cache.size(2), n_slots = k_cache.size(1);
+  check(qkv.size(1) == (heads + 2 * kv_heads) * hd && hd % 32 == 0,
+        "rope_store_kv: qkv width (heads + 2 kv_heads) * head_dim, head_dim a multiple of 32");
+  check(k_cache.is_contiguous() && v_cache.is_contiguous() &&
+            k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
+            k_cache.size(0) == kv_heads, "rope_store_kv: caches");
+  check(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.size(1) == hd,
+        "rope_store_kv: float32 cos / sin tables [positions, head_dim]");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  bf16_t* kc = bf16_mut(k_cache);
+  bf16_t* vc = bf16_mut(v_cache);
+  int64_t width = qkv.size(1);
+  for (int64_t i = 0; i < t; ++i) {
+    TORCH_CHECK(pos[i] >= 0 && pos[i] < cos.size(0) && sl[i] >= 0 && sl[i] < n_slots,
+                "rope_store_kv: position or slot out of range");
+    bf16_t* row = bf16_mut(qkv) + i * width;
+    rope_row(row, heads + kv_heads, hd, cos.data_ptr<float>() + pos[i] * hd,
+             sin.data_ptr<float>() + pos[i] * hd);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      std::memcpy(kc + (h * n_slots + sl[i]) * hd, row + (heads + h) * hd, hd * 2);
+      std::memcpy(vc + (h * n_slots + sl[i]) * hd, row + (heads + kv_heads + h) * hd, hd * 2);
+    }
+  }
+}
+
+// One sequence, one KV head and its `group` query heads: softmax(q k^T * scale) v over the
+// sequence's `len` cached positions, read through its block table.
+KERNEL void attend(const bf16_t* q, int64_t group, int64_t hd, const bf16_t* kc,
+                   const bf16_t* vc, const int64_t* table, int64_t len, int64_t block,
+                   float scale, bf16_t* out, int64_t out_stride) {
+  std::vector<float> qf(group * hd), scores(group * len), acc(group * hd, 0.f);
+  for (int64_t c = 0; c < group * hd; c += 16) _mm512_storeu_ps(qf.data() + c, load_bf16x16(q + c));
+  constexpr int64_t AHEAD = 8;      // positions to prefetch ahead (the cache is not in L2)
+  auto row = [&](const bf16_t* base, int64_t p) { return base + (table[p / block] * block + p % block) * hd; };
+  for (int64_t p = 0; p < len; ++p) {
+    const bf16_t* k = row(kc, p);
+    if (p + AHEAD < len) {
+      const char* nk = reinterpret_cast<const char*>(row(kc, p + AHEAD));
+      for (int64_t b = 0; b < hd * 2; b += 64) _mm_prefetch(nk + b, _MM_HINT_T0);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t c = 0; c < hd; c += 16)
+        s = _mm512_fmadd_ps(load_bf16x16(k + c), _mm512_loadu_ps(qf.data() + g * hd + c), s);
+      scores[g * len + p] = _mm512_reduce_add_ps(s) * scale;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* sc = scores.data() + g * len;
+    float mx = *std::max_element(sc, sc + len), sum = 0.f;
+    int64_t p = 0;
+    for (; p + 16 <= len; p += 16) {
+      __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + p), _mm512_set1_ps(mx)));
+      _mm512_storeu_ps(sc + p, e);
+      sum += _mm512_reduce_add_ps(e);
+    }
+    for (; p < len; ++p) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
+    float inv = 1.f / sum;
+    for (p = 0; p < len; ++p) sc[p] *= inv;
+  }
+  for (int64_t p = 0; p < len; ++p) {
+    const bf16_t* v = row(vc, p);
+    if (p + AHEAD < len) {
+      const char* nv = reinterpret_cast<const char*>(row(vc, p + AHEAD));
+      for (int64_t b = 0; b < hd * 2; b += 64) _mm_prefetch(nv + b, _MM_HINT_T0);
+    }
+    for (int64_t c = 0; c < hd; c += 16) {
+      __m512 vv = load_bf16x16(v + c);
+      for (int64_t g = 0; g < group; ++g) {
+        float* a = acc.data() + g * hd + c;
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + p]), vv,
+                                            _mm512_loadu_ps(a)));
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < hd; c += 16)
+      store_bf16x16(out + g * out_stride + c, _mm512_loadu_ps(acc.data() + g * hd + c));
+}
+
+// qkv: [D, (H + 2 KV) * hd] after rope_store_kv; block_tables: int64 [D, max_blocks];
+// lengths: int64 [D] (positions attended, the current one included). Returns [D, H * hd].
+at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& lengths, int64_t block, int64_t heads,
+                            double scale) {
+  check_rows(qkv, "qkv");
+  int64_t d = qkv.size(0), kv_heads = k_cache.size(0), n_slots = k_cache.size(1),
+          hd = k_cache.size(2);
+  check(heads % kv_heads == 0, "decode_attention: heads a multiple of kv_heads");
+  check(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() &&
+            block_tables.size(0) == d && lengths.scalar_type() == at::kLong && lengths.numel() == d,
+        "decode_attention: int64 block tables [D, blocks] and lengths [D]");
+  int64_t group = heads / kv_heads, max_blocks = block_tables.size(1), width = qkv.size(1);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = lengths.data_ptr<int64_t>();
+  for (int64_t i = 0; i < d; ++i) {
+    TORCH_CHECK(lens[i] >= 1 && lens[i] <= max_blocks * block, "decode_attention: length");
+    for (int64_t b = 0; b < (lens[i] + block - 1) / block; ++b)
+      TORCH_CHECK(tables[i * max_blocks + b] >= 0 && (tables[i * max_blocks + b] + 1) * block <= n_slots,
+                  "decode_attention: block id out of range");
+  }
+  at::Tensor out = at::empty({d, heads * hd}, qkv.options());
+  const bf16_t* qp = bf16_ptr(qkv);
+  const bf16_t* kc = bf16_ptr(k_cache);
+  const bf16_t* vc = bf16_ptr(v_cache);
+  bf16_t* op = bf16_mut(out);
+  float sc = static_cast<float>(scale);
+  at::parallel_for(0, d * kv_heads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t i = t / kv_heads, h = t % kv_heads;
+      attend(qp + i * width + h * group * hd, group, hd, kc + h * n_slots * hd,
+             vc + h * n_slots * hd, tables + i * max_blocks, lens[i], block, sc,
+             op + i * heads * hd + h * group * hd, hd);
+    }
+  });
+  return out;
+}
+
+bool supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("supported", &supported, "whether this CPU has the instructions the kernels use");
+  m.def("linear_bf16", &linear_bf16, "y = x @ w^T (+ b), bf16", py::arg("x"), py::arg("w"),
+        py::arg("bias") = py::none(), py::arg("out_f32") = false);
+  m.def("linear_int8", &linear_int8, "y = x @ (q * scale)^T (+ b)", py::arg("x"), py::arg("q"),
+        py::arg("scale"), py::arg("bias") = py::none());
+  m.def("linear_int4", &linear_int4, "group-32 int4 linear", py::arg("x"), py::arg("packed"),
+        py::arg("scale"), py::arg("offset"), py::arg("bias") = py::none());
+  m.def("rms_norm", &rms_norm, "(residual += x;) RMSNorm", py::arg("x"), py::arg("residual"),
+        py::arg("weight"), py::arg("eps"));
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  m.def("rope_store_kv", &rope_store_kv, "rotary on q, k; k, v into the paged cache");
+  m.def("decode_attention", &decode_attention, "one query row per sequence, paged context");
+}
