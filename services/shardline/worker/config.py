@@ -33,7 +33,7 @@ class WorkerConfig:
     quantize_head: bool = False           # also quantize the LM head
     prune: Optional[str] = None           # "0.5" or "2:4" (worker/prune.py)
     prune_calibration: bool = False       # activation-aware pruning scores
-    cpu_kernels: bool = True              # decode steps on csrc kernels (bf16 CPU, cpu_decode.py)
+    cpu_kernels: bool = True              # steps on csrc kernels (bf16 CPU, cpu_path.py)
     metrics_port: int = 0                 # Prometheus /metrics; 0 = off
 
     def __post_init__(self):

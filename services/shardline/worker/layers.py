@@ -44,7 +44,7 @@ class Linear(nn.Linear):
         """Keep a oneDNN-blocked copy of a bf16 weight for steps of several rows: its AMX GEMM
         then runs at 13.6 vs 20.8 ms for all of SmolLM2's matmuls at 16 rows, 25.9 vs 36.6 ms
         at 128 (2 Sapphire Rapids cores). Costs a second copy of the weight; the plain one
-        stays for the one-row kernels (cpu_decode.py)."""
+        stays for the one-row kernels (cpu_path.py)."""
         if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 64)
             self._packed_bias = None if self.bias is None else self.bias.detach()

@@ -22,7 +22,7 @@ import torch
 from shardline.common.tensors import DTYPE_NAMES, DTYPES
 from shardline.v1 import worker_pb2
 from shardline.worker.attention import AttentionMetadata
-from shardline.worker.cpu_decode import MAX_ROWS, CpuDecodePath
+from shardline.worker.cpu_path import CpuStepPath
 from shardline.worker.fuse import fuse_stage
 from shardline.worker.optimize import load_optimized_stage, read_recipe
 from shardline.worker.prune import accelerate_semi_structured, prune_stage
@@ -67,7 +67,7 @@ class StageRunner:
     prune: "0.5" (unstructured ratio) or "2:4" (semi-structured), activation-aware with
     prune_calibration (worker/prune.py).
     fuse: fuse q/k/v and gate/up projections and the residual adds (worker/fuse.py).
-    use_cpu_kernels: run decode steps of bf16 CPU stages on csrc kernels (cpu_decode.py).
+    use_cpu_kernels: run steps of bf16 CPU stages on the csrc kernels (cpu_path.py).
     kv_cache_bytes: KV budget in bytes. Default: kv_cache_fraction (default 0.8) of the free
     device memory after loading the weights on CUDA, 256 MiB on the CPU.
     """
@@ -102,8 +102,8 @@ class StageRunner:
         if prune == "2:4" and quantize == "none" and self.device.type == "cuda":
             accelerate_semi_structured(self.model)
         quantize_stage(self.model, quantize, group_size, quantize_head)
-        # decode steps on the project's CPU kernels where they apply (bf16 on AVX512-BF16)
-        self.fast = CpuDecodePath.build(self.model) if use_cpu_kernels else None
+        # steps on the project's CPU kernels where they apply (bf16 on AVX512-BF16)
+        self.fast = CpuStepPath.build(self.model) if use_cpu_kernels else None
         self.quantization = recipe["quantize"] if recipe else quantize
         self.layer_start, self.layer_end = layer_start, layer_end
         cfg = self.config
@@ -210,8 +210,7 @@ class StageRunner:
             x = self.model.embed(token_ids)                                # [T, hidden]
         else:
             x = hidden.to(device=self.device, dtype=self.dtype)
-        fast = self.fast is not None and self.fast.applies(meta)
-        if fast:
+        if self.fast is not None:
             x = self.fast.forward(x, meta, self.kv_cache.layers)
         else:
             x = self.model(x, meta, self.kv_cache.layers)                  # [T, hidden]
@@ -238,10 +237,8 @@ class StageRunner:
             last = x
         else:
             last = x.index_select(0, torch.tensor(rows, device=self.device))
-        if self.fast is not None and last.shape[0] <= MAX_ROWS:
-            logits = self.fast.logits(last)                               # [S, vocab]
-        else:
-            logits = self.model.logits(last)
+        model = self.fast if self.fast is not None else self.model
+        logits = model.logits(last)                                       # [S, vocab]
         return sampler.sample(logits, ids, num_generated)
 
     def _empty_hidden(self) -> torch.Tensor:

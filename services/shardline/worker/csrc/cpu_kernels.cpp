@@ -366,9 +366,11 @@ at::Tensor rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residu
   const bf16_t* xp = bf16_ptr(x);
   bf16_t* op = bf16_mut(out);
   const float* wp = weight.data_ptr<float>();
-  for (int64_t i = 0; i < t; ++i)
-    rms_norm_row(xp + i * h, res ? res + i * h : nullptr, wp, static_cast<float>(eps), h,
-                 op + i * h);
+  at::parallel_for(0, t, 64, [&](int64_t r0, int64_t r1) {     // rows in parallel past 64
+    for (int64_t i = r0; i < r1; ++i)
+      rms_norm_row(xp + i * h, res ? res + i * h : nullptr, wp, static_cast<float>(eps), h,
+                   op + i * h);
+  });
   return out;
 }
 
@@ -386,8 +388,11 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   int64_t t = gate_up.size(0), inter = gate_up.size(1) / 2;
   check(inter % 16 == 0, "silu_mul: intermediate size a multiple of 16");
   at::Tensor out = at::empty({t, inter}, gate_up.options());
-  for (int64_t i = 0; i < t; ++i)
-    silu_mul_row(bf16_ptr(gate_up) + i * 2 * inter, inter, bf16_mut(out) + i * inter);
+  const bf16_t* gp = bf16_ptr(gate_up);
+  bf16_t* op = bf16_mut(out);
+  at::parallel_for(0, t, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) silu_mul_row(gp + i * 2 * inter, inter, op + i * inter);
+  });
   return out;
 }
 
@@ -428,17 +433,22 @@ void rope_store_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Tenso
   bf16_t* kc = bf16_mut(k_cache);
   bf16_t* vc = bf16_mut(v_cache);
   int64_t width = qkv.size(1);
-  for (int64_t i = 0; i < t; ++i) {
+  for (int64_t i = 0; i < t; ++i)
     TORCH_CHECK(pos[i] >= 0 && pos[i] < cos.size(0) && sl[i] >= 0 && sl[i] < n_slots,
                 "rope_store_kv: position or slot out of range");
-    bf16_t* row = bf16_mut(qkv) + i * width;
-    rope_row(row, heads + kv_heads, hd, cos.data_ptr<float>() + pos[i] * hd,
-             sin.data_ptr<float>() + pos[i] * hd);
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      std::memcpy(kc + (h * n_slots + sl[i]) * hd, row + (heads + h) * hd, hd * 2);
-      std::memcpy(vc + (h * n_slots + sl[i]) * hd, row + (heads + kv_heads + h) * hd, hd * 2);
+  bf16_t* qp = bf16_mut(qkv);
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  at::parallel_for(0, t, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      bf16_t* row = qp + i * width;
+      rope_row(row, heads + kv_heads, hd, cp + pos[i] * hd, sp + pos[i] * hd);
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        std::memcpy(kc + (h * n_slots + sl[i]) * hd, row + (heads + h) * hd, hd * 2);
+        std::memcpy(vc + (h * n_slots + sl[i]) * hd, row + (heads + kv_heads + h) * hd, hd * 2);
+      }
     }
-  }
+  });
 }
 
 // One sequence, one KV head and its `group` query heads: softmax(q k^T * scale) v over the
@@ -496,6 +506,96 @@ KERNEL void attend(const bf16_t* q, int64_t group, int64_t hd, const bf16_t* kc,
       store_bf16x16(out + g * out_stride + c, _mm512_loadu_ps(acc.data() + g * hd + c));
 }
 
+// lane i of the result = sum of the 16 lanes of v[i]
+KERNEL inline __m512 reduce16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)      // per 128-bit lane: the lane's sums of v[4i .. 4i + 3]
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+  __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
+  __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
+}
+
+// attend() for head_dim HD (64 or 128) and up to 8 query heads per KV head: scores of 16
+// positions at a time with bf16 dot products and one transposed reduction; the weighted sum
+// of V in registers.
+template <int HD>
+KERNEL void attend_fast(const bf16_t* q, int64_t group, const bf16_t* kc, const bf16_t* vc,
+                        const int64_t* table, int64_t len, int64_t block, float scale,
+                        bf16_t* out, int64_t out_stride) {
+  constexpr int V = HD / 16;                // f32 vectors per head row
+  constexpr int P = HD / 32;                // bf16 pair vectors per head row
+  std::vector<float> scores(group * ((len + 15) / 16) * 16);
+  int64_t padded = (len + 15) / 16 * 16;
+  std::vector<int64_t> slot(len);           // cache slot of each position, without divisions
+  for (int64_t p = 0, b = 0, j = 0; p < len; ++p) {
+    slot[p] = table[b] * block + j;
+    if (++j == block) { j = 0; ++b; }
+  }
+  auto row = [&](const bf16_t* base, int64_t p) { return base + slot[p] * HD; };
+  __m512bh qv[8][P];
+  for (int64_t g = 0; g < group; ++g)
+    for (int i = 0; i < P; ++i)
+      qv[g][i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + g * HD + i * 32));
+  __m512 part[16];
+  for (int64_t p0 = 0; p0 < len; p0 += 16) {
+    int64_t n = std::min<int64_t>(16, len - p0);
+    const bf16_t* krow[16];
+    for (int64_t j = 0; j < n; ++j) krow[j] = row(kc, p0 + j);
+    if (p0 + 32 <= len)                     // the block after next: prefetch its K rows
+      for (int64_t j = 0; j < 16; ++j) {
+        const char* nk = reinterpret_cast<const char*>(row(kc, p0 + 32 + j));
+        for (int b = 0; b < HD * 2; b += 64) _mm_prefetch(nk + b, _MM_HINT_T0);
+      }
+    for (int64_t g = 0; g < group; ++g) {
+      for (int64_t j = 0; j < 16; ++j) {
+        __m512 a = _mm512_setzero_ps();
+        if (j < n)
+          for (int i = 0; i < P; ++i)
+            a = _mm512_dpbf16_ps(a, reinterpret_cast<__m512bh>(_mm512_loadu_si512(krow[j] + i * 32)), qv[g][i]);
+        part[j] = a;
+      }
+      _mm512_storeu_ps(scores.data() + g * padded + p0,
+                       _mm512_mul_ps(reduce16(part), _mm512_set1_ps(scale)));
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* sc = scores.data() + g * padded;
+    float mx = *std::max_element(sc, sc + len), sum = 0.f;
+    int64_t p = 0;
+    for (; p + 16 <= len; p += 16) {
+      __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + p), _mm512_set1_ps(mx)));
+      _mm512_storeu_ps(sc + p, e);
+      sum += _mm512_reduce_add_ps(e);
+    }
+    for (; p < len; ++p) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
+    float inv = 1.f / sum;
+    for (p = 0; p < len; ++p) sc[p] *= inv;
+  }
+  __m512 acc[8][V];
+  for (int64_t g = 0; g < group; ++g)
+    for (int i = 0; i < V; ++i) acc[g][i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < len; ++p) {
+    const bf16_t* v = row(vc, p);
+    if (p + 16 < len) {
+      const char* nv = reinterpret_cast<const char*>(row(vc, p + 16));
+      for (int b = 0; b < HD * 2; b += 64) _mm_prefetch(nv + b, _MM_HINT_T0);
+    }
+    __m512 vv[V];
+    for (int i = 0; i < V; ++i) vv[i] = load_bf16x16(v + i * 16);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 w = _mm512_set1_ps(scores[g * padded + p]);
+      for (int i = 0; i < V; ++i) acc[g][i] = _mm512_fmadd_ps(w, vv[i], acc[g][i]);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int i = 0; i < V; ++i) store_bf16x16(out + g * out_stride + i * 16, acc[g][i]);
+}
+
 // qkv: [D, (H + 2 KV) * hd] after rope_store_kv; block_tables: int64 [D, max_blocks];
 // lengths: int64 [D] (positions attended, the current one included). Returns [D, H * hd].
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& k_cache,
@@ -527,9 +627,16 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& k_cache,
   at::parallel_for(0, d * kv_heads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       int64_t i = t / kv_heads, h = t % kv_heads;
-      attend(qp + i * width + h * group * hd, group, hd, kc + h * n_slots * hd,
-             vc + h * n_slots * hd, tables + i * max_blocks, lens[i], block, sc,
-             op + i * heads * hd + h * group * hd, hd);
+      const bf16_t* qh = qp + i * width + h * group * hd;
+      const bf16_t* kh = kc + h * n_slots * hd;
+      const bf16_t* vh = vc + h * n_slots * hd;
+      bf16_t* oh = op + i * heads * hd + h * group * hd;
+      if (hd == 64 && group <= 8)
+        attend_fast<64>(qh, group, kh, vh, tables + i * max_blocks, lens[i], block, sc, oh, hd);
+      else if (hd == 128 && group <= 8)
+        attend_fast<128>(qh, group, kh, vh, tables + i * max_blocks, lens[i], block, sc, oh, hd);
+      else
+        attend(qh, group, hd, kh, vh, tables + i * max_blocks, lens[i], block, sc, oh, hd);
     }
   });
   return out;

@@ -1,16 +1,19 @@
-"""Decode steps of a bfloat16 CPU stage through the project's kernels (csrc/cpu_kernels.cpp).
+"""Steps of a bfloat16 CPU stage through the project's kernels (csrc/cpu_kernels.cpp).
 
 A decode step computes one token per sequence: a few rows against every weight, bound by
-memory bandwidth and per-op overhead. This path runs each layer in seven kernel calls
+memory bandwidth and per-op overhead. This path runs each layer in about seven calls
 
-    rms_norm (+ residual add) -> qkv linear -> rope + KV store -> paged decode attention
+    rms_norm (+ residual add) -> qkv linear -> rope + KV store -> attention
     -> o linear -> rms_norm (+ residual add) -> gate_up linear -> silu * up -> down linear
 
 with the residual carried beside the hidden state (its add fused into the next norm), and
 weights read as stored: bf16, int8 (per channel) or int4 (group 32, the kernel's nibble
-layout, converted once here). It computes what StageModel.forward / .logits compute, within
-bf16 rounding (tests/unit/test_cpu_kernels.py). Steps with prefill chunks, other dtypes or
-devices, unfused stages and CPUs without AVX512-BF16 use StageModel's PyTorch ops.
+layout, converted once here). Linear layers of up to GEMV_ROWS rows run on the GEMV kernels;
+more rows (prefill, big batches) on oneDNN's AMX GEMM with pre-packed bf16 weights. Attention:
+decode rows on the paged decode kernel, prefill chunks on PyTorch's SDPA (attention.py).
+It computes what StageModel.forward / .logits compute, within bf16 rounding
+(tests/unit/test_cpu_kernels.py). Other dtypes or devices, unfused stages and CPUs without
+AVX512-BF16 use StageModel's PyTorch ops.
 """
 from __future__ import annotations
 
@@ -21,14 +24,11 @@ import torch
 from torch import nn
 
 from shardline.worker import cpu_kernels
-from shardline.worker.attention import AttentionMetadata
+from shardline.worker.attention import AttentionMetadata, _prefill
 from shardline.worker.layers import Linear
 from shardline.worker.quantize import Int4Linear, Int8Linear, unpack_int4
 
 log = logging.getLogger(__name__)
-
-# Decode steps of up to this many rows go through the kernels (linear layers as GEMV_ROWS says).
-MAX_ROWS = 64
 
 # Up to this many rows the linear kernels beat PyTorch's (measured, SmolLM2-135M, all layers and
 # the head, 2 Sapphire Rapids cores: bf16 1 row 9.7 vs 19 ms, 4 rows 10.9 vs 19.2 ms, 16 rows
@@ -86,7 +86,7 @@ class _Layer:
         self.heads, self.kv_heads, self.scale = attn.num_heads, attn.num_kv_heads, attn.scale
 
 
-class CpuDecodePath:
+class CpuStepPath:
     """Built by `build` for a stage it can run; `forward` and `logits` mirror StageModel's."""
 
     def __init__(self, kernels, model):
@@ -103,7 +103,7 @@ class CpuDecodePath:
             self.head = _linear_fn(kernels, model.lm_head, out_f32=True) or model.lm_head
 
     @classmethod
-    def build(cls, model) -> Optional["CpuDecodePath"]:
+    def build(cls, model) -> Optional["CpuStepPath"]:
         """The path for `model` (a StageModel), or None where it does not apply."""
         p = next(model.parameters())
         if p.device.type != "cpu" or p.dtype != torch.bfloat16:
@@ -120,19 +120,13 @@ class CpuDecodePath:
         path = cls(kernels, model)
         if any(fn is None for layer in path.layers for fn in layer.fns):
             return None
-        log.info("decode steps of up to %d rows run on the CPU kernels", MAX_ROWS)
+        log.info("steps run on the CPU kernels (AVX512-BF16 / VNNI, oneDNN-packed weights)")
         return path
-
-    def applies(self, meta: AttentionMetadata) -> bool:
-        """A pure decode step of at most MAX_ROWS rows."""
-        return (not meta.prefills and meta.decode is not None and meta.decode.rows is None
-                and meta.num_tokens <= MAX_ROWS)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata,
                 kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """x: [D, hidden] bf16, one row per sequence -> [D, hidden] (StageModel.forward)."""
+        """x: [T, hidden] bf16 -> [T, hidden] (StageModel.forward)."""
         k = self.k
-        d = meta.decode
         h, residual = x.contiguous(), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_layers):
             qkv_fn, o_fn, gate_up_fn, down_fn = layer.fns
@@ -141,14 +135,34 @@ class CpuDecodePath:
                 normed = k.rms_norm(h, None, layer.in_norm, layer.eps)
             else:
                 normed = k.rms_norm(h, residual, layer.in_norm, layer.eps)  # residual += h
-            qkv = qkv_fn(normed)
+            qkv = qkv_fn(normed)                                 # [T, (H + 2 KV) * hd]
             k.rope_store_kv(qkv, meta.positions, self.cos, self.sin, meta.slot_mapping,
                             k_cache, v_cache, layer.heads, layer.kv_heads)
-            o = k.decode_attention(qkv, k_cache, v_cache, d.block_table, d.lengths,
-                                   d.block_size, layer.heads, layer.scale)
+            o = self._attention(qkv, meta, k_cache, v_cache, layer)   # [T, H * hd]
             normed = k.rms_norm(o_fn(o), residual, layer.post_norm, layer.eps)
             h = down_fn(k.silu_mul(gate_up_fn(normed)))
         return residual.add_(h)
+
+    def _attention(self, qkv: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        """qkv after rope (this step's K / V already in the cache) -> [T, H * hd]."""
+        d = meta.decode
+        if d is not None and d.rows is None:                     # a pure decode step
+            return self.k.decode_attention(qkv, k_cache, v_cache, d.block_table, d.lengths,
+                                           d.block_size, layer.heads, layer.scale)
+        t, hd = qkv.shape[0], k_cache.shape[2]
+        h, kv = layer.heads, layer.kv_heads
+        out = torch.empty(t, h * hd, dtype=qkv.dtype)
+        if d is not None:
+            rows = qkv.index_select(0, d.rows)
+            out.index_copy_(0, d.rows, self.k.decode_attention(
+                rows, k_cache, v_cache, d.block_table, d.lengths, d.block_size, h, layer.scale))
+        heads = qkv.view(t, h + 2 * kv, hd)
+        q, key, value = heads[:, :h], heads[:, h:h + kv], heads[:, h + kv:]
+        for p in meta.prefills:
+            o = _prefill(q, key, value, k_cache, v_cache, p, layer.scale)   # [n, H, hd]
+            out[p.row_start:p.row_end] = o.reshape(-1, h * hd)
+        return out
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: [S, hidden] -> [S, vocab] float32 (StageModel.logits)."""
