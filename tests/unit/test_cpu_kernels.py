@@ -67,6 +67,19 @@ def test_linear_int4_layout_and_error(rows):
     assert rel_err(K.linear_int4(x, packed, scale, offset, None), ref) < 3e-2
 
 
+def test_dequantize_kernels_match_the_reference():
+    torch.manual_seed(0)
+    w = torch.randn(48, 576) * 0.05
+    q, s = quantize_int8(w)
+    assert torch.equal(K.dequantize_int8(q, s), dequantize_int8(q, s).bfloat16())
+    m = Int4Linear.from_linear(torch.nn.Linear(576, 48, bias=False), 32)
+    ref = dequantize_int4((m.packed[:, :, None] >> torch.tensor([0, 4], dtype=torch.uint8)
+                           & 0xF).view(48, 576), m.scale, m.zero)
+    # bf16 output, offsets (zero - 8 * scale) in float16: within their rounding
+    got = K.dequantize_int4(*int4_kernel_layout(m)).float()
+    assert (got - ref).abs().max() < 8e-3 * ref.abs().max()
+
+
 def test_rms_norm_with_and_without_residual():
     torch.manual_seed(0)
     x, r = torch.randn(3, 576, dtype=torch.bfloat16), torch.randn(3, 576, dtype=torch.bfloat16)

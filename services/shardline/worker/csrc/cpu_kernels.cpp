@@ -10,6 +10,7 @@
 //   linear_int8      y = x @ (q * s)^T (+ b)    q int8 [n, k]     weight-only, f32 FMA
 //   linear_int4      y = x @ w4^T (+ b)         w4 packed nibbles, group 32: activations
 //                                               quantized to int8 per block of 32 (VNNI)
+//   dequantize_*     int8 / int4 weights -> bf16, for steps of many rows (prefill)
 //   rope_store_kv    rotary on q, k of a fused qkv row, k / v written to the paged cache
 //   decode_attention one query row per sequence against its paged context
 //   silu_mul         silu(gate) * up
@@ -281,6 +282,47 @@ KERNEL float int4_dot(const uint8_t* w, const uint16_t* scale, const uint16_t* o
   return total + _mm512_reduce_add_ps(oacc);
 }
 
+// int4_dot for 4 consecutive weight rows at once: independent accumulator chains and shared
+// activation loads (about 2x faster than row by row: a row of SmolLM2 is only 9 chunks).
+KERNEL void int4_tile4(const uint8_t* w, const uint16_t* scale, const uint16_t* offset,
+                       const QuantRow& r, int64_t k, float* out /* [4] */) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const int64_t chunks = k / 64, groups = k / 32, rb = k / 2;
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  const char* ahead = reinterpret_cast<const char*>(w + PF_TILES * 4 * rb);
+  for (int i = 0; i < 4; ++i) {
+    _mm_prefetch(reinterpret_cast<const char*>(scale + (PF_TILES * 4 + i) * groups), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(offset + (PF_TILES * 4 + i) * groups), _MM_HINT_T0);
+  }
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m512i xq = _mm512_loadu_si512(r.q.data() + c * 64);
+    __m512 sx = _mm512_loadu_ps(r.pair.data() + c * 16);
+    for (int i = 0; i < 4; ++i) {
+      if ((c & 1) == 0) _mm_prefetch(ahead + i * rb + c * 32, _MM_HINT_T0);
+      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * rb + c * 32));
+      __m256i lo = _mm256_and_si256(v, low);
+      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
+      __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128(
+          *reinterpret_cast<const int32_t*>(scale + i * groups + 2 * c)));
+      __m512 sw = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(s2));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sx), acc[i]);
+    }
+  }
+  __m512 oacc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t g = 0; g < groups; g += 16) {
+    __mmask16 mask = groups - g >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                      : static_cast<__mmask16>((1u << (groups - g)) - 1);
+    __m512 sums = _mm512_maskz_loadu_ps(mask, r.sums.data() + g);
+    for (int i = 0; i < 4; ++i)
+      oacc[i] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, offset + i * groups + g)),
+                                sums, oacc[i]);
+  }
+  for (int i = 0; i < 4; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], oacc[i]));
+}
+
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                        const at::Tensor& offset, const c10::optional<at::Tensor>& bias) {
   check_rows(x, "x");
@@ -299,6 +341,14 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor y = at::empty({m, n}, x.options());
   int64_t groups = k / 32;
   linear_driver(m, n, bias, y, [&](int64_t n0, int nb, float* out) {
+    if (nb == 4) {
+      float four[4];
+      for (int64_t j = 0; j < m; ++j) {
+        int4_tile4(wp + n0 * (k / 2), sp + n0 * groups, op + n0 * groups, rows[j], k, four);
+        for (int i = 0; i < 4; ++i) out[j * 4 + i] = four[i];
+      }
+      return;
+    }
     for (int i = 0; i < nb; ++i) {
       int64_t row = n0 + i;
       for (int64_t j = 0; j < m; ++j)
@@ -307,6 +357,65 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
     }
   });
   return y;
+}
+
+// ---- dequantization to bf16 (for steps of many rows: prefill) -------------------------------
+KERNEL void dequant_int8_rows(const int8_t* q, const float* scale, int64_t k, int64_t r0,
+                              int64_t r1, bf16_t* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    __m512 s = _mm512_set1_ps(scale[r]);
+    for (int64_t c = 0; c < k; c += 16)
+      store_bf16x16(out + r * k + c, _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * k + c))))));
+  }
+}
+
+at::Tensor dequantize_int8(const at::Tensor& q, const at::Tensor& scale) {
+  check(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 2 && q.size(1) % 16 == 0 &&
+            scale.scalar_type() == at::kFloat && scale.numel() == q.size(0),
+        "dequantize_int8: q int8 [n, k] (k a multiple of 16), scale float32 [n]");
+  int64_t n = q.size(0), k = q.size(1);
+  at::Tensor out = at::empty({n, k}, q.options().dtype(at::kBFloat16));
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  bf16_t* op = bf16_mut(out);
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) { dequant_int8_rows(qp, sp, k, r0, r1, op); });
+  return out;
+}
+
+// kernel layout of linear_int4 -> bf16 [n, k]
+KERNEL void dequant_int4_rows(const uint8_t* w, const uint16_t* scale, const uint16_t* offset,
+                              int64_t k, int64_t r0, int64_t r1, bf16_t* out) {
+  const int64_t groups = k / 32;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      // group g: chunk g / 2, low nibbles (g even) or high nibbles (g odd) of its 32 bytes
+      const uint8_t* b = w + r * (k / 2) + (g / 2) * 32;
+      int shift = (g % 2) * 4;
+      __m512 s = _mm512_set1_ps(_cvtsh_ss(scale[r * groups + g]));
+      __m512 o = _mm512_set1_ps(_cvtsh_ss(offset[r * groups + g]));
+      for (int h = 0; h < 2; ++h) {
+        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + h * 16)));
+        v = _mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(0x0F));
+        store_bf16x16(out + r * k + g * 32 + h * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, o));
+      }
+    }
+}
+
+at::Tensor dequantize_int4(const at::Tensor& packed, const at::Tensor& scale,
+                           const at::Tensor& offset) {
+  int64_t n = packed.size(0), k = packed.size(1) * 2;
+  check(packed.scalar_type() == at::kByte && packed.is_contiguous() && k % 64 == 0 &&
+            scale.scalar_type() == at::kHalf && offset.scalar_type() == at::kHalf &&
+            scale.numel() == n * (k / 32) && offset.numel() == n * (k / 32),
+        "dequantize_int4: linear_int4's layout");
+  at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kBFloat16));
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const uint16_t* op = reinterpret_cast<const uint16_t*>(offset.data_ptr<at::Half>());
+  bf16_t* outp = bf16_mut(out);
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) { dequant_int4_rows(wp, sp, op, k, r0, r1, outp); });
+  return out;
 }
 
 // ---- exp, RMSNorm, SiLU * up ------------------------------------------------------------
@@ -660,6 +769,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::arg("bias") = py::none());
   m.def("linear_int4", &linear_int4, "group-32 int4 linear", py::arg("x"), py::arg("packed"),
         py::arg("scale"), py::arg("offset"), py::arg("bias") = py::none());
+  m.def("dequantize_int8", &dequantize_int8, "int8 weight -> bf16");
+  m.def("dequantize_int4", &dequantize_int4, "linear_int4's layout -> bf16");
   m.def("rms_norm", &rms_norm, "(residual += x;) RMSNorm", py::arg("x"), py::arg("residual"),
         py::arg("weight"), py::arg("eps"));
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
