@@ -51,3 +51,19 @@ def test_perplexity_sliding_window(tiny_model_dir):
     assert whole == pytest.approx(math.exp(nll.item()), rel=1e-5)
     windowed = perplexity(r, ids, window=40, stride=20)
     assert 1 < windowed < 128 * 10
+
+
+def test_quantized_perplexity_within_the_bounds(default_model_dir):
+    """Issue 3's accuracy bounds on the serving path (decode steps, bf16 stage, the CPU
+    kernels where this CPU has them; LM head quantized too): int8 within 2% of unquantized,
+    int4 within 15%."""
+    from shardline.worker.perplexity import corpus_token_ids, decode_perplexity
+    ids = corpus_token_ids(default_model_dir, 384)
+    ppl = {}
+    for mode in ("none", "int8", "int4"):
+        r = StageRunner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20,
+                        quantize=mode, quantize_head=True)
+        ppl[mode] = decode_perplexity(r, ids)
+    assert 5 < ppl["none"] < 40, ppl                     # the model reads English
+    assert ppl["int8"] <= 1.02 * ppl["none"], ppl
+    assert ppl["int4"] <= 1.15 * ppl["none"], ppl

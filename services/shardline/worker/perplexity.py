@@ -9,6 +9,9 @@ window - stride tokens of context (except in the first window).
 
 It runs through StageRunner (one stage holding the whole model), with the same weight
 transforms as the worker (--fuse, --quantize, --prune), in float32 by default.
+--decode scores the tokens one decode step at a time instead (one window of --tokens): the
+path a served decode step takes, the CPU kernels of bf16 stages included (cpu_path.py), whose
+int4 GEMV quantizes activations to int8 per block of 32.
 The last line printed is `perplexity: X`.
 """
 from __future__ import annotations
@@ -68,6 +71,26 @@ def perplexity(runner, ids: list[int], window: int = 512, stride: int = 256) -> 
     return math.exp(nll / count)
 
 
+@torch.inference_mode()
+def decode_perplexity(runner, ids: list[int]) -> float:
+    """exp(mean NLL) of ids[1:], each predicted by a one-token decode step after all earlier
+    ones (teacher forcing), through the runner's serving path."""
+    from shardline.worker.attention import AttentionMetadata
+
+    if not runner.is_first or not runner.is_last:
+        raise ValueError("perplexity needs a stage holding the whole model")
+    path = runner.fast if runner.fast is not None else runner.model
+    blocks = list(range(-(-len(ids) // runner.block_size)))
+    nll = 0.0
+    for pos in range(len(ids) - 1):
+        meta = AttentionMetadata.build([pos], [1], [blocks], runner.block_size, runner.device)
+        x = runner.model.embed(torch.tensor([ids[pos]], device=runner.device))
+        logits = path.logits(path.forward(x, meta, runner.kv_cache.layers))     # [1, vocab]
+        target = torch.tensor([ids[pos + 1]], device=logits.device)
+        nll += F.cross_entropy(logits, target, reduction="sum").item()
+    return math.exp(nll / (len(ids) - 1))
+
+
 def main(argv: list[str]) -> int:
     from shardline.worker.config import add_weight_args
     from shardline.worker.loader import DEFAULT_MODEL, resolve_model
@@ -82,6 +105,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--decode", action="store_true",
+                   help="score one decode step per token (the serving path) over --tokens")
     add_weight_args(p)
     a = p.parse_args(argv)
     if a.threads:
@@ -89,13 +114,18 @@ def main(argv: list[str]) -> int:
     model_dir = resolve_model(a.model)
     cfg = ModelConfig.from_dir(model_dir)
     t0 = time.perf_counter()
+    window = a.tokens if a.decode else a.window
     runner = StageRunner(model_dir, 0, cfg.num_layers, device=a.device, dtype=a.dtype,
-                         kv_cache_bytes=_kv_bytes(cfg, a.window, a.dtype), fuse=a.fuse,
-                         **weight_kwargs(a))
+                         kv_cache_bytes=_kv_bytes(cfg, window, a.dtype), fuse=a.fuse,
+                         use_cpu_kernels=a.cpu_kernels, **weight_kwargs(a))
     ids = corpus_token_ids(model_dir, a.tokens)
-    ppl = perplexity(runner, ids, a.window, a.stride)
+    if a.decode:
+        ppl = decode_perplexity(runner, ids)
+    else:
+        ppl = perplexity(runner, ids, a.window, a.stride)
+    mode = "decode steps" if a.decode else f"window={a.window} stride={a.stride}"
     print(f"{a.model} dtype={a.dtype} quantize={a.quantize} prune={getattr(a, 'prune', None)} "
-          f"tokens={len(ids)} window={a.window} stride={a.stride} "
+          f"tokens={len(ids)} {mode} "
           f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
     print(f"perplexity: {ppl:.4f}")
     return 0
