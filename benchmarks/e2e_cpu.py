@@ -60,11 +60,12 @@ def main() -> int:
     p.add_argument("--gguf", default=None)
     p.add_argument("--extra-worker-args", default="")
     p.add_argument("--json", default=None)
+    p.add_argument("--verbose", action="store_true", help="show the services' logs")
     a = p.parse_args()
     model_dir = str(resolve_model(DEFAULT_MODEL))
     port = free_port()
     stack = build_stack(model_dir, DEFAULT_MODEL, 1, port, "cpu", a.dtype, "512MiB", a.threads,
-                        quiet=True, worker_extra=a.extra_worker_args.split())
+                        quiet=not a.verbose, worker_extra=a.extra_worker_args.split())
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                  "date": time.strftime("%Y-%m-%d"), "dtype": a.dtype, "threads": a.threads,
                  "worker_args": a.extra_worker_args}

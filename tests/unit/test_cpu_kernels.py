@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from shardline.worker import cpu_kernels
 from shardline.worker.attention import AttentionMetadata, paged_attention
-from shardline.worker.cpu_path import int4_kernel_layout
+from shardline.worker.cpu_path import int4_kernel_layout, vnni_layout
 from shardline.worker.layers import apply_rope
 from shardline.worker.plan import SamplingConfig, SeqStep
 from shardline.worker.quantize import (Int4Linear, dequantize_int4, dequantize_int8,
@@ -26,18 +26,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 6])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 16, 33])      # GEMV up to 4 rows, AMX beyond
 @pytest.mark.parametrize("n,k", [(960, 576), (37, 64), (576, 1536)])
-def test_linear_bf16(rows, n, k):
+def test_linear_vnni(rows, n, k):
+    if rows > 4 and not K.amx_supported():
+        pytest.skip("more than 4 rows run on AMX tiles, which this CPU lacks")
     torch.manual_seed(rows)
     x = torch.randn(rows, k, dtype=torch.bfloat16)
     w = torch.randn(n, k, dtype=torch.bfloat16) * 0.05
     b = torch.randn(n)
+    wv = vnni_layout(w)
+    assert wv.shape == (-(-n // 32) * 2, k // 2, 16, 2)
+    assert torch.equal(wv[1, 3, 5], w[16 + 5, 6:8])         # block 1, channel pair 3, row 5
     exact = x.float() @ w.float().t()
-    y = K.linear_bf16(x, w, b, False)
+    y = K.linear_vnni(x, wv, n, b, False)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
     assert rel_err(y, exact + b) < 4e-3                      # bf16 rounding of the output
-    y32 = K.linear_bf16(x, w, None, True)
+    y32 = K.linear_vnni(x, wv, n, None, True)
     assert y32.dtype == torch.float32
     assert rel_err(y32, exact) < 1e-5                        # float32 accumulation
 

@@ -7,9 +7,9 @@ memory bandwidth and per-op overhead. This path runs each layer in about seven c
     -> o linear -> rms_norm (+ residual add) -> gate_up linear -> silu * up -> down linear
 
 with the residual carried beside the hidden state (its add fused into the next norm), and
-weights read as stored: bf16, int8 (per channel) or int4 (group 32, the kernel's nibble
-layout, converted once here). Linear layers of up to GEMV_ROWS rows run on the GEMV kernels;
-more rows (prefill, big batches) on oneDNN's AMX GEMM with pre-packed bf16 weights. Attention:
+weights read as stored: bf16 (in the VNNI-blocked layout the GEMV and the AMX tiles share),
+int8 (per channel) or int4 (group 32, the kernel's nibble layout), converted once here.
+Quantized layers of more than GEMV_ROWS rows dequantize to bf16 for a GEMM. Attention:
 decode rows on the paged decode kernel, prefill chunks on PyTorch's SDPA (attention.py).
 It computes what StageModel.forward / .logits compute, within bf16 rounding
 (tests/unit/test_cpu_kernels.py). Other dtypes or devices, unfused stages and CPUs without
@@ -31,12 +31,24 @@ from shardline.worker.quantize import Int4Linear, Int8Linear, unpack_int4
 
 log = logging.getLogger(__name__)
 
-# Up to this many rows the linear kernels beat PyTorch's (measured, SmolLM2-135M, all layers and
-# the head, 2 Sapphire Rapids cores: bf16 1 row 9.7 vs 19 ms, 4 rows 10.9 vs 19.2 ms, 16 rows
-# 34 vs 24 ms); beyond, a weight tile is reused across more rows by oneDNN's AMX GEMM.
+# Up to this many rows the int8 / int4 GEMV kernels run; beyond, weights are dequantized to
+# bf16 for a GEMM. bf16 weights take linear_vnni at any row count (GEMV up to 4 rows, AMX
+# beyond). Measured for all of SmolLM2-135M's matmuls on 2 Sapphire Rapids cores, bf16:
+# 1 row 9.5 ms (PyTorch 19), 16 rows 11.8 ms (oneDNN packed weights 13.7), 512 rows 94 ms (129).
 GEMV_ROWS = 4
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def vnni_layout(w: torch.Tensor) -> torch.Tensor:
+    """bf16 [n, k] -> [n' / 16, k / 2, 16, 2] for linear_vnni (n' = n rounded up to 32, zero
+    rows): per block of 16 outputs, each pair of input channels' 16 x 2 values together, the
+    layout AMX takes as its B tile and the GEMV streams without horizontal sums."""
+    n, k = w.shape
+    padded = -(-n // 32) * 32
+    if padded != n:
+        w = torch.cat([w, w.new_zeros(padded - n, k)])
+    return w.reshape(padded // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def int4_kernel_layout(m: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,10 +69,10 @@ def _linear_fn(kernels, m: nn.Module, out_f32: bool = False) -> Optional[LinearF
     bias = None if bias is None else bias.detach().float().contiguous()
     if type(m) in (Linear, nn.Linear) and m.weight.dtype == torch.bfloat16 \
             and m.in_features % 32 == 0:
-        w = m.weight.detach().contiguous()
-        if isinstance(m, Linear):
-            m.pack_for_cpu()                    # several rows (prefill, batches) take AMX
-        gemv = lambda x: kernels.linear_bf16(x, w, bias, out_f32)        # noqa: E731
+        w, n = vnni_layout(m.weight.detach()), m.out_features
+        gemv = lambda x: kernels.linear_vnni(x, w, n, bias, out_f32)     # noqa: E731
+        if kernels.amx_supported():
+            return gemv                          # AMX tiles for more than GEMV_ROWS rows
         many = m
     elif isinstance(m, Int8Linear) and m.in_features % 16 == 0:
         q, s = m.qweight.contiguous(), m.scale.float().contiguous()

@@ -38,23 +38,9 @@ class Linear(nn.Linear):
         [49152, 576], 2 rows: 8.3 ms vs 22.6 ms; 16 rows: 21.6 ms vs 30.4 ms).
     """
 
-    packed: Optional[torch.Tensor] = None      # oneDNN-blocked copy of weight (pack_for_cpu)
-
-    def pack_for_cpu(self) -> None:
-        """Keep a oneDNN-blocked copy of a bf16 weight for steps of several rows: its AMX GEMM
-        then runs at 13.6 vs 20.8 ms for all of SmolLM2's matmuls at 16 rows, 25.9 vs 36.6 ms
-        at 128 (2 Sapphire Rapids cores). Costs a second copy of the weight; the plain one
-        stays for the one-row kernels (cpu_path.py)."""
-        if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu":
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 64)
-            self._packed_bias = None if self.bias is None else self.bias.detach()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, in] -> [tokens, out]
         rows = x.shape[0]
-        if self.packed is not None and x.dtype == torch.bfloat16 and rows > 1:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self._packed_bias,
-                                                      "none", [], "")
         if x.device.type != "cpu" or rows == 1:
             return F.linear(x, self.weight, self.bias)
         weight, bias = self.weight, self.bias

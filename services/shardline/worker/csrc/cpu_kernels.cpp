@@ -6,7 +6,8 @@
 // at close to the bandwidth and do each layer in a few calls:
 //
 //   rms_norm         (residual += x;) out = x / rms(x) * w        bf16 in/out, f32 math
-//   linear_bf16      y = x @ w^T (+ b)          w bf16 [n, k]     AVX512-BF16 dot products
+//   linear_vnni      y = x @ w^T (+ b)          w bf16, VNNI-blocked: AVX512-BF16 GEMV for
+//                                               up to 4 rows, AMX tiles beyond
 //   linear_int8      y = x @ (q * s)^T (+ b)    q int8 [n, k]     weight-only, f32 FMA
 //   linear_int4      y = x @ w4^T (+ b)         w4 packed nibbles, group 32: activations
 //                                               quantized to int8 per block of 32 (VNNI)
@@ -23,11 +24,16 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma,f16c")))
+#define AMX_KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,amx-tile,amx-bf16")))
 
 using bf16_t = uint16_t;
 
@@ -82,46 +88,6 @@ void parallel(int64_t n, F&& f) {
 // prefetchers alone reached about 16 GB/s of the ~29 GB/s two cores read.
 constexpr int PF_TILES = 2;
 
-// ---- bf16 linear --------------------------------------------------------------------------
-// Tile: NB weight rows against MB input rows; each step of 32 along k is NB weight loads,
-// MB input loads and NB * MB dpbf16 instructions.
-template <int MB, int NB>
-KERNEL void bf16_tile(const bf16_t* x, int64_t k, const bf16_t* w, float* out) {
-  __m512 acc[MB][NB];
-  for (int j = 0; j < MB; ++j)
-    for (int i = 0; i < NB; ++i) acc[j][i] = _mm512_setzero_ps();
-  // the tile's rows are contiguous (NB * k * 2 bytes); prefetch the tile PF_TILES ahead,
-  // NB cache lines per 32-column step, which covers it exactly
-  const char* ahead = reinterpret_cast<const char*>(w + PF_TILES * NB * k);
-  for (int64_t c = 0; c < k; c += 32) {
-    for (int i = 0; i < NB; ++i)
-      _mm_prefetch(ahead + (c / 32 * NB + i) * 64, _MM_HINT_T0);
-    __m512bh wv[NB];
-    for (int i = 0; i < NB; ++i)
-      wv[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + i * k + c));
-    for (int j = 0; j < MB; ++j) {
-      __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + j * k + c));
-      for (int i = 0; i < NB; ++i) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], wv[i], xv);
-    }
-  }
-  for (int j = 0; j < MB; ++j)
-    for (int i = 0; i < NB; ++i) out[j * NB + i] = _mm512_reduce_add_ps(acc[j][i]);
-}
-
-template <int NB>
-KERNEL void bf16_rows(const bf16_t* x, int64_t m, int64_t k, const bf16_t* w, int64_t n0,
-                      float* out /* [m, NB] */) {
-  const bf16_t* wn = w + n0 * k;
-  int64_t j = 0;
-  for (; j + 4 <= m; j += 4) bf16_tile<4, NB>(x + j * k, k, wn, out + j * NB);
-  switch (m - j) {
-    case 3: bf16_tile<3, NB>(x + j * k, k, wn, out + j * NB); break;
-    case 2: bf16_tile<2, NB>(x + j * k, k, wn, out + j * NB); break;
-    case 1: bf16_tile<1, NB>(x + j * k, k, wn, out + j * NB); break;
-    default: break;
-  }
-}
-
 // Writes y[:, n0:n1] (float32 or bf16) from dot products, adding bias.
 template <typename Dot>
 void linear_driver(int64_t m, int64_t n, const c10::optional<at::Tensor>& bias, at::Tensor& y,
@@ -146,22 +112,179 @@ void linear_driver(int64_t m, int64_t n, const c10::optional<at::Tensor>& bias, 
   });
 }
 
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w,
+// ---- bf16 linear on the VNNI-blocked layout (one weight copy for GEMV and AMX) --------------
+// Layout: w [n, k] -> [n / 16][k / 2][16][2]: per block of 16 output rows, for each pair of
+// input channels, the 16 rows' two values (64 bytes). n is padded to a multiple of 32.
+//   few rows:  y[m, block] += w_block[pair] * broadcast(x[m, pair])  (AVX512-BF16, no reductions)
+//   many rows: AMX tiles, C[32 x 32] += A[32 x 32 k] . B[32 k x 32], 2 x 2 tiles of 16 x 16
+
+// few rows (M <= 4): per 16-row block, ACC interleaved accumulators per input row
+template <int M>
+KERNEL void vnni_gemv_block(const bf16_t* x, int64_t k, const bf16_t* wb, float* out /* [M][16] */) {
+  constexpr int ACC = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  __m512 acc[M][ACC];
+  for (int m = 0; m < M; ++m)
+    for (int a = 0; a < ACC; ++a) acc[m][a] = _mm512_setzero_ps();
+  const int32_t* xp[M];
+  for (int m = 0; m < M; ++m) xp[m] = reinterpret_cast<const int32_t*>(x + m * k);
+  const int64_t pairs = k / 2;
+  const char* ahead = reinterpret_cast<const char*>(wb + PF_TILES * 16 * k);
+  for (int64_t r = 0; r < pairs; r += ACC) {
+    for (int a = 0; a < ACC; ++a) _mm_prefetch(ahead + (r + a) * 64, _MM_HINT_T0);
+    for (int a = 0; a < ACC; ++a) {
+      __m512bh w = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wb + (r + a) * 32));
+      for (int m = 0; m < M; ++m)
+        acc[m][a] = _mm512_dpbf16_ps(acc[m][a], w,
+                                     reinterpret_cast<__m512bh>(_mm512_set1_epi32(xp[m][r + a])));
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    __m512 sum = acc[m][0];
+    for (int a = 1; a < ACC; ++a) sum = _mm512_add_ps(sum, acc[m][a]);
+    _mm512_storeu_ps(out + m * 16, sum);
+  }
+}
+
+// out[0:count] = v + bias, as float32 (yf) or bf16 (yb), 16 at a time
+KERNEL void store_out(const float* v, int64_t count, const float* bias, float* yf, bf16_t* yb) {
+  for (int64_t i = 0; i < count; i += 16) {
+    __mmask16 mask = count - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                     : static_cast<__mmask16>((1u << (count - i)) - 1);
+    __m512 f = _mm512_maskz_loadu_ps(mask, v + i);
+    if (bias) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(mask, bias + i));
+    if (yf) {
+      _mm512_mask_storeu_ps(yf + i, mask, f);
+    } else {
+      __m256bh h = _mm512_cvtneps_pbh(f);
+      _mm256_mask_storeu_epi16(yb + i, mask, reinterpret_cast<__m256i&>(h));
+    }
+  }
+}
+
+struct TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+bool amx_enable() {       // Linux asks each process to request the AMX tile state once
+  static const bool ok = [] {
+    constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+// C tiles 0..3 (2 x 2 blocks of 16 x 16 f32), A tiles 4, 5 (16 rows x 32 bf16), B tiles 6, 7
+// (16 channel pairs x 16 outputs x 2). xpad: [mp, k] with mp a multiple of 32.
+AMX_KERNEL void amx_block(const bf16_t* xpad, int64_t k, const bf16_t* w, int64_t nb0,
+                          int64_t m0, bool prefetch, float* c /* [32][32] */) {
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  const bf16_t* b0 = w + nb0 * 16 * k;
+  const bf16_t* b1 = b0 + 16 * k;
+  for (int64_t kk = 0; kk < k; kk += 32) {
+    if (prefetch) {        // the same 2 KB of the next 32 outputs' blocks (the streamer lags)
+      const char* next = reinterpret_cast<const char*>(b0 + 32 * k + kk * 16);
+      for (int i = 0; i < 16; ++i) {
+        _mm_prefetch(next + i * 64, _MM_HINT_T0);
+        _mm_prefetch(next + 32 * k + i * 64, _MM_HINT_T0);
+      }
+    }
+    _tile_loadd(4, xpad + m0 * k + kk, k * 2);
+    _tile_loadd(5, xpad + (m0 + 16) * k + kk, k * 2);
+    _tile_loadd(6, b0 + kk * 16, 64);
+    _tile_loadd(7, b1 + kk * 16, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  _tile_stored(2, c + 16 * 32, 128);
+  _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+AMX_KERNEL void amx_config() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+  // not _tile_loadconfig: gcc 12 does not see that it reads cfg, and drops the stores
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+AMX_KERNEL void amx_release() { _tile_release(); }
+
+at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
                        const c10::optional<at::Tensor>& bias, bool out_f32) {
   check_rows(x, "x");
-  check_rows(w, "weight");
-  int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  check(w.size(1) == k && k % 32 == 0, "linear_bf16: k must match and be a multiple of 32");
+  int64_t m = x.size(0), k = x.size(1);
+  check(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 4 && w.size(1) * 2 == k &&
+            w.size(2) == 16 && w.size(3) == 2 && w.size(0) * 16 >= n && w.size(0) % 2 == 0 && k % 32 == 0,
+        "linear_vnni: weight in the [n / 16, k / 2, 16, 2] layout (vnni_layout), k a multiple of 32");
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({m, n}, x.options().dtype(out_f32 ? at::kFloat : at::kBFloat16));
-  const bf16_t* xp = bf16_ptr(x);
+  float* yf = out_f32 ? y.data_ptr<float>() : nullptr;
+  bf16_t* yb = out_f32 ? nullptr : bf16_mut(y);
+  auto put = [&](int64_t row, int64_t col, const float* v, int64_t count) {
+    store_out(v, count, b ? b + col : nullptr, yf ? yf + row * n + col : nullptr,
+              yb ? yb + row * n + col : nullptr);
+  };
   const bf16_t* wp = bf16_ptr(w);
-  linear_driver(m, n, bias, y, [&](int64_t n0, int nb, float* out) {
-    if (nb == 4) bf16_rows<4>(xp, m, k, wp, n0, out);
-    else if (nb == 3) bf16_rows<3>(xp, m, k, wp, n0, out);
-    else if (nb == 2) bf16_rows<2>(xp, m, k, wp, n0, out);
-    else bf16_rows<1>(xp, m, k, wp, n0, out);
+  const bf16_t* xp = bf16_ptr(x);
+  int64_t blocks = (n + 15) / 16;
+  if (m <= 4) {
+    parallel(blocks, [&](int64_t b0, int64_t b1) {
+      float out[4 * 16];
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const bf16_t* wb = wp + blk * 16 * k;
+        switch (m) {
+          case 1: vnni_gemv_block<1>(xp, k, wb, out); break;
+          case 2: vnni_gemv_block<2>(xp, k, wb, out); break;
+          case 3: vnni_gemv_block<3>(xp, k, wb, out); break;
+          default: vnni_gemv_block<4>(xp, k, wb, out); break;
+        }
+        int64_t cols = std::min<int64_t>(16, n - blk * 16);
+        for (int64_t r = 0; r < m; ++r) put(r, blk * 16, out + r * 16, cols);
+      }
+    });
+    return y;
+  }
+  TORCH_CHECK(amx_enable(), "linear_vnni: the kernel may not use AMX (arch_prctl refused)");
+  int64_t mp = (m + 31) / 32 * 32;
+  std::vector<bf16_t> pad;
+  const bf16_t* xpad = xp;
+  if (mp != m) {
+    pad.assign(mp * k, 0);
+    std::memcpy(pad.data(), xp, m * k * 2);
+    xpad = pad.data();
+  }
+  int64_t pairs_n = w.size(0) / 2;           // blocks of 32 outputs
+  parallel(pairs_n, [&](int64_t p0, int64_t p1) {
+    amx_config();
+    float c[32 * 32];
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t m0 = 0; m0 < mp; m0 += 32) {
+        amx_block(xpad, k, wp, 2 * p, m0, m0 == 0 && p + 1 < p1, c);
+        int64_t cols = std::min<int64_t>(32, n - p * 32);
+        if (cols <= 0) continue;
+        for (int64_t r = 0; r < 32 && m0 + r < m; ++r) put(m0 + r, p * 32, c + r * 32, cols);
+      }
+    amx_release();
   });
   return y;
+}
+
+bool amx_supported() {
+  __builtin_cpu_init();
+  // gcc 12 has no __builtin_cpu_supports name for AMX: ask CPUID leaf 7 (EDX bits 22, 24)
+  unsigned a, b, c, d;
+  __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+  bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+  return tile && bf16 && amx_enable();
 }
 
 // ---- int8 weight-only linear --------------------------------------------------------------
@@ -655,11 +778,10 @@ KERNEL void attend_fast(const bf16_t* q, int64_t group, const bf16_t* kc, const 
     int64_t n = std::min<int64_t>(16, len - p0);
     const bf16_t* krow[16];
     for (int64_t j = 0; j < n; ++j) krow[j] = row(kc, p0 + j);
-    if (p0 + 32 <= len)                     // the block after next: prefetch its K rows
-      for (int64_t j = 0; j < 16; ++j) {
-        const char* nk = reinterpret_cast<const char*>(row(kc, p0 + 32 + j));
-        for (int b = 0; b < HD * 2; b += 64) _mm_prefetch(nk + b, _MM_HINT_T0);
-      }
+    for (int64_t j = 0; j < 16 && p0 + 32 + j < len; ++j) {   // prefetch K two blocks ahead
+      const char* nk = reinterpret_cast<const char*>(row(kc, p0 + 32 + j));
+      for (int b = 0; b < HD * 2; b += 64) _mm_prefetch(nk + b, _MM_HINT_T0);
+    }
     for (int64_t g = 0; g < group; ++g) {
       for (int64_t j = 0; j < 16; ++j) {
         __m512 a = _mm512_setzero_ps();
@@ -763,8 +885,10 @@ bool supported() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &supported, "whether this CPU has the instructions the kernels use");
-  m.def("linear_bf16", &linear_bf16, "y = x @ w^T (+ b), bf16", py::arg("x"), py::arg("w"),
-        py::arg("bias") = py::none(), py::arg("out_f32") = false);
+  m.def("amx_supported", &amx_supported, "whether AMX-BF16 is there and this process may use it");
+  m.def("linear_vnni", &linear_vnni, "y = x @ w^T (+ b), w in the VNNI-blocked layout",
+        py::arg("x"), py::arg("w"), py::arg("n"), py::arg("bias") = py::none(),
+        py::arg("out_f32") = false);
   m.def("linear_int8", &linear_int8, "y = x @ (q * scale)^T (+ b)", py::arg("x"), py::arg("q"),
         py::arg("scale"), py::arg("bias") = py::none());
   m.def("linear_int4", &linear_int4, "group-32 int4 linear", py::arg("x"), py::arg("packed"),
