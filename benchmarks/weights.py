@@ -36,6 +36,7 @@ VARIANTS = {
     "int4": dict(quantize="int4"),
     "int4-head": dict(quantize="int4", quantize_head=True),
     "2:4": dict(prune="2:4", prune_calibration=True),
+    "2:4-magnitude": dict(prune="2:4"),           # no calibration corpus (random weights)
     "fp8": dict(quantize="fp8"),
     "int8-triton": dict(quantize="int8"),       # + triton_int8.ENABLED (CUDA)
 }
