@@ -179,7 +179,9 @@ bool amx_enable() {       // Linux asks each process to request the AMX tile sta
 
 // C tiles 0..3 (2 x 2 blocks of 16 x 16 f32), A tiles 4, 5 (16 rows x 32 bf16), B tiles 6, 7
 // (16 channel pairs x 16 outputs x 2). xpad: [mp, k] with mp a multiple of 32.
-AMX_KERNEL void amx_block(const bf16_t* xpad, int64_t k, const bf16_t* w, int64_t nb0,
+// xpack: x re-laid per 32 rows as [k / 32][32 rows][32 channels], so each A tile (16 rows of
+// 64 bytes) is 1 KB contiguous; block m0 / 32 starts at xpack + m0 * k.
+AMX_KERNEL void amx_block(const bf16_t* xpack, int64_t k, const bf16_t* w, int64_t nb0,
                           int64_t m0, bool prefetch, float* c /* [32][32] */) {
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   const bf16_t* b0 = w + nb0 * 16 * k;
@@ -192,8 +194,9 @@ AMX_KERNEL void amx_block(const bf16_t* xpad, int64_t k, const bf16_t* w, int64_
         _mm_prefetch(next + 32 * k + i * 64, _MM_HINT_T0);
       }
     }
-    _tile_loadd(4, xpad + m0 * k + kk, k * 2);
-    _tile_loadd(5, xpad + (m0 + 16) * k + kk, k * 2);
+    const bf16_t* a = xpack + m0 * k + kk * 32;
+    _tile_loadd(4, a, 64);
+    _tile_loadd(5, a + 16 * 32, 64);
     _tile_loadd(6, b0 + kk * 16, 64);
     _tile_loadd(7, b1 + kk * 16, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -255,13 +258,11 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
   }
   TORCH_CHECK(amx_enable(), "linear_vnni: the kernel may not use AMX (arch_prctl refused)");
   int64_t mp = (m + 31) / 32 * 32;
-  std::vector<bf16_t> pad;
-  const bf16_t* xpad = xp;
-  if (mp != m) {
-    pad.assign(mp * k, 0);
-    std::memcpy(pad.data(), xp, m * k * 2);
-    xpad = pad.data();
-  }
+  std::vector<bf16_t> pack(mp * k, 0);       // rows past m stay zero
+  bf16_t* xpad = pack.data();
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t kk = 0; kk < k; kk += 32)
+      std::memcpy(xpad + (r / 32) * 32 * k + kk * 32 + (r % 32) * 32, xp + r * k + kk, 64);
   int64_t pairs_n = w.size(0) / 2;           // blocks of 32 outputs
   parallel(pairs_n, [&](int64_t p0, int64_t p1) {
     amx_config();
@@ -609,8 +610,11 @@ at::Tensor rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residu
 KERNEL void silu_mul_row(const bf16_t* gu, int64_t inter, bf16_t* out) {
   for (int64_t c = 0; c < inter; c += 16) {
     __m512 g = load_bf16x16(gu + c), u = load_bf16x16(gu + inter + c);
-    __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(
-                                                  _mm512_setzero_ps(), g))));
+    // g / (1 + e^-g): reciprocal estimate (14 bits) refined by one Newton step, not a division
+    __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+    __m512 r = _mm512_rcp14_ps(d);
+    r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+    __m512 s = _mm512_mul_ps(g, r);
     store_bf16x16(out + c, _mm512_mul_ps(s, u));
   }
 }
