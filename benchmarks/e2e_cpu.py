@@ -3,9 +3,9 @@
 Starts `shardline up`-equivalent processes on the default model, measures
   * batch-1 decode (TPOT) and TTFT for a 128-token prompt (concurrency 1),
   * throughput with 16 concurrent requests,
-then stops the stack and measures HF transformers `generate` (float32) on the same shapes,
-and llama.cpp (llama-cpp-python, same GGUF) when `--llamacpp-python` points at a Python
-that has it. Prints a markdown table of figures and ratios; `--json` writes everything.
+interleaved, round by round, with HF transformers `generate` (float32) on the same shapes and
+llama.cpp (llama-cpp-python, same GGUF) when `--llamacpp-python` points at a Python that has
+it. Prints a markdown table of medians and per-round ratios; `--json` writes everything.
 
     .venv/bin/python benchmarks/e2e_cpu.py --dtype bfloat16 --json /tmp/e2e.json
 """
@@ -17,16 +17,20 @@ import glob
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 
-from shardline.client.bench import hf_baseline, random_prompts, run_load
+from shardline.client.bench import HFBaseline, random_prompts, run_load
 from shardline.launcher import build_stack, free_port
 from shardline.worker.loader import DEFAULT_MODEL, resolve_model
 
 LLAMACPP = r'''
-import json, sys, time, random
+import ctypes, json, sys, time, random
+# ggml's CPU backend uses AMX tiles where the CPU has them, but does not ask Linux for them
+# (arch_prctl ARCH_REQ_XCOMP_PERM): without this request it dies of SIGILL on such CPUs
+ctypes.CDLL(None, use_errno=True).syscall(158, 0x1023, 18)
 from llama_cpp import Llama
 gguf, n_prompt, n_out, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 llm = Llama(model_path=gguf, n_ctx=1024, n_threads=threads, verbose=False, n_batch=512)
@@ -61,6 +65,7 @@ def main() -> int:
     p.add_argument("--extra-worker-args", default="")
     p.add_argument("--json", default=None)
     p.add_argument("--verbose", action="store_true", help="show the services' logs")
+    p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
     model_dir = str(resolve_model(DEFAULT_MODEL))
     port = free_port()
@@ -69,56 +74,84 @@ def main() -> int:
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                  "date": time.strftime("%Y-%m-%d"), "dtype": a.dtype, "threads": a.threads,
                  "worker_args": a.extra_worker_args}
+    gguf = a.gguf or find_gguf()
+    hf = HFBaseline(DEFAULT_MODEL, a.prompt_tokens, "float32", "cpu", 0, threads=a.threads)
     print(f"starting stack ({a.dtype}, {a.threads} threads)", file=sys.stderr, flush=True)
     stack.start()
+    rounds = []
     try:
         if not stack.wait_ready(300):
             raise SystemExit("stack failed to start")
         addr = stack.scheduler_address
         warm = random_prompts(2, a.prompt_tokens, 49152, 99)
         asyncio.run(run_load(addr, warm, 8, 1, progress=False))
-        print("batch 1 (concurrency 1)", file=sys.stderr, flush=True)
-        res["b1"] = asyncio.run(run_load(addr, random_prompts(5, a.prompt_tokens, 49152, 1),
-                                         a.max_tokens, 1))
-        print(f"concurrency {a.concurrency}", file=sys.stderr, flush=True)
-        res[f"c{a.concurrency}"] = asyncio.run(run_load(
-            addr, random_prompts(2 * a.concurrency, a.prompt_tokens, 49152, 2), a.max_tokens,
-            a.concurrency))
+        # rounds interleave the stack and its baselines: the host's speed drifts (shared
+        # memory bandwidth), so each round's ratio compares figures taken a few seconds apart
+        for r in range(a.rounds):
+            print(f"round {r + 1}/{a.rounds}: batch 1", file=sys.stderr, flush=True)
+            one = {"b1": asyncio.run(run_load(addr, random_prompts(4, a.prompt_tokens, 49152, r),
+                                              a.max_tokens, 1, progress=False))}
+            one["hf"] = hf.batch1(a.max_tokens)
+            if a.llamacpp_python and gguf:
+                out = subprocess.run([a.llamacpp_python, "-c", LLAMACPP, gguf,
+                                      str(a.prompt_tokens), str(a.max_tokens), str(a.threads)],
+                                     capture_output=True, text=True)
+                one["llamacpp"] = (json.loads(out.stdout.strip().splitlines()[-1])
+                                   if out.returncode == 0 else {"error": out.stderr[-500:]})
+            print(f"round {r + 1}/{a.rounds}: concurrency {a.concurrency}", file=sys.stderr,
+                  flush=True)
+            one["cN"] = asyncio.run(run_load(
+                addr, random_prompts(2 * a.concurrency, a.prompt_tokens, 49152, 100 + r),
+                a.max_tokens, a.concurrency, progress=False))
+            one["hf"].update(hf.batched(a.concurrency, a.max_tokens))
+            rounds.append(one)
     finally:
         stack.stop()
-    print("HF transformers baseline (float32)", file=sys.stderr, flush=True)
-    res["hf"] = hf_baseline(DEFAULT_MODEL, a.prompt_tokens, a.max_tokens, a.concurrency,
-                            "float32", "cpu", 0, threads=a.threads)
-    gguf = a.gguf or find_gguf()
-    if a.llamacpp_python and gguf:
-        print("llama.cpp baseline", file=sys.stderr, flush=True)
-        out = subprocess.run([a.llamacpp_python, "-c", LLAMACPP, gguf, str(a.prompt_tokens),
-                              str(a.max_tokens), str(a.threads)], capture_output=True, text=True)
-        res["llamacpp"] = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 \
-            else {"error": out.stderr[-500:]}
-    b1, cN, hf = res["b1"], res[f"c{a.concurrency}"], res["hf"]
-    decode = 1e3 / b1["tpot_p50_ms"]
+    res["rounds"] = rounds
+    n = a.concurrency
+    per = {
+        "decode": [1e3 / o["b1"]["tpot_p50_ms"] for o in rounds],
+        "hf_decode": [o["hf"]["hf_b1_decode_tok_s"] for o in rounds],
+        "ttft": [o["b1"]["ttft_p50_ms"] for o in rounds],
+        "hf_ttft": [o["hf"]["hf_b1_ttft_ms"] for o in rounds],
+        "cN": [o["cN"]["output_tok_s"] for o in rounds],
+        "hf_bN": [o["hf"][f"hf_b{n}_out_tok_s"] for o in rounds],
+    }
+    ratios = {
+        "decode": [x / y for x, y in zip(per["decode"], per["hf_decode"])],
+        "ttft": [y / x for x, y in zip(per["ttft"], per["hf_ttft"])],
+        "cN": [x / y for x, y in zip(per["cN"], per["hf_bN"])],
+    }
+    med = statistics.median
+    res["medians"] = {k: med(v) for k, v in per.items()}
+    res["ratios"] = ratios
+
+    def show(v):
+        return ", ".join(f"{x:.2f}" for x in v)
     rows = [
-        ("batch-1 decode tok/s", f"{decode:.1f}", f"{hf['hf_b1_decode_tok_s']:.1f}",
-         f"{decode / hf['hf_b1_decode_tok_s']:.2f}x"),
-        (f"TTFT {a.prompt_tokens}-token prompt (ms)", f"{b1['ttft_p50_ms']:.0f}",
-         f"{hf['hf_b1_ttft_ms']:.0f}", f"{hf['hf_b1_ttft_ms'] / b1['ttft_p50_ms']:.2f}x faster"),
-        (f"{a.concurrency} concurrent, output tok/s", f"{cN['output_tok_s']:.1f}",
-         f"{hf[f'hf_b{a.concurrency}_out_tok_s']:.1f}",
-         f"{cN['output_tok_s'] / hf[f'hf_b{a.concurrency}_out_tok_s']:.2f}x"),
+        ("batch-1 decode tok/s", f"{med(per['decode']):.1f}", f"{med(per['hf_decode']):.1f}",
+         f"{med(ratios['decode']):.2f}x ({show(ratios['decode'])})"),
+        (f"TTFT {a.prompt_tokens}-token prompt (ms)", f"{med(per['ttft']):.0f}",
+         f"{med(per['hf_ttft']):.0f}", f"{med(ratios['ttft']):.2f}x faster"),
+        (f"{n} concurrent, output tok/s", f"{med(per['cN']):.1f}", f"{med(per['hf_bN']):.1f}",
+         f"{med(ratios['cN']):.2f}x ({show(ratios['cN'])})"),
     ]
-    print(f"\n| metric | shardline ({a.dtype}) | HF transformers (float32) | ratio |")
+    print(f"\n| metric | shardline ({a.dtype}) | HF transformers (float32) | ratio, median (per round) |")
     print("|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
-    if "llamacpp" in res and "llamacpp_b1_decode_tok_s" in res["llamacpp"]:
-        lc = res["llamacpp"]["llamacpp_b1_decode_tok_s"]
-        print(f"| batch-1 decode vs llama.cpp (Q4_1 GGUF) | {decode:.1f} | llama.cpp {lc:.1f} | "
-              f"{decode / lc:.2f}x |")
-    print(f"\nTTFT p99 {b1['ttft_p99_ms']} ms, TPOT p99 {b1['tpot_p99_ms']} ms (batch 1); "
-          f"{a.concurrency}-concurrent TTFT p50 {cN['ttft_p50_ms']} ms, TPOT p50 {cN['tpot_p50_ms']} ms")
-    print(f"step profile, batch 1 (ms per step): {b1['step_profile']}")
-    print(f"step profile, {a.concurrency} concurrent (ms per step): {cN['step_profile']}")
+    lc = [o["llamacpp"]["llamacpp_b1_decode_tok_s"] for o in rounds
+          if "llamacpp_b1_decode_tok_s" in o.get("llamacpp", {})]
+    if lc:
+        lr = [d / x for d, x in zip(per["decode"], lc)]
+        print(f"| batch-1 decode vs llama.cpp (Q4_1 GGUF) | {med(per['decode']):.1f} | "
+              f"llama.cpp {med(lc):.1f} | {med(lr):.2f}x ({show(lr)}) |")
+    last = rounds[-1]
+    print(f"\nlast round: TTFT p99 {last['b1']['ttft_p99_ms']} ms, TPOT p99 "
+          f"{last['b1']['tpot_p99_ms']} ms (batch 1); {n}-concurrent TTFT p50 "
+          f"{last['cN']['ttft_p50_ms']} ms, TPOT p50 {last['cN']['tpot_p50_ms']} ms")
+    print(f"step profile, batch 1 (ms per step): {last['b1']['step_profile']}")
+    print(f"step profile, {n} concurrent (ms per step): {last['cN']['step_profile']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

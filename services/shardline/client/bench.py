@@ -108,40 +108,58 @@ def step_profile(a: generate_pb2.SchedulerStats, b: generate_pb2.SchedulerStats)
     return per
 
 
+class HFBaseline:
+    """HF transformers generate() on the same model and workload shape, loaded once so that
+    its measurements can be interleaved with the stack's (see benchmarks/e2e_cpu.py)."""
+
+    def __init__(self, model: str, prompt_len: int, dtype: str, device: str, seed: int,
+                 threads: int = 0):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from shardline.worker.loader import resolve_model
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch, self.device, self.prompt_len = torch, device, prompt_len
+        print(f"  loading HF transformers model ({dtype}, {device})", file=sys.stderr, flush=True)
+        self.m = AutoModelForCausalLM.from_pretrained(
+            resolve_model(model), dtype=getattr(torch, dtype)).to(device).eval()
+        self.g = torch.Generator().manual_seed(seed)
+        self._gen(self._prompts(1), 4)                            # warm-up
+
+    def _prompts(self, batch: int):
+        vocab = self.m.config.vocab_size
+        return self.torch.randint(100, vocab - 100, (batch, self.prompt_len),
+                                  generator=self.g).to(self.device)
+
+    def _gen(self, x, n: int) -> None:
+        with self.torch.inference_mode():
+            self.m.generate(x, attention_mask=self.torch.ones_like(x), max_new_tokens=n,
+                            min_new_tokens=n, do_sample=False, pad_token_id=0)
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+    def batch1(self, max_tokens: int) -> dict:
+        p1 = self._prompts(1)
+        t = time.perf_counter(); self._gen(p1, 1); ttft = time.perf_counter() - t
+        t = time.perf_counter(); self._gen(p1, max_tokens); dt = time.perf_counter() - t
+        return {"hf_b1_ttft_ms": round(ttft * 1e3, 1),
+                "hf_b1_decode_tok_s": round((max_tokens - 1) / max(1e-9, dt - ttft), 2)}
+
+    def batched(self, batch: int, max_tokens: int) -> dict:
+        pb = self._prompts(batch)
+        print(f"  HF batch {batch}", file=sys.stderr, flush=True)
+        t = time.perf_counter(); self._gen(pb, max_tokens); dt = time.perf_counter() - t
+        return {f"hf_b{batch}_out_tok_s": round(batch * max_tokens / dt, 2)}
+
+
 def hf_baseline(model: str, prompt_len: int, max_tokens: int, batch: int, dtype: str,
                 device: str, seed: int, threads: int = 0) -> dict:
     """HF transformers generate() on the same model and workload shape."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from shardline.worker.loader import resolve_model
-    if threads:
-        torch.set_num_threads(threads)
-    path = resolve_model(model)
-    print(f"  loading HF transformers model ({dtype}, {device})", file=sys.stderr, flush=True)
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    vocab = m.config.vocab_size
-    g = torch.Generator().manual_seed(seed)
-
-    def gen(x, n):
-        with torch.inference_mode():
-            out = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return out
-
-    p1 = torch.randint(100, vocab - 100, (1, prompt_len), generator=g).to(device)
-    gen(p1, 4)                                               # warm-up
-    t = time.perf_counter(); gen(p1, 1); ttft = time.perf_counter() - t
-    t = time.perf_counter(); gen(p1, max_tokens); dt = time.perf_counter() - t
-    res = {"hf_b1_ttft_ms": round(ttft * 1e3, 1),
-           "hf_b1_decode_tok_s": round((max_tokens - 1) / max(1e-9, dt - ttft), 2)}
+    hf = HFBaseline(model, prompt_len, dtype, device, seed, threads)
+    res = hf.batch1(max_tokens)
     if batch > 1:
-        pb = torch.randint(100, vocab - 100, (batch, prompt_len), generator=g).to(device)
-        print(f"  HF batch {batch}", file=sys.stderr, flush=True)
-        t = time.perf_counter(); gen(pb, max_tokens); dt = time.perf_counter() - t
-        res[f"hf_b{batch}_out_tok_s"] = round(batch * max_tokens / dt, 2)
+        res.update(hf.batched(batch, max_tokens))
     return res
 
 

@@ -87,6 +87,7 @@ void parallel(int64_t n, F&& f) {
 // Software prefetch distance, in weight tiles, for the streaming kernels: the hardware
 // prefetchers alone reached about 16 GB/s of the ~29 GB/s two cores read.
 constexpr int PF_TILES = 2;
+constexpr int64_t PF_BYTES = 4096;
 
 // Writes y[:, n0:n1] (float32 or bf16) from dot products, adding bias.
 template <typename Dot>
@@ -128,7 +129,9 @@ KERNEL void vnni_gemv_block(const bf16_t* x, int64_t k, const bf16_t* wb, float*
   const int32_t* xp[M];
   for (int m = 0; m < M; ++m) xp[m] = reinterpret_cast<const int32_t*>(x + m * k);
   const int64_t pairs = k / 2;
-  const char* ahead = reinterpret_cast<const char*>(wb + PF_TILES * 16 * k);
+  // blocks are contiguous: prefetch PF_BYTES ahead in the stream (into the next block near
+  // the end of this one); further ahead, prefetched lines were evicted before use
+  const char* ahead = reinterpret_cast<const char*>(wb) + PF_BYTES;
   for (int64_t r = 0; r < pairs; r += ACC) {
     for (int a = 0; a < ACC; ++a) _mm_prefetch(ahead + (r + a) * 64, _MM_HINT_T0);
     for (int a = 0; a < ACC; ++a) {
@@ -187,11 +190,11 @@ AMX_KERNEL void amx_block(const bf16_t* xpack, int64_t k, const bf16_t* w, int64
   const bf16_t* b0 = w + nb0 * 16 * k;
   const bf16_t* b1 = b0 + 16 * k;
   for (int64_t kk = 0; kk < k; kk += 32) {
-    if (prefetch) {        // the same 2 KB of the next 32 outputs' blocks (the streamer lags)
+    if (prefetch) {   // the same 2 KB of the next 32 outputs' blocks, into L2 (L1 is too small)
       const char* next = reinterpret_cast<const char*>(b0 + 32 * k + kk * 16);
       for (int i = 0; i < 16; ++i) {
-        _mm_prefetch(next + i * 64, _MM_HINT_T0);
-        _mm_prefetch(next + 32 * k + i * 64, _MM_HINT_T0);
+        _mm_prefetch(next + i * 64, _MM_HINT_T1);
+        _mm_prefetch(next + 32 * k + i * 64, _MM_HINT_T1);
       }
     }
     const bf16_t* a = xpack + m0 * k + kk * 32;
