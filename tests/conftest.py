@@ -11,9 +11,8 @@ import pytest
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from shardline.launcher import free_port      # outside the ephemeral port range
+    return free_port()
 
 
 class RedisServer:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,7 +22,35 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
+_given_ports: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A port that is free now, for a service started next. Taken below the kernel's ephemeral
+    range, so that no outgoing connection can be given it before the service binds it (with
+    bind(0) that happened: a service then failed to start), and never twice in this process."""
+    low = _ephemeral_low()
+    if low > 11000:
+        rng = random.Random()
+        for _ in range(500):
+            port = rng.randrange(10000, low)
+            if port in _given_ports:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("0.0.0.0", port))
+                except OSError:
+                    continue
+            _given_ports.add(port)
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,10 +21,7 @@ SERVICES_DIR = Path(__file__).resolve().parents[2] / "services"
 TEXT = "Héllo 世界 🦄👍🏽  naïve café"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from shardline.launcher import free_port  # noqa: E402  (outside the ephemeral port range)
 
 
 def wait_serving(address: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
