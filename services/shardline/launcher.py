@@ -7,6 +7,7 @@ every child (SIGTERM, then SIGKILL after a grace period).
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import random
 import signal
@@ -88,6 +89,9 @@ class Child:
     argv: list[str]
     proc: Optional[subprocess.Popen] = None
     thread: Optional[threading.Thread] = field(default=None, repr=False)
+    # its last log lines, kept even when the stack is quiet (to say why a child died)
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=40),
+                                    repr=False)
 
 
 class Stack:
@@ -128,6 +132,7 @@ class Stack:
 
     def _forward(self, c: Child) -> None:
         for line in c.proc.stdout:
+            c.tail.append(line)
             if not self.quiet:
                 sys.stderr.write(f"[{c.name}] {line}")
                 sys.stderr.flush()

@@ -29,8 +29,9 @@ class RunningStack:
         self.stack.start(self.env)
         if not self.stack.wait_ready(180):
             dead = [(c.name, c.proc.returncode) for c in self.stack.dead()]
+            logs = "".join(f"[{c.name}] {line}" for c in self.stack.dead() for line in c.tail)
             self.stack.stop()
-            raise RuntimeError(f"stack did not become ready; dead children: {dead}")
+            raise RuntimeError(f"stack did not become ready; dead children: {dead}\n{logs}")
         return self
 
     def __exit__(self, *exc):
