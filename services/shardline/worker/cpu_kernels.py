@@ -24,9 +24,9 @@ _module: Optional[ModuleType] = None
 _tried = False
 
 
-def _build_dir() -> pathlib.Path:
+def _build_dir(digest: str) -> pathlib.Path:
     root = os.environ.get("SHARDLINE_CACHE") or os.path.expanduser("~/.cache/shardline")
-    path = pathlib.Path(root) / "torch_extensions"
+    path = pathlib.Path(root) / "torch_extensions" / digest
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -51,7 +51,7 @@ def load() -> Optional[ModuleType]:
             mod = cpp_extension.load(
                 name=f"shardline_cpu_kernels_{digest}", sources=[str(SOURCE)],
                 extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                build_directory=str(_mkdir(digest)),
+                build_directory=str(_build_dir(digest)),
                 verbose=False)
         except Exception as e:                       # no compiler, no ninja, ...
             log.warning("CPU kernels unavailable (%s); using PyTorch ops", e)
@@ -73,9 +73,3 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-
-
-def _mkdir(digest: str) -> pathlib.Path:
-    path = _build_dir() / digest
-    path.mkdir(parents=True, exist_ok=True)
-    return path

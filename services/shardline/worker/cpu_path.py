@@ -62,7 +62,7 @@ def int4_kernel_layout(m: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch
     return packed, m.scale.half().contiguous(), (m.zero - 8 * m.scale).half().contiguous()
 
 
-def _linear_fn(kernels, m: nn.Module, out_f32: bool = False) -> Optional[LinearFn]:
+def _linear_fn(kernels, m: nn.Module, amx: bool, out_f32: bool = False) -> Optional[LinearFn]:
     """x [T, in] bf16 -> [T, out] (float32 with out_f32, else bf16): the kernel for m's
     weight format up to GEMV_ROWS rows, m itself beyond; None when no kernel fits m."""
     bias = getattr(m, "bias", None)
@@ -71,7 +71,7 @@ def _linear_fn(kernels, m: nn.Module, out_f32: bool = False) -> Optional[LinearF
             and m.in_features % 32 == 0:
         w, n = vnni_layout(m.weight.detach()), m.out_features
         gemv = lambda x: kernels.linear_vnni(x, w, n, bias, out_f32)     # noqa: E731
-        if kernels.amx_supported():
+        if amx:
             return gemv                          # AMX tiles for more than GEMV_ROWS rows
         many = m
     elif isinstance(m, Int8Linear) and m.in_features % 16 == 0:
@@ -100,12 +100,12 @@ def _dequantized(m: nn.Module, weight: Callable[[], torch.Tensor]) -> LinearFn:
 
 
 class _Layer:
-    def __init__(self, kernels, layer):
+    def __init__(self, kernels, layer, amx: bool):
         attn, mlp = layer.self_attn, layer.mlp
         self.in_norm = layer.input_layernorm.weight.detach().float().contiguous()
         self.post_norm = layer.post_attention_layernorm.weight.detach().float().contiguous()
         self.eps = layer.input_layernorm.eps
-        self.fns = [_linear_fn(kernels, m) for m in
+        self.fns = [_linear_fn(kernels, m, amx) for m in
                     (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
         self.heads, self.kv_heads, self.scale = attn.num_heads, attn.num_kv_heads, attn.scale
 
@@ -116,7 +116,8 @@ class CpuStepPath:
     def __init__(self, kernels, model):
         self.k = kernels
         self.model = model
-        self.layers = [_Layer(kernels, layer) for layer in model.layers]
+        amx = kernels.amx_supported()          # AMX tiles for bf16 rows past GEMV_ROWS
+        self.layers = [_Layer(kernels, layer, amx) for layer in model.layers]
         rot = model.rotary
         self.cos = rot.cos.float().contiguous()                       # [max_pos, head_dim]
         self.sin = rot.sin_signed.float().contiguous()
@@ -124,7 +125,7 @@ class CpuStepPath:
         if model.is_last:
             self.norm = model.norm.weight.detach().float().contiguous()
             self.norm_eps = model.norm.eps
-            self.head = _linear_fn(kernels, model.lm_head, out_f32=True) or model.lm_head
+            self.head = _linear_fn(kernels, model.lm_head, amx, out_f32=True) or model.lm_head
 
     @classmethod
     def build(cls, model) -> Optional["CpuStepPath"]:

@@ -690,6 +690,23 @@ void rope_store_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Tenso
   });
 }
 
+// In place: each of `rows` rows of `len` scores (rows `stride` apart) -> its softmax.
+KERNEL void softmax_rows(float* scores, int64_t rows, int64_t len, int64_t stride) {
+  for (int64_t g = 0; g < rows; ++g) {
+    float* sc = scores + g * stride;
+    float mx = *std::max_element(sc, sc + len), sum = 0.f;
+    int64_t p = 0;
+    for (; p + 16 <= len; p += 16) {
+      __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + p), _mm512_set1_ps(mx)));
+      _mm512_storeu_ps(sc + p, e);
+      sum += _mm512_reduce_add_ps(e);
+    }
+    for (; p < len; ++p) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
+    float inv = 1.f / sum;
+    for (p = 0; p < len; ++p) sc[p] *= inv;
+  }
+}
+
 // One sequence, one KV head and its `group` query heads: softmax(q k^T * scale) v over the
 // sequence's `len` cached positions, read through its block table.
 KERNEL void attend(const bf16_t* q, int64_t group, int64_t hd, const bf16_t* kc,
@@ -712,19 +729,7 @@ KERNEL void attend(const bf16_t* q, int64_t group, int64_t hd, const bf16_t* kc,
       scores[g * len + p] = _mm512_reduce_add_ps(s) * scale;
     }
   }
-  for (int64_t g = 0; g < group; ++g) {
-    float* sc = scores.data() + g * len;
-    float mx = *std::max_element(sc, sc + len), sum = 0.f;
-    int64_t p = 0;
-    for (; p + 16 <= len; p += 16) {
-      __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + p), _mm512_set1_ps(mx)));
-      _mm512_storeu_ps(sc + p, e);
-      sum += _mm512_reduce_add_ps(e);
-    }
-    for (; p < len; ++p) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
-    float inv = 1.f / sum;
-    for (p = 0; p < len; ++p) sc[p] *= inv;
-  }
+  softmax_rows(scores.data(), group, len, len);
   for (int64_t p = 0; p < len; ++p) {
     const bf16_t* v = row(vc, p);
     if (p + AHEAD < len) {
@@ -768,8 +773,8 @@ KERNEL void attend_fast(const bf16_t* q, int64_t group, const bf16_t* kc, const 
                         bf16_t* out, int64_t out_stride) {
   constexpr int V = HD / 16;                // f32 vectors per head row
   constexpr int P = HD / 32;                // bf16 pair vectors per head row
-  std::vector<float> scores(group * ((len + 15) / 16) * 16);
-  int64_t padded = (len + 15) / 16 * 16;
+  const int64_t padded = (len + 15) / 16 * 16;  // scores of a head: whole 16-position blocks
+  std::vector<float> scores(group * padded);
   std::vector<int64_t> slot(len);           // cache slot of each position, without divisions
   for (int64_t p = 0, b = 0, j = 0; p < len; ++p) {
     slot[p] = table[b] * block + j;
@@ -801,19 +806,7 @@ KERNEL void attend_fast(const bf16_t* q, int64_t group, const bf16_t* kc, const 
                        _mm512_mul_ps(reduce16(part), _mm512_set1_ps(scale)));
     }
   }
-  for (int64_t g = 0; g < group; ++g) {
-    float* sc = scores.data() + g * padded;
-    float mx = *std::max_element(sc, sc + len), sum = 0.f;
-    int64_t p = 0;
-    for (; p + 16 <= len; p += 16) {
-      __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + p), _mm512_set1_ps(mx)));
-      _mm512_storeu_ps(sc + p, e);
-      sum += _mm512_reduce_add_ps(e);
-    }
-    for (; p < len; ++p) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
-    float inv = 1.f / sum;
-    for (p = 0; p < len; ++p) sc[p] *= inv;
-  }
+  softmax_rows(scores.data(), group, len, padded);
   __m512 acc[8][V];
   for (int64_t g = 0; g < group; ++g)
     for (int i = 0; i < V; ++i) acc[g][i] = _mm512_setzero_ps();
