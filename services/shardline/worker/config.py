@@ -114,9 +114,8 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-calibration", action="store_true",
                    help="activation-aware pruning scores from the built-in corpus")
     p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 CPU stages: decode steps on the project's AVX512 kernels, "
-                        "oneDNN-packed weights for batched rows (default on where the CPU "
-                        "has AVX512-BF16)")
+                   help="bf16 CPU stages: steps on the project's AVX512 kernels "
+                        "(default on where the CPU has AVX512-BF16)")
 
 
 def weight_argv(ns: argparse.Namespace) -> list[str]:

@@ -9,7 +9,9 @@ memory bandwidth and per-op overhead. This path runs each layer in about seven c
 with the residual carried beside the hidden state (its add fused into the next norm), and
 weights read as stored: bf16 (in the VNNI-blocked layout the GEMV and the AMX tiles share),
 int8 (per channel) or int4 (group 32, the kernel's nibble layout), converted once here.
-Quantized layers of more than GEMV_ROWS rows dequantize to bf16 for a GEMM. Attention:
+bf16 layers of more than 4 rows run on AMX tiles, or on AVX512-BF16 register tiles of 8 rows
+where the CPU has no AMX. Quantized layers of more than GEMV_ROWS rows dequantize to bf16 for a
+GEMM. Attention:
 decode rows on the paged decode kernel, prefill chunks on PyTorch's SDPA (attention.py).
 It computes what StageModel.forward / .logits compute, within bf16 rounding
 (tests/unit/test_cpu_kernels.py). Other dtypes or devices, unfused stages and CPUs without
@@ -32,9 +34,12 @@ from shardline.worker.quantize import Int4Linear, Int8Linear, unpack_int4
 log = logging.getLogger(__name__)
 
 # Up to this many rows the int8 / int4 GEMV kernels run; beyond, weights are dequantized to
-# bf16 for a GEMM. bf16 weights take linear_vnni at any row count (GEMV up to 4 rows, AMX
-# beyond). Measured for all of SmolLM2-135M's matmuls on 2 Sapphire Rapids cores, bf16:
-# 1 row 9.5 ms (PyTorch 19), 16 rows 11.8 ms (oneDNN packed weights 13.7), 512 rows 94 ms (129).
+# bf16 for a GEMM. bf16 weights take linear_vnni at any row count (GEMV up to 4 rows, AMX or
+# AVX512-BF16 register tiles beyond). Measured for SmolLM2-135M's layer matmuls (no head):
+#   2 Sapphire Rapids cores: 1 row 9.5 ms (PyTorch 19), 16 rows 11.8 ms (oneDNN packed weights
+#   13.7), 512 rows 94 ms (129);
+#   2 AMD EPYC Zen 4 cores (no AMX): 1 row 8.2 ms, 16 rows 13.9, 128 rows 71; PyTorch's bf16
+#   F.linear with the head's 28 M more weights 27, 38, 111.
 GEMV_ROWS = 4
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
@@ -62,18 +67,16 @@ def int4_kernel_layout(m: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch
     return packed, m.scale.half().contiguous(), (m.zero - 8 * m.scale).half().contiguous()
 
 
-def _linear_fn(kernels, m: nn.Module, amx: bool, out_f32: bool = False) -> Optional[LinearFn]:
+def _linear_fn(kernels, m: nn.Module, out_f32: bool = False) -> Optional[LinearFn]:
     """x [T, in] bf16 -> [T, out] (float32 with out_f32, else bf16): the kernel for m's
-    weight format up to GEMV_ROWS rows, m itself beyond; None when no kernel fits m."""
+    weight format (quantized: up to GEMV_ROWS rows, dequantized beyond); None when no kernel
+    fits m."""
     bias = getattr(m, "bias", None)
     bias = None if bias is None else bias.detach().float().contiguous()
     if type(m) in (Linear, nn.Linear) and m.weight.dtype == torch.bfloat16 \
             and m.in_features % 32 == 0:
         w, n = vnni_layout(m.weight.detach()), m.out_features
-        gemv = lambda x: kernels.linear_vnni(x, w, n, bias, out_f32)     # noqa: E731
-        if amx:
-            return gemv                          # AMX tiles for more than GEMV_ROWS rows
-        many = m
+        return lambda x: kernels.linear_vnni(x, w, n, bias, out_f32)     # any number of rows
     elif isinstance(m, Int8Linear) and m.in_features % 16 == 0:
         q, s = m.qweight.contiguous(), m.scale.float().contiguous()
         gemv = lambda x: kernels.linear_int8(x, q, s, bias)              # noqa: E731
@@ -100,12 +103,12 @@ def _dequantized(m: nn.Module, weight: Callable[[], torch.Tensor]) -> LinearFn:
 
 
 class _Layer:
-    def __init__(self, kernels, layer, amx: bool):
+    def __init__(self, kernels, layer):
         attn, mlp = layer.self_attn, layer.mlp
         self.in_norm = layer.input_layernorm.weight.detach().float().contiguous()
         self.post_norm = layer.post_attention_layernorm.weight.detach().float().contiguous()
         self.eps = layer.input_layernorm.eps
-        self.fns = [_linear_fn(kernels, m, amx) for m in
+        self.fns = [_linear_fn(kernels, m) for m in
                     (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
         self.heads, self.kv_heads, self.scale = attn.num_heads, attn.num_kv_heads, attn.scale
 
@@ -116,8 +119,7 @@ class CpuStepPath:
     def __init__(self, kernels, model):
         self.k = kernels
         self.model = model
-        amx = kernels.amx_supported()          # AMX tiles for bf16 rows past GEMV_ROWS
-        self.layers = [_Layer(kernels, layer, amx) for layer in model.layers]
+        self.layers = [_Layer(kernels, layer) for layer in model.layers]
         rot = model.rotary
         self.cos = rot.cos.float().contiguous()                       # [max_pos, head_dim]
         self.sin = rot.sin_signed.float().contiguous()
@@ -125,7 +127,7 @@ class CpuStepPath:
         if model.is_last:
             self.norm = model.norm.weight.detach().float().contiguous()
             self.norm_eps = model.norm.eps
-            self.head = _linear_fn(kernels, model.lm_head, amx, out_f32=True) or model.lm_head
+            self.head = _linear_fn(kernels, model.lm_head, out_f32=True) or model.lm_head
 
     @classmethod
     def build(cls, model) -> Optional["CpuStepPath"]:
@@ -145,7 +147,8 @@ class CpuStepPath:
         path = cls(kernels, model)
         if any(fn is None for layer in path.layers for fn in layer.fns):
             return None
-        log.info("steps run on the CPU kernels (AVX512-BF16 / VNNI, oneDNN-packed weights)")
+        log.info("steps run on the CPU kernels (AVX512-BF16 / VNNI%s)",
+                 ", AMX" if kernels.amx_supported() else "")
         return path
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata,

@@ -7,7 +7,8 @@
 //
 //   rms_norm         (residual += x;) out = x / rms(x) * w        bf16 in/out, f32 math
 //   linear_vnni      y = x @ w^T (+ b)          w bf16, VNNI-blocked: AVX512-BF16 GEMV for
-//                                               up to 4 rows, AMX tiles beyond
+//                                               up to 4 rows; beyond, AMX tiles, or AVX512-BF16
+//                                               register tiles of 8 rows on CPUs without AMX
 //   linear_int8      y = x @ (q * s)^T (+ b)    q int8 [n, k]     weight-only, f32 FMA
 //   linear_int4      y = x @ w4^T (+ b)         w4 packed nibbles, group 32: activations
 //                                               quantized to int8 per block of 32 (VNNI)
@@ -117,7 +118,8 @@ void linear_driver(int64_t m, int64_t n, const c10::optional<at::Tensor>& bias, 
 // Layout: w [n, k] -> [n / 16][k / 2][16][2]: per block of 16 output rows, for each pair of
 // input channels, the 16 rows' two values (64 bytes). n is padded to a multiple of 32.
 //   few rows:  y[m, block] += w_block[pair] * broadcast(x[m, pair])  (AVX512-BF16, no reductions)
-//   many rows: AMX tiles, C[32 x 32] += A[32 x 32 k] . B[32 k x 32], 2 x 2 tiles of 16 x 16
+//   many rows: AMX tiles, C[32 x 32] += A[32 x 32 k] . B[32 k x 32], 2 x 2 tiles of 16 x 16;
+//              without AMX, 8 x 32 register tiles of the few-rows form
 
 // few rows (M <= 4): per 16-row block, ACC interleaved accumulators per input row
 template <int M>
@@ -145,6 +147,35 @@ KERNEL void vnni_gemv_block(const bf16_t* x, int64_t k, const bf16_t* wb, float*
     __m512 sum = acc[m][0];
     for (int a = 1; a < ACC; ++a) sum = _mm512_add_ps(sum, acc[m][a]);
     _mm512_storeu_ps(out + m * 16, sum);
+  }
+}
+
+// more rows without AMX: M <= 8 rows x 32 outputs (two 16-output blocks) per register tile,
+// 2 M accumulators; each weight vector feeds M FMAs, each broadcast activation pair two
+template <int M>
+KERNEL void vnni_rows_tile(const bf16_t* x, int64_t k, const bf16_t* w0, bool prefetch,
+                           float* out /* [M][32] */) {
+  __m512 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  const bf16_t* w1 = w0 + 16 * k;
+  const int32_t* xp[M];
+  for (int m = 0; m < M; ++m) xp[m] = reinterpret_cast<const int32_t*>(x + m * k);
+  const char* a0 = reinterpret_cast<const char*>(w0) + PF_BYTES;
+  const char* a1 = reinterpret_cast<const char*>(w1) + PF_BYTES;
+  const int64_t pairs = k / 2;
+  for (int64_t r = 0; r < pairs; ++r) {
+    if (prefetch) { _mm_prefetch(a0 + r * 64, _MM_HINT_T0); _mm_prefetch(a1 + r * 64, _MM_HINT_T0); }
+    __m512bh wa = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w0 + r * 32));
+    __m512bh wb = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w1 + r * 32));
+    for (int m = 0; m < M; ++m) {
+      __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(xp[m][r]));
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wa, xb);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], wb, xb);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    _mm512_storeu_ps(out + m * 32, acc[m][0]);
+    _mm512_storeu_ps(out + m * 32 + 16, acc[m][1]);
   }
 }
 
@@ -224,6 +255,17 @@ AMX_KERNEL void amx_config() {
 
 AMX_KERNEL void amx_release() { _tile_release(); }
 
+bool amx_supported() {
+  // gcc 12 has no __builtin_cpu_supports name for AMX: ask CPUID leaf 7 (EDX bits 22, 24)
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+    return tile && bf16 && amx_enable();
+  }();
+  return ok;
+}
+
 at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
                        const c10::optional<at::Tensor>& bias, bool out_f32) {
   check_rows(x, "x");
@@ -259,6 +301,33 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
     });
     return y;
   }
+  if (!amx_supported()) {     // AVX512-BF16 register tiles: rows in chunks of 8 per 32 outputs
+    int64_t pairs_n = w.size(0) / 2;
+    parallel(pairs_n, [&](int64_t p0, int64_t p1) {
+      float c[8 * 32];
+      for (int64_t p = p0; p < p1; ++p) {
+        const bf16_t* wb = wp + p * 32 * k;
+        int64_t cols = std::min<int64_t>(32, n - p * 32);
+        for (int64_t r0 = 0; r0 < m; r0 += 8) {
+          const bf16_t* xr = xp + r0 * k;
+          bool pf = r0 == 0;                 // later chunks find the weights in cache
+          switch (std::min<int64_t>(8, m - r0)) {
+            case 1: vnni_rows_tile<1>(xr, k, wb, pf, c); break;
+            case 2: vnni_rows_tile<2>(xr, k, wb, pf, c); break;
+            case 3: vnni_rows_tile<3>(xr, k, wb, pf, c); break;
+            case 4: vnni_rows_tile<4>(xr, k, wb, pf, c); break;
+            case 5: vnni_rows_tile<5>(xr, k, wb, pf, c); break;
+            case 6: vnni_rows_tile<6>(xr, k, wb, pf, c); break;
+            case 7: vnni_rows_tile<7>(xr, k, wb, pf, c); break;
+            default: vnni_rows_tile<8>(xr, k, wb, pf, c); break;
+          }
+          if (cols <= 0) continue;
+          for (int64_t r = 0; r < 8 && r0 + r < m; ++r) put(r0 + r, p * 32, c + r * 32, cols);
+        }
+      }
+    });
+    return y;
+  }
   TORCH_CHECK(amx_enable(), "linear_vnni: the kernel may not use AMX (arch_prctl refused)");
   int64_t mp = (m + 31) / 32 * 32;
   std::vector<bf16_t> pack(mp * k, 0);       // rows past m stay zero
@@ -280,15 +349,6 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
     amx_release();
   });
   return y;
-}
-
-bool amx_supported() {
-  __builtin_cpu_init();
-  // gcc 12 has no __builtin_cpu_supports name for AMX: ask CPUID leaf 7 (EDX bits 22, 24)
-  unsigned a, b, c, d;
-  __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
-  bool tile = d & (1u << 24), bf16 = d & (1u << 22);
-  return tile && bf16 && amx_enable();
 }
 
 // ---- int8 weight-only linear --------------------------------------------------------------
