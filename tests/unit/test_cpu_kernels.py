@@ -101,7 +101,7 @@ def test_silu_mul():
     assert rel_err(K.silu_mul(gu), ref) < 4e-3
 
 
-def test_rope_store_and_decode_attention_match_paged_attention():
+def test_rope_store_and_paged_attention_match_paged_attention():
     torch.manual_seed(0)
     heads, kv_heads, hd, bs, slots = 6, 2, 64, 16, 16 * 12
     starts = [5, 37, 16]                          # positions of the decoded tokens
@@ -126,7 +126,7 @@ def test_rope_store_and_decode_attention_match_paged_attention():
     d = meta.decode
     K.rope_store_kv(qkv, meta.positions, cos, sin, meta.slot_mapping, k_cache, v_cache, heads,
                     kv_heads)
-    out = K.decode_attention(qkv, k_cache, v_cache, d.block_table, d.lengths, bs, heads,
+    out = K.paged_attention(qkv, k_cache, v_cache, d.block_table, d.lengths, bs, heads,
                              hd ** -0.5)
     assert rel_err(out, ref) < 1e-2
     # the new K / V landed at each sequence's slot: block table[pos // 16] * 16 + pos % 16
@@ -137,11 +137,11 @@ def test_rope_store_and_decode_attention_match_paged_attention():
         assert torch.equal(v_cache[:, slot], t[i, heads + kv_heads:].bfloat16())
 
 
-def test_decode_attention_rejects_a_block_outside_the_cache():
+def test_paged_attention_rejects_a_block_outside_the_cache():
     k_cache = torch.zeros(2, 64, 64, dtype=torch.bfloat16)
     qkv = torch.zeros(1, 10 * 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="block id out of range"):
-        K.decode_attention(qkv, k_cache, k_cache, torch.tensor([[9]]), torch.tensor([3]), 16, 6,
+        K.paged_attention(qkv, k_cache, k_cache, torch.tensor([[9]]), torch.tensor([3]), 16, 6,
                            0.125)
 
 

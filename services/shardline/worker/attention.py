@@ -20,7 +20,7 @@ is computed once per step in `AttentionMetadata.build` and shared by all layers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -59,6 +59,33 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor       # [T] cache slot each row's K/V is written to
     decode: Optional[DecodeBatch]
     prefills: list[PrefillChunk]
+    # (start positions, token counts, block tables, block size), for per_row
+    plan: Optional[tuple] = field(default=None, repr=False)
+    _per_row: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
+
+    @property
+    def block_size(self) -> int:
+        return self.plan[3]
+
+    def per_row(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block tables [T, blocks] int64, lengths [T] int64): each row's sequence's block
+        table (zero-padded) and the positions the row attends, its own included. Every row,
+        decode or prefill, as one query against its own context: causal attention in one
+        call of the CPU kernels' paged_attention. Built on first use, once per step."""
+        if self._per_row is None:
+            d = self.decode
+            if d is not None and d.rows is None:
+                self._per_row = (d.block_table, d.lengths)
+            else:
+                starts, counts, tables, bs = self.plan
+                nblocks = max((s + n + bs - 1) // bs for s, n in zip(starts, counts))
+                padded = [list(t[:nblocks]) + [0] * (nblocks - min(len(t), nblocks))
+                          for t in tables]
+                dev = self.positions.device
+                table = torch.tensor(padded, dtype=torch.long, device=dev).repeat_interleave(
+                    torch.tensor(counts, dtype=torch.long, device=dev), dim=0)
+                self._per_row = (table.contiguous(), self.positions + 1)
+        return self._per_row
 
     @classmethod
     def build(cls, start_positions: Sequence[int], num_tokens: Sequence[int],
@@ -69,11 +96,12 @@ class AttentionMetadata:
         bs = block_size
         total = sum(num_tokens)
         long = dict(dtype=torch.long, device=device)
+        plan = (start_positions, num_tokens, block_tables, bs)
         if all(n == 1 for n in num_tokens):       # the common pure-decode step: no torch loops
             positions = torch.tensor(start_positions, **long)
             slots = [t[p // bs] * bs + p % bs for p, t in zip(start_positions, block_tables)]
             decode = _decode_batch(None, list(start_positions), block_tables, bs, device)
-            return cls(total, positions, torch.tensor(slots, **long), decode, [])
+            return cls(total, positions, torch.tensor(slots, **long), decode, [], plan)
 
         positions, slots, prefills = [], [], []
         dec_rows, dec_starts, dec_tables = [], [], []
@@ -101,7 +129,7 @@ class AttentionMetadata:
         if dec_rows:
             decode = _decode_batch(torch.tensor(dec_rows, **long), dec_starts, dec_tables, bs,
                                    device)
-        return cls(total, torch.cat(positions), torch.cat(slots), decode, prefills)
+        return cls(total, torch.cat(positions), torch.cat(slots), decode, prefills, plan)
 
 
 def _decode_batch(rows: Optional[torch.Tensor], starts: list[int],

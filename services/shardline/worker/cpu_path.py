@@ -9,10 +9,10 @@ memory bandwidth and per-op overhead. This path runs each layer in about seven c
 with the residual carried beside the hidden state (its add fused into the next norm), and
 weights read as stored: bf16 (in the VNNI-blocked layout the GEMV and the AMX tiles share),
 int8 (per channel) or int4 (group 32, the kernel's nibble layout), converted once here.
-bf16 layers of more than 4 rows run on AMX tiles, or on AVX512-BF16 register tiles of 8 rows
-where the CPU has no AMX. Quantized layers of more than GEMV_ROWS rows dequantize to bf16 for a
-GEMM. Attention:
-decode rows on the paged decode kernel, prefill chunks on PyTorch's SDPA (attention.py).
+bf16 layers of more than 4 rows run on AMX tiles, or on AVX512-BF16 register tiles where the
+CPU has no AMX. Quantized layers of more than GEMV_ROWS rows dequantize to bf16 for a GEMM.
+Attention: one paged_attention call per layer for every row of the step, decode or prefill,
+each row against its own context in the cache (AttentionMetadata.per_row).
 It computes what StageModel.forward / .logits compute, within bf16 rounding
 (tests/unit/test_cpu_kernels.py). Other dtypes or devices, unfused stages and CPUs without
 AVX512-BF16 use StageModel's PyTorch ops.
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardline.worker import cpu_kernels
-from shardline.worker.attention import AttentionMetadata, _prefill
+from shardline.worker.attention import AttentionMetadata
 from shardline.worker.layers import Linear
 from shardline.worker.quantize import Int4Linear, Int8Linear, unpack_int4
 
@@ -173,24 +173,12 @@ class CpuStepPath:
 
     def _attention(self, qkv: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        """qkv after rope (this step's K / V already in the cache) -> [T, H * hd]."""
-        d = meta.decode
-        if d is not None and d.rows is None:                     # a pure decode step
-            return self.k.decode_attention(qkv, k_cache, v_cache, d.block_table, d.lengths,
-                                           d.block_size, layer.heads, layer.scale)
-        t, hd = qkv.shape[0], k_cache.shape[2]
-        h, kv = layer.heads, layer.kv_heads
-        out = torch.empty(t, h * hd, dtype=qkv.dtype)
-        if d is not None:
-            rows = qkv.index_select(0, d.rows)
-            out.index_copy_(0, d.rows, self.k.decode_attention(
-                rows, k_cache, v_cache, d.block_table, d.lengths, d.block_size, h, layer.scale))
-        heads = qkv.view(t, h + 2 * kv, hd)
-        q, key, value = heads[:, :h], heads[:, h:h + kv], heads[:, h + kv:]
-        for p in meta.prefills:
-            o = _prefill(q, key, value, k_cache, v_cache, p, layer.scale)   # [n, H, hd]
-            out[p.row_start:p.row_end] = o.reshape(-1, h * hd)
-        return out
+        """qkv after rope (this step's K / V already in the cache) -> [T, H * hd]: every row,
+        decode or prefill, against its own context through the cache."""
+        table, lengths = meta.per_row()
+        return self.k.paged_attention(qkv, k_cache, v_cache, table, lengths,
+                                      meta.block_size,
+                                      layer.heads, layer.scale)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: [S, hidden] -> [S, vocab] float32 (StageModel.logits)."""
