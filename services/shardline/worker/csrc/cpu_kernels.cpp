@@ -772,18 +772,23 @@ void rope_store_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Tenso
 
 // In place: each of `rows` rows of `len` scores (rows `stride` apart) -> its softmax.
 KERNEL void softmax_rows(float* scores, int64_t rows, int64_t len, int64_t stride) {
+  auto tail = [&](int64_t p) {
+    return len - p >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (len - p)) - 1);
+  };
   for (int64_t g = 0; g < rows; ++g) {
     float* sc = scores + g * stride;
-    float mx = *std::max_element(sc, sc + len), sum = 0.f;
-    int64_t p = 0;
-    for (; p + 16 <= len; p += 16) {
-      __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + p), _mm512_set1_ps(mx)));
-      _mm512_storeu_ps(sc + p, e);
-      sum += _mm512_reduce_add_ps(e);
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int64_t p = 0; p < len; p += 16)
+      mv = _mm512_mask_max_ps(mv, tail(p), mv, _mm512_maskz_loadu_ps(tail(p), sc + p));
+    __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv)), sum = _mm512_setzero_ps();
+    for (int64_t p = 0; p < len; p += 16) {
+      __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail(p), sc + p), mx));
+      sum = _mm512_mask_add_ps(sum, tail(p), sum, e);
+      _mm512_mask_storeu_ps(sc + p, tail(p), e);
     }
-    for (; p < len; ++p) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
-    float inv = 1.f / sum;
-    for (p = 0; p < len; ++p) sc[p] *= inv;
+    __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t p = 0; p < len; p += 16)
+      _mm512_mask_storeu_ps(sc + p, tail(p), _mm512_mul_ps(_mm512_maskz_loadu_ps(tail(p), sc + p), inv));
   }
 }
 
@@ -830,6 +835,9 @@ KERNEL void attend(const bf16_t* q, int64_t group, int64_t hd, const bf16_t* kc,
       store_bf16x16(out + g * out_stride + c, _mm512_loadu_ps(acc.data() + g * hd + c));
 }
 
+// decode attention reads K this many blocks of 16 positions ahead of use
+constexpr int64_t KPF = 4;
+
 // lane i of the result = sum of the 16 lanes of v[i]
 KERNEL inline __m512 reduce16(const __m512* v) {
   __m512 t[8], u[4];
@@ -846,7 +854,7 @@ KERNEL inline __m512 reduce16(const __m512* v) {
 
 // attend() for head_dim HD (64 or 128) and up to 8 query heads per KV head: scores of 16
 // positions at a time with bf16 dot products and one transposed reduction; the weighted sum
-// of V in registers.
+// of V in registers, with bf16 weights (as PyTorch's bf16 attention rounds them).
 template <int HD>
 KERNEL void attend_fast(const bf16_t* q, int64_t group, const bf16_t* kc, const bf16_t* vc,
                         const int64_t* table, int64_t len, int64_t block, float scale,
@@ -870,9 +878,13 @@ KERNEL void attend_fast(const bf16_t* q, int64_t group, const bf16_t* kc, const 
     int64_t n = std::min<int64_t>(16, len - p0);
     const bf16_t* krow[16];
     for (int64_t j = 0; j < n; ++j) krow[j] = row(kc, p0 + j);
-    for (int64_t j = 0; j < 16 && p0 + 32 + j < len; ++j) {   // prefetch K two blocks ahead
-      const char* nk = reinterpret_cast<const char*>(row(kc, p0 + 32 + j));
+    for (int64_t j = 0; j < 16 && p0 + 16 * KPF + j < len; ++j) {   // K, KPF blocks ahead
+      const char* nk = reinterpret_cast<const char*>(row(kc, p0 + 16 * KPF + j));
       for (int b = 0; b < HD * 2; b += 64) _mm_prefetch(nk + b, _MM_HINT_T0);
+    }
+    for (int64_t j = 0; j < n; ++j) {     // and this block's V into L2, for the weighted sum
+      const char* nv = reinterpret_cast<const char*>(row(vc, p0 + j));
+      for (int b = 0; b < HD * 2; b += 64) _mm_prefetch(nv + b, _MM_HINT_T1);
     }
     for (int64_t g = 0; g < group; ++g) {
       for (int64_t j = 0; j < 16; ++j) {
@@ -887,24 +899,44 @@ KERNEL void attend_fast(const bf16_t* q, int64_t group, const bf16_t* kc, const 
     }
   }
   softmax_rows(scores.data(), group, len, padded);
-  __m512 acc[8][V];
+  // the weighted sum of V two positions at a time, as bf16 pairs (p, p + 1) per channel:
+  // unpacklo / unpackhi of rows p and p + 1 give, per 128-bit lane L of a 32-channel vector,
+  // the pairs of channels 8L..8L+3 (lo) and 8L+4..8L+7 (hi); dpbf16 sums each pair into
+  // f32 lane 4L+j. A permute puts the channels back in order at the end.
+  // the weights in bf16: pair (p, p + 1) is the uint32 at p / 2 (positions past len are 0)
+  std::vector<bf16_t> sb(group * padded);
+  for (int64_t c = 0; c < group * padded; c += 16) {
+    __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(scores.data() + c));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sb.data() + c), reinterpret_cast<__m256i&>(h));
+  }
+  const uint32_t* wpair = reinterpret_cast<const uint32_t*>(sb.data());
+  __m512 acc[8][2 * P];
   for (int64_t g = 0; g < group; ++g)
-    for (int i = 0; i < V; ++i) acc[g][i] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < len; ++p) {
-    const bf16_t* v = row(vc, p);
-    if (p + 16 < len) {
-      const char* nv = reinterpret_cast<const char*>(row(vc, p + 16));
-      for (int b = 0; b < HD * 2; b += 64) _mm_prefetch(nv + b, _MM_HINT_T0);
+    for (int i = 0; i < 2 * P; ++i) acc[g][i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < len; p += 2) {
+    const bf16_t* v0 = row(vc, p);
+    const bf16_t* v1 = p + 1 < len ? row(vc, p + 1) : nullptr;
+    __m512bh pv[2 * P];
+    for (int i = 0; i < P; ++i) {
+      __m512i a = _mm512_loadu_si512(v0 + i * 32);
+      __m512i b = v1 ? _mm512_loadu_si512(v1 + i * 32) : _mm512_setzero_si512();
+      pv[2 * i] = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
+      pv[2 * i + 1] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
     }
-    __m512 vv[V];
-    for (int i = 0; i < V; ++i) vv[i] = load_bf16x16(v + i * 16);
     for (int64_t g = 0; g < group; ++g) {
-      __m512 w = _mm512_set1_ps(scores[g * padded + p]);
-      for (int i = 0; i < V; ++i) acc[g][i] = _mm512_fmadd_ps(w, vv[i], acc[g][i]);
+      __m512bh w = reinterpret_cast<__m512bh>(
+          _mm512_set1_epi32(static_cast<int>(wpair[g * (padded / 2) + p / 2])));
+      for (int i = 0; i < 2 * P; ++i) acc[g][i] = _mm512_dpbf16_ps(acc[g][i], pv[i], w);
     }
   }
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   for (int64_t g = 0; g < group; ++g)
-    for (int i = 0; i < V; ++i) store_bf16x16(out + g * out_stride + i * 16, acc[g][i]);
+    for (int i = 0; i < P; ++i) {
+      bf16_t* o = out + g * out_stride + i * 32;
+      store_bf16x16(o, _mm512_permutex2var_ps(acc[g][2 * i], first, acc[g][2 * i + 1]));
+      store_bf16x16(o + 16, _mm512_permutex2var_ps(acc[g][2 * i], second, acc[g][2 * i + 1]));
+    }
 }
 
 // qkv: [D, (H + 2 KV) * hd] after rope_store_kv; block_tables: int64 [D, max_blocks], the
@@ -954,9 +986,25 @@ at::Tensor paged_attention(const at::Tensor& qkv, const at::Tensor& k_cache,
     else
       attend(qh, group, hd, kh, vh, tables + i * max_blocks, lens[i], block, sc, oh, hd);
   };
+  // the first KPF blocks of K of an item, prefetched while the item before it runs
+  // (attend_fast prefetches KPF blocks ahead from there on)
+  auto prefetch_start = [&](int64_t t) {
+    int64_t i = t / kv_heads, h = t % kv_heads;
+    for (int64_t b = 0; b < KPF && b * block < lens[i]; ++b) {
+      const char* kb = reinterpret_cast<const char*>(
+          kc + (h * n_slots + tables[i * max_blocks + b] * block) * hd);
+      for (int64_t o = 0; o < std::min<int64_t>(block, lens[i] - b * block) * hd * 2; o += 64)
+        _mm_prefetch(kb + o, _MM_HINT_T0);
+    }
+  };
   at::parallel_for(0, threads, 1, [&](int64_t w0, int64_t w1) {
-    for (int64_t w = w0; w < w1; ++w)
-      for (int64_t t = w; t < items; t += threads) one(t);
+    for (int64_t w = w0; w < w1; ++w) {
+      if (w < items) prefetch_start(w);
+      for (int64_t t = w; t < items; t += threads) {
+        if (t + threads < items) prefetch_start(t + threads);
+        one(t);
+      }
+    }
   });
   return out;
 }
