@@ -3,6 +3,7 @@
     q_proj, k_proj, v_proj  -> qkv_proj  [(H + 2 KV) * head_dim, hidden]   (biases kept)
     gate_proj, up_proj      -> gate_up_proj [2 * intermediate, hidden]
     x + attn; norm(...)     -> add_rms_norm (in-place residual adds)
+    --compile               -> each layer's norms and MLP through torch.compile (compile_stage)
 
 The model code keeps the paper's names; a fused module is used when present (see
 Attention.forward, MLP.forward, DecoderLayer.forward). Fuse before quantizing: per-row
@@ -48,4 +49,19 @@ def fuse_stage(model: nn.Module) -> nn.Module:
         mlp.gate_up_proj = concat_linears([mlp.gate_proj, mlp.up_proj])
         del mlp.gate_proj, mlp.up_proj
         layer.fused = True
+    return model
+
+
+def compile_stage(model: nn.Module) -> nn.Module:
+    """torch.compile (dynamic shapes) each decoder layer's RMSNorms and MLP, and the last
+    stage's final norm, in place: Inductor fuses their elementwise work (SiLU * up, the norm's
+    reductions) into the matmuls' neighbours. Attention stays eager: its paged addressing
+    changes with every step's plan. Every layer runs the same code, so the compiled graphs
+    are shared (parameters are graph inputs): one compilation per distinct shape class
+    (one row, several rows), made by the first steps that need it."""
+    for layer in model.layers:
+        for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+            m.compile(dynamic=True)
+    if model.norm is not None:
+        model.norm.compile(dynamic=True)
     return model

@@ -443,6 +443,10 @@ struct QuantRow {
   std::vector<int8_t> q;       // [k]
   std::vector<float> pair;     // [k / 64, 16]: lanes 0..7 sx of the chunk's first group, 8..15 second
   std::vector<float> sums;     // [k / 32] sums of x per group
+  // per two chunks (groups g..g+3): q of groups g, g+2 then g+1, g+3 (the low and the high
+  // nibbles of the two chunks' 64 bytes), and their sx likewise, 8 lanes each
+  std::vector<int8_t> q2;      // [k / 128, 128]
+  std::vector<float> pair2;    // [k / 128, 32]
 };
 
 KERNEL void quantize_row(const bf16_t* x, int64_t k, QuantRow& r) {
@@ -463,6 +467,15 @@ KERNEL void quantize_row(const bf16_t* x, int64_t k, QuantRow& r) {
     float* p = r.pair.data() + (g / 2) * 16 + (g % 2) * 8;
     for (int l = 0; l < 8; ++l) p[l] = sx;
   }
+  int64_t quads = k / 128;
+  r.q2.resize(quads * 128);
+  r.pair2.resize(quads * 32);
+  for (int64_t u = 0; u < quads; ++u)
+    for (int j = 0; j < 4; ++j) {          // slot j holds group 4u + {0, 2, 1, 3}[j]
+      int64_t g = 4 * u + (j == 1 ? 2 : j == 2 ? 1 : j);
+      std::memcpy(r.q2.data() + u * 128 + j * 32, r.q.data() + g * 32, 32);
+      for (int l = 0; l < 8; ++l) r.pair2[u * 32 + j * 8 + l] = r.pair[(g / 2) * 16 + (g % 2) * 8];
+    }
 }
 
 KERNEL float int4_dot(const uint8_t* w, const uint16_t* scale, const uint16_t* offset,
@@ -516,7 +529,33 @@ KERNEL void int4_tile4(const uint8_t* w, const uint16_t* scale, const uint16_t* 
     _mm_prefetch(reinterpret_cast<const char*>(scale + (PF_TILES * 4 + i) * groups), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(offset + (PF_TILES * 4 + i) * groups), _MM_HINT_T0);
   }
-  for (int64_t c = 0; c < chunks; ++c) {
+  // two chunks (128 channels, groups g..g+3) per step: one 64-byte load per row, the low
+  // nibbles (groups g, g + 2) and the high ones (g + 1, g + 3) against q2's matching order,
+  // the four scales from one 8-byte load (about 16 instructions per 128 weights, against 27
+  // a chunk at a time: on Zen 4 this kernel is bound by instructions, not by memory)
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i even = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i odd = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
+  int64_t c = 0;
+  for (; c + 2 <= chunks; c += 2) {
+    const int8_t* xq2 = r.q2.data() + (c / 2) * 128;
+    __m512i xlo = _mm512_loadu_si512(xq2), xhi = _mm512_loadu_si512(xq2 + 64);
+    const float* sx2 = r.pair2.data() + (c / 2) * 32;
+    __m512 sxlo = _mm512_loadu_ps(sx2), sxhi = _mm512_loadu_ps(sx2 + 16);
+    for (int i = 0; i < 4; ++i) {
+      _mm_prefetch(ahead + i * rb + c * 32, _MM_HINT_T0);
+      __m512i v = _mm512_loadu_si512(w + i * rb + c * 32);
+      __m512i lo = _mm512_and_si512(v, m4);
+      __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+      __m512i dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo);
+      __m512i dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xhi);
+      __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale + i * groups + 2 * c)));
+      __m512 s = _mm512_castps128_ps512(s4);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dlo), _mm512_mul_ps(_mm512_permutexvar_ps(even, s), sxlo), acc[i]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dhi), _mm512_mul_ps(_mm512_permutexvar_ps(odd, s), sxhi), acc[i]);
+    }
+  }
+  for (; c < chunks; ++c) {
     __m512i xq = _mm512_loadu_si512(r.q.data() + c * 64);
     __m512 sx = _mm512_loadu_ps(r.pair.data() + c * 16);
     for (int i = 0; i < 4; ++i) {
