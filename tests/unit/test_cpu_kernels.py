@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from shardline.worker import cpu_kernels
 from shardline.worker.attention import AttentionMetadata, paged_attention
-from shardline.worker.cpu_path import int4_kernel_layout, vnni_layout
+from shardline.worker.cpu_path import int4_kernel_layout, int8_kernel_layout, vnni_layout
 from shardline.worker.layers import apply_rope
 from shardline.worker.plan import SamplingConfig, SeqStep
-from shardline.worker.quantize import (Int4Linear, dequantize_int4, dequantize_int8,
-                                       quantize_int8)
+from shardline.worker.quantize import (Int4Linear, Int8Linear, dequantize_int4,
+                                       dequantize_int8, quantize_int8)
 from shardline.worker.runner import StageRunner
 
 K = cpu_kernels.load()
@@ -47,12 +47,18 @@ def test_linear_vnni(rows, n, k):
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-def test_linear_int8_is_weight_only(rows):
+def test_linear_int8_layout_and_error(rows):
     torch.manual_seed(0)
     x = torch.randn(rows, 576, dtype=torch.bfloat16)
-    q, s = quantize_int8(torch.randn(300, 576) * 0.05)
-    ref = x.float() @ dequantize_int8(q, s).t()
-    assert rel_err(K.linear_int8(x, q, s, None), ref) < 4e-3
+    q, scale = quantize_int8(torch.randn(302, 576) * 0.05)   # 302: tiles of 4 rows and a rest
+    m = Int8Linear(q, scale, None)
+    u = int8_kernel_layout(m)
+    assert u.dtype == torch.uint8 and torch.equal(u.int() - 128, m.qweight.int())
+    s = m.scale.float().contiguous()
+    exact = dequantize_int8(m.qweight, m.scale)
+    # activations quantized to int8 per block of 32: within 1% of the weight-only product
+    ref = x.float() @ exact.t()
+    assert rel_err(K.linear_int8(x, u, s, None), ref) < 1e-2
 
 
 @pytest.mark.parametrize("rows", [1, 4])
@@ -75,7 +81,8 @@ def test_dequantize_kernels_match_the_reference():
     torch.manual_seed(0)
     w = torch.randn(48, 576) * 0.05
     q, s = quantize_int8(w)
-    assert torch.equal(K.dequantize_int8(q, s), dequantize_int8(q, s).bfloat16())
+    u = int8_kernel_layout(Int8Linear(q, s, None))
+    assert torch.equal(K.dequantize_int8(u, s.float()), dequantize_int8(q, s).bfloat16())
     m = Int4Linear.from_linear(torch.nn.Linear(576, 48, bias=False), 32)
     ref = dequantize_int4((m.packed[:, :, None] >> torch.tensor([0, 4], dtype=torch.uint8)
                            & 0xF).view(48, 576), m.scale, m.zero)

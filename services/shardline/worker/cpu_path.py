@@ -8,7 +8,8 @@ memory bandwidth and per-op overhead. This path runs each layer in about seven c
 
 with the residual carried beside the hidden state (its add fused into the next norm), and
 weights read as stored: bf16 (in the VNNI-blocked layout the GEMV and the AMX tiles share),
-int8 (per channel) or int4 (group 32, the kernel's nibble layout), converted once here.
+int8 (per channel, as q + 128) or int4 (group 32, the kernel's nibble layout), converted once
+here; int8 and int4 kernels quantize the activations to int8 per block of 32 (VNNI).
 bf16 layers of more than 4 rows run on AMX tiles, or on AVX512-BF16 register tiles where the
 CPU has no AMX. Quantized layers of more than GEMV_ROWS rows dequantize to bf16 for a GEMM.
 Attention: one paged_attention call per layer for every row of the step, decode or prefill,
@@ -56,6 +57,12 @@ def vnni_layout(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(padded // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
+def int8_kernel_layout(m: Int8Linear) -> torch.Tensor:
+    """uint8 [n, k] = q + 128 for linear_int8: unsigned weights against signed int8
+    activations (VNNI's dpbusd multiplies unsigned by signed bytes)."""
+    return (m.qweight.to(torch.int16) + 128).to(torch.uint8).contiguous()
+
+
 def int4_kernel_layout(m: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed uint8 [n, k/2], scale float16 [n, k/32], offset float16 [n, k/32]) for
     linear_int4: per chunk of 64 channels, byte i = channel i | channel 32 + i << 4, and
@@ -77,10 +84,10 @@ def _linear_fn(kernels, m: nn.Module, out_f32: bool = False) -> Optional[LinearF
             and m.in_features % 32 == 0:
         w, n = vnni_layout(m.weight.detach()), m.out_features
         return lambda x: kernels.linear_vnni(x, w, n, bias, out_f32)     # any number of rows
-    elif isinstance(m, Int8Linear) and m.in_features % 16 == 0:
-        q, s = m.qweight.contiguous(), m.scale.float().contiguous()
-        gemv = lambda x: kernels.linear_int8(x, q, s, bias)              # noqa: E731
-        many = _dequantized(m, lambda: kernels.dequantize_int8(q, s))
+    elif isinstance(m, Int8Linear) and m.in_features % 64 == 0:
+        u, s = int8_kernel_layout(m), m.scale.float().contiguous()
+        gemv = lambda x: kernels.linear_int8(x, u, s, bias)              # noqa: E731
+        many = _dequantized(m, lambda: kernels.dequantize_int8(u, s))
     elif isinstance(m, Int4Linear) and m.group_size == 32 and m.in_features % 64 == 0:
         packed, scale, offset = int4_kernel_layout(m)
         gemv = lambda x: kernels.linear_int4(x, packed, scale, offset, bias)  # noqa: E731

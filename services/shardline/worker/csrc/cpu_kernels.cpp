@@ -9,7 +9,9 @@
 //   linear_vnni      y = x @ w^T (+ b)          w bf16, VNNI-blocked: AVX512-BF16 GEMV for
 //                                               up to 4 rows; beyond, AMX tiles, or AVX512-BF16
 //                                               register tiles on CPUs without AMX
-//   linear_int8      y = x @ (q * s)^T (+ b)    q int8 [n, k]     weight-only, f32 FMA
+//   linear_int8      y = x @ (q * s)^T (+ b)    q per channel, stored as q + 128 (uint8):
+//                                               activations quantized to int8 per block of
+//                                               32 (VNNI), as for int4
 //   linear_int4      y = x @ w4^T (+ b)         w4 packed nibbles, group 32: activations
 //                                               quantized to int8 per block of 32 (VNNI)
 //   dequantize_*     int8 / int4 weights -> bf16, for steps of many rows (prefill)
@@ -385,55 +387,6 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
   return y;
 }
 
-// ---- int8 weight-only linear --------------------------------------------------------------
-template <int MB>
-KERNEL void int8_tile(const float* xf, int64_t k, const int8_t* q, int nb, float* out) {
-  __m512 acc[MB][4];
-  for (int j = 0; j < MB; ++j)
-    for (int i = 0; i < 4; ++i) acc[j][i] = _mm512_setzero_ps();
-  const int8_t* ahead = q + PF_TILES * 4 * k;    // rows of the tile PF_TILES ahead
-  for (int64_t c = 0; c < k; c += 16) {
-    if ((c & 63) == 0)
-      for (int i = 0; i < nb; ++i) _mm_prefetch(reinterpret_cast<const char*>(ahead + i * k + c), _MM_HINT_T0);
-    __m512 wv[4];
-    for (int i = 0; i < nb; ++i)
-      wv[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i * k + c))));
-    for (int j = 0; j < MB; ++j) {
-      __m512 xv = _mm512_loadu_ps(xf + j * k + c);
-      for (int i = 0; i < nb; ++i) acc[j][i] = _mm512_fmadd_ps(wv[i], xv, acc[j][i]);
-    }
-  }
-  for (int j = 0; j < MB; ++j)
-    for (int i = 0; i < nb; ++i) out[j * nb + i] = _mm512_reduce_add_ps(acc[j][i]);
-}
-
-KERNEL void bf16_to_f32_rows(const bf16_t* x, int64_t count, float* out) {
-  for (int64_t c = 0; c < count; c += 16) _mm512_storeu_ps(out + c, load_bf16x16(x + c));
-}
-
-at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                       const c10::optional<at::Tensor>& bias) {
-  check_rows(x, "x");
-  int64_t m = x.size(0), k = x.size(1), n = q.size(0);
-  check(q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == k && k % 16 == 0,
-        "linear_int8: q must be contiguous int8 [n, k], k a multiple of 16");
-  check(scale.scalar_type() == at::kFloat && scale.numel() == n, "linear_int8: scale");
-  std::vector<float> xf(m * k);
-  bf16_to_f32_rows(bf16_ptr(x), m * k, xf.data());
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* s = scale.data_ptr<float>();
-  at::Tensor y = at::empty({m, n}, x.options());
-  linear_driver(m, n, bias, y, [&](int64_t n0, int nb, float* out) {
-    int64_t j = 0;
-    for (; j + 4 <= m; j += 4) int8_tile<4>(xf.data() + j * k, k, qp + n0 * k, nb, out + j * nb);
-    for (; j < m; ++j) int8_tile<1>(xf.data() + j * k, k, qp + n0 * k, nb, out + j * nb);
-    for (int64_t r = 0; r < m; ++r)
-      for (int i = 0; i < nb; ++i) out[r * nb + i] *= s[n0 + i];
-  });
-  return y;
-}
-
 // ---- int4 linear (group 32, VNNI) ---------------------------------------------------------
 // Weights: per row, per chunk of 64 input channels, 32 bytes; byte i holds channel i in its
 // low nibble and channel 32 + i in its high nibble (values 0..15). Per group of 32: scale s
@@ -447,12 +400,14 @@ struct QuantRow {
   // nibbles of the two chunks' 64 bytes), and their sx likewise, 8 lanes each
   std::vector<int8_t> q2;      // [k / 128, 128]
   std::vector<float> pair2;    // [k / 128, 32]
+  float corr = 0.f;            // 128 * sum_g sx_g * sum(q_g), for linear_int8's unsigned weights
 };
 
 KERNEL void quantize_row(const bf16_t* x, int64_t k, QuantRow& r) {
   r.q.resize(k);
   r.pair.resize(k / 64 * 16);
   r.sums.resize(k / 32);
+  r.corr = 0.f;
   for (int64_t g = 0; g < k / 32; ++g) {
     __m512 a = load_bf16x16(x + g * 32), b = load_bf16x16(x + g * 32 + 16);
     float amax = std::max(_mm512_reduce_max_ps(_mm512_abs_ps(a)),
@@ -464,6 +419,7 @@ KERNEL void quantize_row(const bf16_t* x, int64_t k, QuantRow& r) {
     __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(r.q.data() + g * 32), _mm512_cvtsepi32_epi8(qa));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(r.q.data() + g * 32 + 16), _mm512_cvtsepi32_epi8(qb));
+    r.corr += 128.f * sx * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
     float* p = r.pair.data() + (g / 2) * 16 + (g % 2) * 8;
     for (int l = 0; l < 8; ++l) p[l] = sx;
   }
@@ -619,27 +575,79 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
   return y;
 }
 
+// ---- int8 linear (per-channel weights, VNNI) -----------------------------------------------
+// Weights stored as u = q + 128 (uint8 [n, k]), activations quantized as for linear_int4
+// (int8 per block of 32, scale sx). Per group g: sum u * xq = sum q * xq + 128 * sum(xq_g), so
+//   y = s * (sum_g sx_g * dot(u_g, xq_g) - corr),  corr = 128 * sum_g sx_g * sum(xq_g)
+// where corr depends on x alone. 4 instructions per 64 weights and row (load, dpbusd, convert,
+// FMA); the float32 FMA kernel before it took 16 (int8 decode steps were no faster than bf16's
+// on Zen 4).
+// one weight row against one activation row; rows one after another (interleaving 4 weight
+// rows, as linear_int4 does, read memory at less than half the speed on Zen 4: 30 gate_up
+// weights of SmolLM2 at one row took 6.5 ms so, 2.6 row by row; software prefetch did not help)
+KERNEL float int8_dot(const uint8_t* u, const QuantRow& r, int64_t k) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 2 <= k / 64; c += 2) {
+    __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(u + c * 64),
+                                     _mm512_loadu_si512(r.q.data() + c * 64));
+    __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(u + c * 64 + 64),
+                                     _mm512_loadu_si512(r.q.data() + c * 64 + 64));
+    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_loadu_ps(r.pair.data() + c * 16), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_loadu_ps(r.pair.data() + c * 16 + 16), acc1);
+  }
+  if (c < k / 64) {
+    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(u + c * 64),
+                                    _mm512_loadu_si512(r.q.data() + c * 64));
+    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(r.pair.data() + c * 16), acc0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - r.corr;
+}
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& u, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias) {
+  check_rows(x, "x");
+  int64_t m = x.size(0), k = x.size(1), n = u.size(0);
+  check(u.scalar_type() == at::kByte && u.is_contiguous() && u.size(1) == k && k % 64 == 0,
+        "linear_int8: u must be contiguous uint8 [n, k] (q + 128), k a multiple of 64");
+  check(scale.scalar_type() == at::kFloat && scale.numel() == n, "linear_int8: scale");
+  std::vector<QuantRow> rows(m);
+  for (int64_t j = 0; j < m; ++j) quantize_row(bf16_ptr(x) + j * k, k, rows[j]);
+  const uint8_t* up = u.data_ptr<uint8_t>();
+  const float* s = scale.data_ptr<float>();
+  at::Tensor y = at::empty({m, n}, x.options());
+  linear_driver(m, n, bias, y, [&](int64_t n0, int nb, float* out) {
+    for (int i = 0; i < nb; ++i)
+      for (int64_t j = 0; j < m; ++j)     // more rows re-read the weight row from L1
+        out[j * nb + i] = int8_dot(up + (n0 + i) * k, rows[j], k) * s[n0 + i];
+  });
+  return y;
+}
+
 // ---- dequantization to bf16 (for steps of many rows: prefill) -------------------------------
-KERNEL void dequant_int8_rows(const int8_t* q, const float* scale, int64_t k, int64_t r0,
+KERNEL void dequant_int8_rows(const uint8_t* u, const float* scale, int64_t k, int64_t r0,
                               int64_t r1, bf16_t* out) {
+  const __m512i bias = _mm512_set1_epi32(128);
   for (int64_t r = r0; r < r1; ++r) {
     __m512 s = _mm512_set1_ps(scale[r]);
-    for (int64_t c = 0; c < k; c += 16)
-      store_bf16x16(out + r * k + c, _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * k + c))))));
+    for (int64_t c = 0; c < k; c += 16) {
+      __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + r * k + c))), bias);
+      store_bf16x16(out + r * k + c, _mm512_mul_ps(s, _mm512_cvtepi32_ps(q)));
+    }
   }
 }
 
-at::Tensor dequantize_int8(const at::Tensor& q, const at::Tensor& scale) {
-  check(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 2 && q.size(1) % 16 == 0 &&
-            scale.scalar_type() == at::kFloat && scale.numel() == q.size(0),
-        "dequantize_int8: q int8 [n, k] (k a multiple of 16), scale float32 [n]");
-  int64_t n = q.size(0), k = q.size(1);
-  at::Tensor out = at::empty({n, k}, q.options().dtype(at::kBFloat16));
-  const int8_t* qp = q.data_ptr<int8_t>();
+at::Tensor dequantize_int8(const at::Tensor& u, const at::Tensor& scale) {
+  check(u.scalar_type() == at::kByte && u.is_contiguous() && u.dim() == 2 && u.size(1) % 16 == 0 &&
+            scale.scalar_type() == at::kFloat && scale.numel() == u.size(0),
+        "dequantize_int8: u uint8 [n, k] (q + 128, k a multiple of 16), scale float32 [n]");
+  int64_t n = u.size(0), k = u.size(1);
+  at::Tensor out = at::empty({n, k}, at::dtype(at::kBFloat16));
+  const uint8_t* up = u.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   bf16_t* op = bf16_mut(out);
-  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) { dequant_int8_rows(qp, sp, k, r0, r1, op); });
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) { dequant_int8_rows(up, sp, k, r0, r1, op); });
   return out;
 }
 
@@ -1079,11 +1087,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_vnni", &linear_vnni, "y = x @ w^T (+ b), w in the VNNI-blocked layout",
         py::arg("x"), py::arg("w"), py::arg("n"), py::arg("bias") = py::none(),
         py::arg("out_f32") = false);
-  m.def("linear_int8", &linear_int8, "y = x @ (q * scale)^T (+ b)", py::arg("x"), py::arg("q"),
+  m.def("linear_int8", &linear_int8, "y = x @ (q * scale)^T (+ b), u = q + 128", py::arg("x"), py::arg("u"),
         py::arg("scale"), py::arg("bias") = py::none());
   m.def("linear_int4", &linear_int4, "group-32 int4 linear", py::arg("x"), py::arg("packed"),
         py::arg("scale"), py::arg("offset"), py::arg("bias") = py::none());
-  m.def("dequantize_int8", &dequantize_int8, "int8 weight -> bf16");
+  m.def("dequantize_int8", &dequantize_int8, "linear_int8's u = q + 128 -> bf16");
   m.def("dequantize_int4", &dequantize_int4, "linear_int4's layout -> bf16");
   m.def("rms_norm", &rms_norm, "(residual += x;) RMSNorm", py::arg("x"), py::arg("residual"),
         py::arg("weight"), py::arg("eps"));
