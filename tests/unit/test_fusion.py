@@ -48,11 +48,33 @@ def test_weight_flags_reach_worker_config():
     up = argparse.ArgumentParser()
     add_weight_args(up)
     ns = up.parse_args(["--no-fuse", "--quantize", "int4", "--group-size", "64", "--prune", "2:4",
-                        "--prune-calibration"])
+                        "--prune-calibration", "--compile"])
     worker = argparse.ArgumentParser()
     WorkerConfig.add_args(worker)
     cfg = WorkerConfig.from_args(worker.parse_args(["--model", "m", *weight_argv(ns)]))
-    assert (cfg.fuse, cfg.quantize, cfg.group_size, cfg.prune, cfg.prune_calibration) == (
-        False, "int4", 64, "2:4", True)
+    assert (cfg.fuse, cfg.quantize, cfg.group_size, cfg.prune, cfg.prune_calibration,
+            cfg.compile) == (False, "int4", 64, "2:4", True, True)
     default = WorkerConfig.from_args(worker.parse_args(["--model", "m"]))
     assert default.fuse and default.quantize == "none" and default.prune is None
+    assert not default.compile
+
+
+def test_compiled_stage_matches_eager(tiny_model_dir):
+    # --compile: the layers' norms and MLP through torch.compile (Inductor, dynamic shapes);
+    # prefill (several rows) and decode (one row) both run compiled graphs
+    import torch._dynamo
+    torch._dynamo.reset()
+    path = tiny_model_dir("llama")
+    runners = {c: StageRunner(path, 0, 4, kv_cache_bytes=1 << 20, block_size=16, compile=c)
+               for c in (False, True)}
+    layer = runners[True].model.layers[0]
+    assert hasattr(layer.post_attention, "_torchdynamo_orig_callable")   # compiled
+    ids = [3, 17, 42, 99, 5, 64, 1, 7]
+    torch.testing.assert_close(_logits(runners[False], ids), _logits(runners[True], ids),
+                               rtol=1e-4, atol=1e-4)
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
+    outs = [Driver([runners[c]]).run(prompts, 8) for c in (False, True)]
+    assert outs[0] == outs[1]
+    # a middle stage warms its graphs up on hidden states; its warm-up sequence is gone
+    middle = StageRunner(path, 1, 3, kv_cache_bytes=1 << 20, block_size=16, compile=True)
+    assert middle.seqs == {} and runners[True].seqs == {}

@@ -52,16 +52,23 @@ def fuse_stage(model: nn.Module) -> nn.Module:
     return model
 
 
+
 def compile_stage(model: nn.Module) -> nn.Module:
-    """torch.compile (dynamic shapes) each decoder layer's RMSNorms and MLP, and the last
-    stage's final norm, in place: Inductor fuses their elementwise work (SiLU * up, the norm's
-    reductions) into the matmuls' neighbours. Attention stays eager: its paged addressing
-    changes with every step's plan. Every layer runs the same code, so the compiled graphs
-    are shared (parameters are graph inputs): one compilation per distinct shape class
-    (one row, several rows), made by the first steps that need it."""
+    """torch.compile (dynamic shapes) the dense parts of each decoder layer in place: the
+    input RMSNorm and, after attention, the residual add, RMSNorm, SwiGLU MLP and residual add
+    (DecoderLayer.post_attention), and the last stage's final norm. Inductor fuses their
+    elementwise work (SiLU * up, the norms, the adds) around the matmuls. Attention stays
+    eager: its paged addressing changes with every step's plan. Every layer runs the same
+    code, so the layers share their compiled graphs (parameters are graph inputs); each
+    distinct shape class (one row, several rows) compiles once, on the first step that needs
+    it. Unfused layers compile their norms and MLP as modules."""
     for layer in model.layers:
-        for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
-            m.compile(dynamic=True)
+        layer.input_layernorm.compile(dynamic=True)
+        if layer.fused:
+            layer.post_attention = torch.compile(layer.post_attention, dynamic=True)
+        else:
+            layer.post_attention_layernorm.compile(dynamic=True)
+            layer.mlp.compile(dynamic=True)
     if model.norm is not None:
         model.norm.compile(dynamic=True)
     return model

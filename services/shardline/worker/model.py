@@ -35,10 +35,15 @@ class DecoderLayer(nn.Module):
         # x: [T, hidden]
         if self.fused:
             a = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
-            normed, h = add_rms_norm(a, x, self.post_attention_layernorm)   # h = x + attn
-            return self.mlp(normed).add_(h)
+            return self.post_attention(a, x)
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def post_attention(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Fused layers, after attention: h = x + a (written into a); mlp(norm(h)) + h. The
+        part of the layer that fuse.compile_stage hands to torch.compile."""
+        normed, h = add_rms_norm(a, x, self.post_attention_layernorm)
+        return self.mlp(normed).add_(h)
 
 
 class StageModel(nn.Module):

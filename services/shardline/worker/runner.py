@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -23,13 +24,13 @@ from shardline.common.tensors import DTYPE_NAMES, DTYPES
 from shardline.v1 import worker_pb2
 from shardline.worker.attention import AttentionMetadata
 from shardline.worker.cpu_path import CpuStepPath
-from shardline.worker.fuse import fuse_stage
+from shardline.worker.fuse import compile_stage, fuse_stage
 from shardline.worker.optimize import load_optimized_stage, read_recipe
 from shardline.worker.prune import accelerate_semi_structured, prune_stage
 from shardline.worker.quantize import quantize_stage
 from shardline.worker.kv_cache import KVCache
 from shardline.worker.model_config import ModelConfig
-from shardline.worker.plan import SampledToken, SeqStep
+from shardline.worker.plan import SampledToken, SamplingConfig, SeqStep
 from shardline.worker.sampler import Sampler
 from shardline.worker.weights import load_stage_model
 
@@ -68,6 +69,8 @@ class StageRunner:
     prune_calibration (worker/prune.py).
     fuse: fuse q/k/v and gate/up projections and the residual adds (worker/fuse.py).
     use_cpu_kernels: run steps of bf16 CPU stages on the csrc kernels (cpu_path.py).
+    compile: torch.compile each layer's dense parts (fuse.compile_stage); steps then run the
+    PyTorch model.
     kv_cache_bytes: KV budget in bytes. Default: kv_cache_fraction (default 0.8) of the free
     device memory after loading the weights on CUDA, 256 MiB on the CPU.
     """
@@ -80,7 +83,7 @@ class StageRunner:
                  block_size: int = 16, fuse: bool = True, quantize: str = "none",
                  group_size: int = 32, quantize_head: bool = False,
                  prune: Optional[str] = None, prune_calibration: bool = False,
-                 use_cpu_kernels: bool = True):
+                 use_cpu_kernels: bool = True, compile: bool = False):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -102,8 +105,11 @@ class StageRunner:
         if prune == "2:4" and quantize == "none" and self.device.type == "cuda":
             accelerate_semi_structured(self.model)
         quantize_stage(self.model, quantize, group_size, quantize_head)
-        # steps on the project's CPU kernels where they apply (bf16 on AVX512-BF16)
-        self.fast = CpuStepPath.build(self.model) if use_cpu_kernels else None
+        if compile:
+            compile_stage(self.model)
+        # steps on the project's CPU kernels where they apply (bf16 on AVX512-BF16), unless the
+        # model was compiled (it then runs every step)
+        self.fast = CpuStepPath.build(self.model) if use_cpu_kernels and not compile else None
         self.quantization = recipe["quantize"] if recipe else quantize
         self.layer_start, self.layer_end = layer_start, layer_end
         cfg = self.config
@@ -184,6 +190,22 @@ class StageRunner:
         self.seqs.clear()
         if self.sampler is not None:
             self.sampler.seqs.clear()
+        if compile:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """A throwaway sequence's 2-token prefill and 1-token decode (in block 0, freed after),
+        so that a compiled stage has its graphs before it reports SERVING rather than on a
+        request's first steps (Inductor takes about 10 s on 2 CPU cores)."""
+        t0 = time.perf_counter()
+        hidden = (None if self.is_first else
+                  torch.zeros(2, self.hidden_size, dtype=self.dtype, device=self.device))
+        self.step([SeqStep(0, [1, 1], 0, [0], self.is_last, admit=True,
+                           sampling=SamplingConfig())], [], hidden)
+        self.step([SeqStep(0, [1], 2, [], self.is_last, num_generated=1)], [],
+                  None if hidden is None else hidden[:1])
+        self.step([], [0], None)
+        log.info("compiled the stage's graphs in %.1f s", time.perf_counter() - t0)
 
     # ---- the step -----------------------------------------------------------------------
     @torch.inference_mode()
