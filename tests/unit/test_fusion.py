@@ -53,10 +53,10 @@ def test_weight_flags_reach_worker_config():
     WorkerConfig.add_args(worker)
     cfg = WorkerConfig.from_args(worker.parse_args(["--model", "m", *weight_argv(ns)]))
     assert (cfg.fuse, cfg.quantize, cfg.group_size, cfg.prune, cfg.prune_calibration,
-            cfg.compile) == (False, "int4", 64, "2:4", True, True)
+            cfg.torch_compile) == (False, "int4", 64, "2:4", True, True)
     default = WorkerConfig.from_args(worker.parse_args(["--model", "m"]))
     assert default.fuse and default.quantize == "none" and default.prune is None
-    assert not default.compile
+    assert not default.torch_compile
 
 
 def test_compiled_stage_matches_eager(tiny_model_dir):
@@ -65,7 +65,8 @@ def test_compiled_stage_matches_eager(tiny_model_dir):
     import torch._dynamo
     torch._dynamo.reset()
     path = tiny_model_dir("llama")
-    runners = {c: StageRunner(path, 0, 4, kv_cache_bytes=1 << 20, block_size=16, compile=c)
+    runners = {c: StageRunner(path, 0, 4, kv_cache_bytes=1 << 20, block_size=16,
+                           torch_compile=c)
                for c in (False, True)}
     layer = runners[True].model.layers[0]
     assert hasattr(layer.post_attention, "_torchdynamo_orig_callable")   # compiled
@@ -76,5 +77,6 @@ def test_compiled_stage_matches_eager(tiny_model_dir):
     outs = [Driver([runners[c]]).run(prompts, 8) for c in (False, True)]
     assert outs[0] == outs[1]
     # a middle stage warms its graphs up on hidden states; its warm-up sequence is gone
-    middle = StageRunner(path, 1, 3, kv_cache_bytes=1 << 20, block_size=16, compile=True)
+    middle = StageRunner(path, 1, 3, kv_cache_bytes=1 << 20, block_size=16,
+                         torch_compile=True)
     assert middle.seqs == {} and runners[True].seqs == {}

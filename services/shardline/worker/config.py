@@ -34,7 +34,7 @@ class WorkerConfig:
     prune: Optional[str] = None           # "0.5" or "2:4" (worker/prune.py)
     prune_calibration: bool = False       # activation-aware pruning scores
     cpu_kernels: bool = True              # steps on csrc kernels (bf16 CPU, cpu_path.py)
-    compile: bool = False                 # torch.compile the layers' dense parts (fuse.py)
+    torch_compile: bool = False           # torch.compile the layers' dense parts (fuse.py)
     metrics_port: int = 0                 # Prometheus /metrics; 0 = off
 
     def __post_init__(self):
@@ -101,7 +101,7 @@ class WorkerConfig:
                    quantize=ns.quantize, group_size=ns.group_size,
                    quantize_head=ns.quantize_head, prune=ns.prune,
                    prune_calibration=ns.prune_calibration, cpu_kernels=ns.cpu_kernels,
-                   compile=ns.compile)
+                   torch_compile=ns.torch_compile)
 
 
 def add_weight_args(p: argparse.ArgumentParser) -> None:
@@ -115,9 +115,9 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune", default=None, help="0.5 (unstructured ratio) or 2:4 (semi-structured)")
     p.add_argument("--prune-calibration", action="store_true",
                    help="activation-aware pruning scores from the built-in corpus")
-    p.add_argument("--compile", action="store_true",
+    p.add_argument("--compile", dest="torch_compile", action="store_true",
                    help="torch.compile each layer's norms and MLP (steps then run the PyTorch "
-                        "model, not the CPU kernels); compiles on the first steps of each shape")
+                        "model, not the CPU kernels); graphs are compiled at start-up")
     p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 CPU stages: steps on the project's AVX512 kernels "
                         "(default on where the CPU has AVX512-BF16)")
@@ -129,6 +129,6 @@ def weight_argv(ns: argparse.Namespace) -> list[str]:
             "--group-size", str(ns.group_size)]
     argv += ["--quantize-head"] if ns.quantize_head else []
     argv += [] if ns.cpu_kernels else ["--no-cpu-kernels"]
-    argv += ["--compile"] if ns.compile else []
+    argv += ["--compile"] if ns.torch_compile else []
     argv += ["--prune", ns.prune] if ns.prune else []
     return argv + (["--prune-calibration"] if ns.prune_calibration else [])

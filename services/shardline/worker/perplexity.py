@@ -134,7 +134,7 @@ def main(argv: list[str]) -> int:
 def weight_kwargs(a: argparse.Namespace) -> dict:
     """StageRunner's weight-transform arguments from add_weight_args' flags."""
     kw = dict(quantize=a.quantize, group_size=a.group_size, quantize_head=a.quantize_head,
-              compile=a.compile)
+              torch_compile=a.torch_compile)
     for name in ("prune", "prune_calibration"):
         if getattr(a, name, None):
             kw[name] = getattr(a, name)

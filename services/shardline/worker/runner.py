@@ -69,7 +69,7 @@ class StageRunner:
     prune_calibration (worker/prune.py).
     fuse: fuse q/k/v and gate/up projections and the residual adds (worker/fuse.py).
     use_cpu_kernels: run steps of bf16 CPU stages on the csrc kernels (cpu_path.py).
-    compile: torch.compile each layer's dense parts (fuse.compile_stage); steps then run the
+    torch_compile: torch.compile each layer's dense parts (fuse.compile_stage); steps then run the
     PyTorch model.
     kv_cache_bytes: KV budget in bytes. Default: kv_cache_fraction (default 0.8) of the free
     device memory after loading the weights on CUDA, 256 MiB on the CPU.
@@ -83,7 +83,7 @@ class StageRunner:
                  block_size: int = 16, fuse: bool = True, quantize: str = "none",
                  group_size: int = 32, quantize_head: bool = False,
                  prune: Optional[str] = None, prune_calibration: bool = False,
-                 use_cpu_kernels: bool = True, compile: bool = False):
+                 use_cpu_kernels: bool = True, torch_compile: bool = False):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -105,11 +105,11 @@ class StageRunner:
         if prune == "2:4" and quantize == "none" and self.device.type == "cuda":
             accelerate_semi_structured(self.model)
         quantize_stage(self.model, quantize, group_size, quantize_head)
-        if compile:
+        if torch_compile:
             compile_stage(self.model)
         # steps on the project's CPU kernels where they apply (bf16 on AVX512-BF16), unless the
         # model was compiled (it then runs every step)
-        self.fast = CpuStepPath.build(self.model) if use_cpu_kernels and not compile else None
+        self.fast = CpuStepPath.build(self.model) if use_cpu_kernels and not torch_compile else None
         self.quantization = recipe["quantize"] if recipe else quantize
         self.layer_start, self.layer_end = layer_start, layer_end
         cfg = self.config
@@ -134,6 +134,8 @@ class StageRunner:
         log.info("stage [%d, %d): %d KV blocks of %d tokens (%.0f MiB) on %s in %s",
                  layer_start, layer_end, num_blocks, block_size, self.kv_cache.nbytes / 2**20,
                  self.device, self.dtype_name)
+        if torch_compile:
+            self._warm_up()
 
     # ---- what StageInfo reports -------------------------------------------------------
     @property
@@ -190,8 +192,6 @@ class StageRunner:
         self.seqs.clear()
         if self.sampler is not None:
             self.sampler.seqs.clear()
-        if compile:
-            self._warm_up()
 
     def _warm_up(self) -> None:
         """A throwaway sequence's 2-token prefill and 1-token decode (in block 0, freed after),

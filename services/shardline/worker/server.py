@@ -36,7 +36,7 @@ def build_runner(cfg: WorkerConfig):
                        block_size=cfg.block_size, fuse=cfg.fuse, quantize=cfg.quantize,
                        group_size=cfg.group_size, quantize_head=cfg.quantize_head,
                        prune=cfg.prune, prune_calibration=cfg.prune_calibration,
-                       use_cpu_kernels=cfg.cpu_kernels, compile=cfg.compile)
+                       use_cpu_kernels=cfg.cpu_kernels, torch_compile=cfg.torch_compile)
 
 
 async def serve(cfg: WorkerConfig) -> None:
