@@ -8,6 +8,8 @@ own ops then.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -48,11 +50,12 @@ def load() -> Optional[ModuleType]:
             _ninja_on_path()
             from torch.utils import cpp_extension
             digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-            mod = cpp_extension.load(
-                name=f"shardline_cpu_kernels_{digest}", sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                build_directory=str(_build_dir(digest)),
-                verbose=False)
+            build = _build_dir(digest)
+            with _build_lock(build):
+                mod = cpp_extension.load(
+                    name=f"shardline_cpu_kernels_{digest}", sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                    build_directory=str(build), verbose=False)
         except Exception as e:                       # no compiler, no ninja, ...
             log.warning("CPU kernels unavailable (%s); using PyTorch ops", e)
             return None
@@ -60,6 +63,20 @@ def load() -> Optional[ModuleType]:
             return None
         _module = mod
         return mod
+
+
+@contextlib.contextmanager
+def _build_lock(build: pathlib.Path):
+    """One build at a time per directory, under a lock the OS drops when its holder dies.
+    PyTorch's own lock is a file that a process killed mid-build leaves behind, and every later
+    start then waits on it forever; under ours, such a file is stale and removed."""
+    with open(build / ".shardline.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            (build / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _ninja_on_path() -> None:

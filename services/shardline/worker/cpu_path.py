@@ -1,7 +1,8 @@
 """Steps of a bfloat16 CPU stage through the project's kernels (csrc/cpu_kernels.cpp).
 
 A decode step computes one token per sequence: a few rows against every weight, bound by
-memory bandwidth and per-op overhead. This path runs each layer in about seven calls
+memory bandwidth and per-op overhead. This path runs each layer as one call of the kernels'
+StepLayer, which chains
 
     rms_norm (+ residual add) -> qkv linear -> rope + KV store -> attention
     -> o linear -> rms_norm (+ residual add) -> gate_up linear -> silu * up -> down linear
@@ -21,10 +22,9 @@ AVX512-BF16 use StageModel's PyTorch ops.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shardline.worker import cpu_kernels
@@ -39,11 +39,9 @@ log = logging.getLogger(__name__)
 # AVX512-BF16 register tiles beyond). Measured for SmolLM2-135M's layer matmuls (no head):
 #   2 Sapphire Rapids cores: 1 row 9.5 ms (PyTorch 19), 16 rows 11.8 ms (oneDNN packed weights
 #   13.7), 512 rows 94 ms (129);
-#   2 AMD EPYC Zen 4 cores (no AMX): 1 row 8.2 ms, 16 rows 13.9, 128 rows 71; PyTorch's bf16
-#   F.linear with the head's 28 M more weights 27, 38, 111.
-GEMV_ROWS = 4
-
-LinearFn = Callable[[torch.Tensor], torch.Tensor]
+#   2 AMD EPYC Zen 4 cores (no AMX): 1 row 7.0 ms, 16 rows 10.8, 128 rows 67; PyTorch's bf16
+#   F.linear with the head's 28 M more weights 19, 29, 102.
+GEMV_ROWS = 4                       # StepLinear::GEMV_ROWS in the kernels: the same number
 
 
 def vnni_layout(w: torch.Tensor) -> torch.Tensor:
@@ -74,50 +72,36 @@ def int4_kernel_layout(m: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch
     return packed, m.scale.half().contiguous(), (m.zero - 8 * m.scale).half().contiguous()
 
 
-def _linear_fn(kernels, m: nn.Module, out_f32: bool = False) -> Optional[LinearFn]:
-    """x [T, in] bf16 -> [T, out] (float32 with out_f32, else bf16): the kernel for m's
-    weight format (quantized: up to GEMV_ROWS rows, dequantized beyond); None when no kernel
-    fits m."""
+def _linear(kernels, m: nn.Module):
+    """m as a kernels.StepLinear (x [T, in] bf16 -> [T, out]; called with out_f32=True for
+    float32): the kernel for m's weight format, quantized layers of more than GEMV_ROWS rows
+    dequantized for ATen's GEMM; None when no kernel fits m."""
     bias = getattr(m, "bias", None)
     bias = None if bias is None else bias.detach().float().contiguous()
     if type(m) in (Linear, nn.Linear) and m.weight.dtype == torch.bfloat16 \
             and m.in_features % 32 == 0:
-        w, n = vnni_layout(m.weight.detach()), m.out_features
-        return lambda x: kernels.linear_vnni(x, w, n, bias, out_f32)     # any number of rows
-    elif isinstance(m, Int8Linear) and m.in_features % 64 == 0:
-        u, s = int8_kernel_layout(m), m.scale.float().contiguous()
-        gemv = lambda x: kernels.linear_int8(x, u, s, bias)              # noqa: E731
-        many = _dequantized(m, lambda: kernels.dequantize_int8(u, s))
-    elif isinstance(m, Int4Linear) and m.group_size == 32 and m.in_features % 64 == 0:
-        packed, scale, offset = int4_kernel_layout(m)
-        gemv = lambda x: kernels.linear_int4(x, packed, scale, offset, bias)  # noqa: E731
-        many = _dequantized(m, lambda: kernels.dequantize_int4(packed, scale, offset))
-    else:
+        return kernels.StepLinear(0, vnni_layout(m.weight.detach()), None, None, bias,
+                                  m.out_features)
+    if isinstance(m, Int8Linear) and m.in_features % 64 == 0:
+        return kernels.StepLinear(1, int8_kernel_layout(m), m.scale.float().contiguous(), None,
+                                  bias, m.out_features)
+    if isinstance(m, Int4Linear) and m.group_size == 32 and m.in_features % 64 == 0:
+        return kernels.StepLinear(2, *int4_kernel_layout(m), bias, m.out_features)
+    return None
+
+
+def _layer(kernels, layer) -> Optional[object]:
+    """A decoder layer as a kernels.StepLayer (its whole step in one call), or None when one of
+    its projections has no kernel."""
+    attn, mlp = layer.self_attn, layer.mlp
+    lins = [_linear(kernels, m) for m in
+            (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    if any(lin is None for lin in lins):
         return None
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        y = gemv(x) if x.shape[0] <= GEMV_ROWS else many(x)
-        return y.float() if out_f32 else y
-    return fn
-
-
-def _dequantized(m: nn.Module, weight: Callable[[], torch.Tensor]) -> LinearFn:
-    """Quantized weights for many rows (prefill): dequantized to a transient bf16 weight per call
-    (about 1 ms per 100 MB), then oneDNN's GEMM; PyTorch's int8 / int4 CPU kernels take
-    200+ ms for a 128-token prompt of SmolLM2 against about 50 ms this way."""
-    bias = None if m.bias is None else m.bias.detach().to(torch.bfloat16)
-    return lambda x: F.linear(x, weight(), bias)
-
-
-class _Layer:
-    def __init__(self, kernels, layer):
-        attn, mlp = layer.self_attn, layer.mlp
-        self.in_norm = layer.input_layernorm.weight.detach().float().contiguous()
-        self.post_norm = layer.post_attention_layernorm.weight.detach().float().contiguous()
-        self.eps = layer.input_layernorm.eps
-        self.fns = [_linear_fn(kernels, m) for m in
-                    (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-        self.heads, self.kv_heads, self.scale = attn.num_heads, attn.num_kv_heads, attn.scale
+    return kernels.StepLayer(layer.input_layernorm.weight.detach().float().contiguous(),
+                             layer.post_attention_layernorm.weight.detach().float().contiguous(),
+                             layer.input_layernorm.eps, *lins, attn.num_heads, attn.num_kv_heads,
+                             attn.scale)
 
 
 class CpuStepPath:
@@ -126,15 +110,15 @@ class CpuStepPath:
     def __init__(self, kernels, model):
         self.k = kernels
         self.model = model
-        self.layers = [_Layer(kernels, layer) for layer in model.layers]
+        self.layers = [_layer(kernels, layer) for layer in model.layers]
         rot = model.rotary
         self.cos = rot.cos.float().contiguous()                       # [max_pos, head_dim]
         self.sin = rot.sin_signed.float().contiguous()
-        self.head: Optional[LinearFn] = None
+        self.head = None
         if model.is_last:
             self.norm = model.norm.weight.detach().float().contiguous()
             self.norm_eps = model.norm.eps
-            self.head = _linear_fn(kernels, model.lm_head, out_f32=True) or model.lm_head
+            self.head = _linear(kernels, model.lm_head)
 
     @classmethod
     def build(cls, model) -> Optional["CpuStepPath"]:
@@ -152,7 +136,7 @@ class CpuStepPath:
         if kernels is None:
             return None
         path = cls(kernels, model)
-        if any(fn is None for layer in path.layers for fn in layer.fns):
+        if any(layer is None for layer in path.layers):
             return None
         log.info("steps run on the CPU kernels (AVX512-BF16 / VNNI%s)",
                  ", AMX" if kernels.amx_supported() else "")
@@ -160,34 +144,19 @@ class CpuStepPath:
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata,
                 kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """x: [T, hidden] bf16 -> [T, hidden] (StageModel.forward)."""
-        k = self.k
+        """x: [T, hidden] bf16 -> [T, hidden] (StageModel.forward). Each layer is one call;
+        attention takes every row against its own context (meta.per_row)."""
         h, residual = x.contiguous(), None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_layers):
-            qkv_fn, o_fn, gate_up_fn, down_fn = layer.fns
-            if residual is None:
-                residual = h.clone()
-                normed = k.rms_norm(h, None, layer.in_norm, layer.eps)
-            else:
-                normed = k.rms_norm(h, residual, layer.in_norm, layer.eps)  # residual += h
-            qkv = qkv_fn(normed)                                 # [T, (H + 2 KV) * hd]
-            k.rope_store_kv(qkv, meta.positions, self.cos, self.sin, meta.slot_mapping,
-                            k_cache, v_cache, layer.heads, layer.kv_heads)
-            o = self._attention(qkv, meta, k_cache, v_cache, layer)   # [T, H * hd]
-            normed = k.rms_norm(o_fn(o), residual, layer.post_norm, layer.eps)
-            h = down_fn(k.silu_mul(gate_up_fn(normed)))
-        return residual.add_(h)
-
-    def _attention(self, qkv: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        """qkv after rope (this step's K / V already in the cache) -> [T, H * hd]: every row,
-        decode or prefill, against its own context through the cache."""
         table, lengths = meta.per_row()
-        return self.k.paged_attention(qkv, k_cache, v_cache, table, lengths,
-                                      meta.block_size,
-                                      layer.heads, layer.scale)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_layers):
+            h, residual = layer.forward(h, residual, meta.positions, self.cos, self.sin,
+                                        meta.slot_mapping, k_cache, v_cache, table, lengths,
+                                        meta.block_size)
+        return residual.add_(h)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: [S, hidden] -> [S, vocab] float32 (StageModel.logits)."""
         normed = self.k.rms_norm(x.contiguous(), None, self.norm, self.norm_eps)
-        return self.head(normed).float()
+        if self.head is None:                    # a head the kernels do not take (fp8, ...)
+            return self.model.lm_head(normed).float()
+        return self.head(normed, True)
