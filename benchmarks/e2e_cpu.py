@@ -53,6 +53,20 @@ def find_gguf() -> str | None:
     return hits[0] if hits else None
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its AMX / AVX512-BF16 support, from /proc/cpuinfo."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                      if line.startswith("flags")), []))
+    found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(found) or 'no AVX512-BF16'})"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--dtype", default="bfloat16")
@@ -71,7 +85,7 @@ def main() -> int:
     port = free_port()
     stack = build_stack(model_dir, DEFAULT_MODEL, 1, port, "cpu", a.dtype, "512MiB", a.threads,
                         quiet=not a.verbose, worker_extra=a.extra_worker_args.split())
-    res: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    res: dict = {"machine": f"{cpu_model()}, {os.cpu_count()} cores",
                  "date": time.strftime("%Y-%m-%d"), "dtype": a.dtype, "threads": a.threads,
                  "worker_args": a.extra_worker_args}
     gguf = a.gguf or find_gguf()
