@@ -79,10 +79,8 @@ class AttentionMetadata:
             else:
                 starts, counts, tables, bs = self.plan
                 nblocks = max((s + n + bs - 1) // bs for s, n in zip(starts, counts))
-                padded = [list(t[:nblocks]) + [0] * (nblocks - min(len(t), nblocks))
-                          for t in tables]
                 dev = self.positions.device
-                table = torch.tensor(padded, dtype=torch.long, device=dev).repeat_interleave(
+                table = _padded_tables(tables, nblocks, dev).repeat_interleave(
                     torch.tensor(counts, dtype=torch.long, device=dev), dim=0)
                 self._per_row = (table.contiguous(), self.positions + 1)
         return self._per_row
@@ -132,13 +130,18 @@ class AttentionMetadata:
         return cls(total, torch.cat(positions), torch.cat(slots), decode, prefills, plan)
 
 
+def _padded_tables(tables: Sequence[Sequence[int]], nblocks: int, device) -> torch.Tensor:
+    """int64 [len(tables), nblocks]: each block table cut or zero-padded to nblocks."""
+    padded = [list(t[:nblocks]) + [0] * (nblocks - min(len(t), nblocks)) for t in tables]
+    return torch.tensor(padded, dtype=torch.long, device=device)
+
+
 def _decode_batch(rows: Optional[torch.Tensor], starts: list[int],
                   tables: Sequence[Sequence[int]], bs: int, device) -> DecodeBatch:
     lengths = [s + 1 for s in starts]
     max_len = max(lengths)
     nblocks = (max_len + bs - 1) // bs
-    padded = [list(t[:nblocks]) + [0] * (nblocks - min(len(t), nblocks)) for t in tables]
-    table = torch.tensor(padded, dtype=torch.long, device=device)               # [D, nblocks]
+    table = _padded_tables(tables, nblocks, device)                            # [D, nblocks]
     offsets = torch.arange(bs, dtype=torch.long, device=device)
     gather = (table[:, :, None] * bs + offsets).view(len(tables), -1)[:, :max_len].contiguous()
     mask = None

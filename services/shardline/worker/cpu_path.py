@@ -12,7 +12,7 @@ weights read as stored: bf16 (in the VNNI-blocked layout the GEMV and the AMX ti
 int8 (per channel, as q + 128) or int4 (group 32, the kernel's nibble layout), converted once
 here; int8 and int4 kernels quantize the activations to int8 per block of 32 (VNNI).
 bf16 layers of more than 4 rows run on AMX tiles, or on AVX512-BF16 register tiles where the
-CPU has no AMX. Quantized layers of more than GEMV_ROWS rows dequantize to bf16 for a GEMM.
+CPU has no AMX. Quantized layers of more than 4 rows dequantize to bf16 for a GEMM.
 Attention: one paged_attention call per layer for every row of the step, decode or prefill,
 each row against its own context in the cache (AttentionMetadata.per_row).
 It computes what StageModel.forward / .logits compute, within bf16 rounding
@@ -34,14 +34,13 @@ from shardline.worker.quantize import Int4Linear, Int8Linear, unpack_int4
 
 log = logging.getLogger(__name__)
 
-# Up to this many rows the int8 / int4 GEMV kernels run; beyond, weights are dequantized to
-# bf16 for a GEMM. bf16 weights take linear_vnni at any row count (GEMV up to 4 rows, AMX or
+# Up to StepLinear::GEMV_ROWS (4, in the kernels) rows the int8 / int4 GEMV kernels run; beyond,
+# weights are dequantized to bf16 for a GEMM. bf16 weights take linear_vnni at any row count (GEMV up to 4 rows, AMX or
 # AVX512-BF16 register tiles beyond). Measured for SmolLM2-135M's layer matmuls (no head):
 #   2 Sapphire Rapids cores: 1 row 9.5 ms (PyTorch 19), 16 rows 11.8 ms (oneDNN packed weights
 #   13.7), 512 rows 94 ms (129);
 #   2 AMD EPYC Zen 4 cores (no AMX): 1 row 7.0 ms, 16 rows 10.8, 128 rows 67; PyTorch's bf16
 #   F.linear with the head's 28 M more weights 19, 29, 102.
-GEMV_ROWS = 4                       # StepLinear::GEMV_ROWS in the kernels: the same number
 
 
 def vnni_layout(w: torch.Tensor) -> torch.Tensor:
@@ -74,7 +73,7 @@ def int4_kernel_layout(m: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch
 
 def _linear(kernels, m: nn.Module):
     """m as a kernels.StepLinear (x [T, in] bf16 -> [T, out]; called with out_f32=True for
-    float32): the kernel for m's weight format, quantized layers of more than GEMV_ROWS rows
+    float32): the kernel for m's weight format, quantized layers of more than 4 rows
     dequantized for ATen's GEMM; None when no kernel fits m."""
     bias = getattr(m, "bias", None)
     bias = None if bias is None else bias.detach().float().contiguous()

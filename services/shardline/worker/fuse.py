@@ -60,8 +60,8 @@ def compile_stage(model: nn.Module) -> nn.Module:
     elementwise work (SiLU * up, the norms, the adds) around the matmuls. Attention stays
     eager: its paged addressing changes with every step's plan. Every layer runs the same
     code, so the layers share their compiled graphs (parameters are graph inputs); each
-    distinct shape class (one row, several rows) compiles once, on the first step that needs
-    it. Unfused layers compile their norms and MLP as modules."""
+    distinct shape class (one row, several rows) compiles once (StageRunner warms both up at
+    start). Unfused layers compile their norms and MLP as modules."""
     for layer in model.layers:
         layer.input_layernorm.compile(dynamic=True)
         if layer.fused:
