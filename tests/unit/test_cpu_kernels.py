@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from shardline.worker import cpu_kernels
 from shardline.worker.attention import AttentionMetadata, paged_attention
-from shardline.worker.cpu_path import int4_kernel_layout, int8_kernel_layout, vnni_layout
+from shardline.worker.cpu_path import (glu_layout, int4_kernel_layout, int8_kernel_layout,
+                                       vnni_layout)
 from shardline.worker.layers import apply_rope
 from shardline.worker.plan import SamplingConfig, SeqStep
 from shardline.worker.quantize import (Int4Linear, Int8Linear, dequantize_int4,
@@ -100,6 +101,29 @@ def test_rms_norm_with_and_without_residual():
     assert torch.equal(r, total)                             # residual += x, in place
     assert rel_err(out, F.rms_norm(total.float(), (576,), w, 1e-5)) < 4e-3
     assert rel_err(K.rms_norm(x, None, w, 1e-5), F.rms_norm(x.float(), (576,), w, 1e-5)) < 4e-3
+
+
+# the gate_up projection with SiLU * up in the kernel's epilogue, every path (GEMV, AMX or
+# register tiles), float32 and bf16 out, with a bias
+@pytest.mark.parametrize("rows", [1, 4, 5, 16, 40])
+def test_linear_vnni_glu_epilogue(rows):
+    torch.manual_seed(rows)
+    inter, k = 1536, 576
+    x = torch.randn(rows, k, dtype=torch.bfloat16)
+    w = torch.randn(2 * inter, k, dtype=torch.bfloat16) * 0.05
+    b = torch.randn(2 * inter)
+    g = glu_layout(w)
+    assert torch.equal(g[16:32], w[inter:inter + 16]) and torch.equal(g[32:48], w[16:32])
+    gu = x.float() @ w.float().t() + b
+    ref = F.silu(gu[:, :inter]) * gu[:, inter:]
+    bias = glu_layout(b.view(-1, 1)).view(-1).contiguous()
+    y = K.linear_vnni(x, vnni_layout(g), 2 * inter, bias, True, glu=True)
+    assert y.shape == (rows, inter) and y.dtype == torch.float32
+    assert rel_err(y, ref) < 1e-5
+    y16 = K.linear_vnni(x, vnni_layout(g), 2 * inter, bias, False, glu=True)
+    assert y16.dtype == torch.bfloat16 and rel_err(y16, ref) < 4e-3
+    with pytest.raises(RuntimeError, match="glu"):
+        K.linear_vnni(x, vnni_layout(w[:48]), 48, None, False, glu=True)   # not a multiple of 32
 
 
 def test_silu_mul():

@@ -103,7 +103,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         return out
 
     async def _prompt_ids(self, request) -> list[int]:
-        with telemetry.tracer.start_as_current_span("tokenize"):
+        with telemetry.span("tokenize"):
             return await self._prompt_ids_inner(request)
 
     async def _prompt_ids_inner(self, request) -> list[int]:
@@ -253,7 +253,7 @@ class _TextStream:
 
     async def push(self, ids: list[int], final: bool) -> tuple[str, bool]:
         """New text to send, and whether a stop string ended the sequence."""
-        with telemetry.tracer.start_as_current_span("detokenize"):
+        with telemetry.span("detokenize"):
             self.text += await self.tokenizer.detokenize(self.state, ids)
         if self.stops:
             search_from = max(0, self.emitted - self.hold)

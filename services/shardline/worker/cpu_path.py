@@ -5,7 +5,7 @@ memory bandwidth and per-op overhead. This path runs each layer as one call of t
 StepLayer, which chains
 
     rms_norm (+ residual add) -> qkv linear -> rope + KV store -> attention
-    -> o linear -> rms_norm (+ residual add) -> gate_up linear -> silu * up -> down linear
+    -> o linear -> rms_norm (+ residual add) -> gate_up linear + silu * up -> down linear
 
 with the residual carried beside the hidden state (its add fused into the next norm), and
 weights read as stored: bf16 (in the VNNI-blocked layout the GEMV and the AMX tiles share),
@@ -54,6 +54,16 @@ def vnni_layout(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(padded // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
+def glu_layout(gate_up: torch.Tensor) -> torch.Tensor:
+    """A fused gate_up weight [2 I, k] (gate rows, then up rows) as linear_vnni(glu=True)
+    takes it: per 32 output rows, 16 gate rows and the 16 up rows of the same channels, so
+    each 32-output block it computes yields silu(gate) * up for 16 channels in its epilogue
+    (the [T, 2 I] intermediate and the separate silu_mul pass go away)."""
+    n, k = gate_up.shape
+    inter = n // 2
+    return gate_up.view(2, inter // 16, 16, k).transpose(0, 1).reshape(n, k)
+
+
 def int8_kernel_layout(m: Int8Linear) -> torch.Tensor:
     """uint8 [n, k] = q + 128 for linear_int8: unsigned weights against signed int8
     activations (VNNI's dpbusd multiplies unsigned by signed bytes)."""
@@ -89,12 +99,24 @@ def _linear(kernels, m: nn.Module):
     return None
 
 
+def _gate_up(kernels, m: nn.Module):
+    """The fused gate_up projection; bf16 weights as one linear with the SiLU * up epilogue."""
+    if type(m) in (Linear, nn.Linear) and m.weight.dtype == torch.bfloat16 \
+            and m.in_features % 32 == 0 and m.out_features % 32 == 0:
+        bias = getattr(m, "bias", None)
+        if bias is not None:
+            bias = glu_layout(bias.detach().float().view(-1, 1)).view(-1).contiguous()
+        return kernels.StepLinear(0, vnni_layout(glu_layout(m.weight.detach())), None, None,
+                                  bias, m.out_features, glu=True)
+    return _linear(kernels, m)
+
+
 def _layer(kernels, layer) -> Optional[object]:
     """A decoder layer as a kernels.StepLayer (its whole step in one call), or None when one of
     its projections has no kernel."""
     attn, mlp = layer.self_attn, layer.mlp
-    lins = [_linear(kernels, m) for m in
-            (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    lins = [_linear(kernels, attn.qkv_proj), _linear(kernels, attn.o_proj),
+            _gate_up(kernels, mlp.gate_up_proj), _linear(kernels, mlp.down_proj)]
     if any(lin is None for lin in lins):
         return None
     return kernels.StepLayer(layer.input_layernorm.weight.detach().float().contiguous(),

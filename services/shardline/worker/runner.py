@@ -24,6 +24,7 @@ from shardline.common.tensors import DTYPE_NAMES, DTYPES
 from shardline.v1 import worker_pb2
 from shardline.worker.attention import AttentionMetadata
 from shardline.worker.cpu_path import CpuStepPath
+from shardline.worker.heap import keep_freed_memory
 from shardline.worker.fuse import compile_stage, fuse_stage
 from shardline.worker.optimize import load_optimized_stage, read_recipe
 from shardline.worker.prune import accelerate_semi_structured, prune_stage
@@ -88,6 +89,8 @@ class StageRunner:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = _as_dtype(dtype, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()          # steps reuse their activations' memory (worker/heap.py)
         if block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
         self.config = ModelConfig.from_dir(model_dir)

@@ -104,6 +104,34 @@ void parallel(int64_t n, F&& f) {
   });
 }
 
+// exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor series to r^7
+// (relative error below 2e-7 on [-87, 88]).
+KERNEL inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// silu(g) * u = g / (1 + e^-g) * u: the reciprocal estimate (14 bits) refined by one Newton
+// step, not a division
+KERNEL inline __m512 silu_mul16(__m512 g, __m512 u) {
+  __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+  __m512 r = _mm512_rcp14_ps(d);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+  return _mm512_mul_ps(_mm512_mul_ps(g, r), u);
+}
+
 // Software prefetch distance, in weight tiles, for the streaming kernels: the hardware
 // prefetchers alone reached about 16 GB/s of the ~29 GB/s two cores read.
 constexpr int PF_TILES = 2;
@@ -245,6 +273,18 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
+// 16 outputs silu(gate) * up from a row's 32 (16 gate, then 16 up), bias added first
+KERNEL void glu_out(const float* c, const float* bias, float* yf, bf16_t* yb) {
+  __m512 g = _mm512_loadu_ps(c), u = _mm512_loadu_ps(c + 16);
+  if (bias) {
+    g = _mm512_add_ps(g, _mm512_loadu_ps(bias));
+    u = _mm512_add_ps(u, _mm512_loadu_ps(bias + 16));
+  }
+  __m512 v = silu_mul16(g, u);
+  if (yf) _mm512_storeu_ps(yf, v);
+  else store_bf16x16(yb, v);
+}
+
 bool amx_enable() {       // Linux asks each process to request the AMX tile state once
   static const bool ok = [] {
     constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
@@ -309,36 +349,66 @@ bool amx_supported() {
 }
 
 at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                       const c10::optional<at::Tensor>& bias, bool out_f32) {
+                       const c10::optional<at::Tensor>& bias, bool out_f32, bool glu) {
   check_rows(x, "x");
   int64_t m = x.size(0), k = x.size(1);
   check(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 4 && w.size(1) * 2 == k &&
             w.size(2) == 16 && w.size(3) == 2 && w.size(0) * 16 >= n && w.size(0) % 2 == 0 && k % 32 == 0,
         "linear_vnni: weight in the [n / 16, k / 2, 16, 2] layout (vnni_layout), k a multiple of 32");
+  check(!glu || (n % 32 == 0 && w.size(0) * 16 == n),
+        "linear_vnni: glu weights interleave 16 gate and 16 up rows (glu_layout), n a multiple of 32");
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  at::Tensor y = at::empty({m, n}, x.options().dtype(out_f32 ? at::kFloat : at::kBFloat16));
+  int64_t width = glu ? n / 2 : n;           // outputs per row
+  at::Tensor y = at::empty({m, width}, x.options().dtype(out_f32 ? at::kFloat : at::kBFloat16));
   float* yf = out_f32 ? y.data_ptr<float>() : nullptr;
   bf16_t* yb = out_f32 ? nullptr : bf16_mut(y);
   auto put = [&](int64_t row, int64_t col, const float* v, int64_t count) {
     store_out(v, count, b ? b + col : nullptr, yf ? yf + row * n + col : nullptr,
               yb ? yb + row * n + col : nullptr);
   };
+  // one row's 32 outputs of the block pair p: as they are, or (glu) silu(gate) * up, 16 wide
+  auto emit = [&](int64_t row, int64_t p, const float* c) {
+    if (!glu) {
+      int64_t cols = std::min<int64_t>(32, n - p * 32);
+      if (cols > 0) put(row, p * 32, c, cols);
+      return;
+    }
+    glu_out(c, b ? b + p * 32 : nullptr, yf ? yf + row * width + p * 16 : nullptr,
+            yb ? yb + row * width + p * 16 : nullptr);
+  };
   const bf16_t* wp = bf16_ptr(w);
   const bf16_t* xp = bf16_ptr(x);
   int64_t blocks = (n + 15) / 16;
-  if (m <= 4) {
+  auto gemv = [&](const bf16_t* wb, float* out) {
+    switch (m) {
+      case 1: vnni_gemv_block<1>(xp, k, wb, out); break;
+      case 2: vnni_gemv_block<2>(xp, k, wb, out); break;
+      case 3: vnni_gemv_block<3>(xp, k, wb, out); break;
+      default: vnni_gemv_block<4>(xp, k, wb, out); break;
+    }
+  };
+  if (m <= 4 && !glu) {
     parallel(blocks, [&](int64_t b0, int64_t b1) {
       float out[4 * 16];
       for (int64_t blk = b0; blk < b1; ++blk) {
-        const bf16_t* wb = wp + blk * 16 * k;
-        switch (m) {
-          case 1: vnni_gemv_block<1>(xp, k, wb, out); break;
-          case 2: vnni_gemv_block<2>(xp, k, wb, out); break;
-          case 3: vnni_gemv_block<3>(xp, k, wb, out); break;
-          default: vnni_gemv_block<4>(xp, k, wb, out); break;
-        }
+        gemv(wp + blk * 16 * k, out);
         int64_t cols = std::min<int64_t>(16, n - blk * 16);
         for (int64_t r = 0; r < m; ++r) put(r, blk * 16, out + r * 16, cols);
+      }
+    });
+    return y;
+  }
+  if (m <= 4) {                              // glu: the gate and the up block of each pair
+    parallel(blocks / 2, [&](int64_t p0, int64_t p1) {
+      float out[2][4 * 16], c[32];
+      for (int64_t p = p0; p < p1; ++p) {
+        gemv(wp + 2 * p * 16 * k, out[0]);
+        gemv(wp + (2 * p + 1) * 16 * k, out[1]);
+        for (int64_t r = 0; r < m; ++r) {
+          std::memcpy(c, out[0] + r * 16, 64);
+          std::memcpy(c + 16, out[1] + r * 16, 64);
+          emit(r, p, c);
+        }
       }
     });
     return y;
@@ -349,16 +419,14 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
     int64_t chunk = m <= 16 ? m : 8;
     int64_t pairs_n = w.size(0) / 2;
     parallel(pairs_n, [&](int64_t p0, int64_t p1) {
-      float c[16 * 32];
+      alignas(64) float c[16 * 32];
       for (int64_t p = p0; p < p1; ++p) {
         const bf16_t* wb = wp + p * 32 * k;
-        int64_t cols = std::min<int64_t>(32, n - p * 32);
         for (int64_t r0 = 0; r0 < m; r0 += chunk) {
           int64_t rows = std::min<int64_t>(chunk, m - r0);
           // the first chunk streams the weights (prefetched); later ones find them in cache
           ROWS_CHUNK[rows - 1](xp + r0 * k, k, wb, r0 == 0, c);
-          if (cols <= 0) continue;
-          for (int64_t r = 0; r < rows; ++r) put(r0 + r, p * 32, c + r * 32, cols);
+          for (int64_t r = 0; r < rows; ++r) emit(r0 + r, p, c + r * 32);
         }
       }
     });
@@ -366,21 +434,21 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
   }
   TORCH_CHECK(amx_enable(), "linear_vnni: the kernel may not use AMX (arch_prctl refused)");
   int64_t mp = (m + 31) / 32 * 32;
-  std::vector<bf16_t> pack(mp * k, 0);       // rows past m stay zero
-  bf16_t* xpad = pack.data();
+  // 64-byte aligned (at::zeros), unlike a std::vector's storage: an A tile row that straddles
+  // two cache lines costs AMX's tile load about a third of the GEMM's time
+  at::Tensor pack = at::zeros({mp * k}, x.options());        // rows past m stay zero
+  bf16_t* xpad = bf16_mut(pack);
   for (int64_t r = 0; r < m; ++r)
     for (int64_t kk = 0; kk < k; kk += 32)
       std::memcpy(xpad + (r / 32) * 32 * k + kk * 32 + (r % 32) * 32, xp + r * k + kk, 64);
   int64_t pairs_n = w.size(0) / 2;           // blocks of 32 outputs
   parallel(pairs_n, [&](int64_t p0, int64_t p1) {
     amx_config();
-    float c[32 * 32];
+    alignas(64) float c[32 * 32];
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t m0 = 0; m0 < mp; m0 += 32) {
         amx_block(xpad, k, wp, 2 * p, m0, m0 == 0 && p + 1 < p1, c);
-        int64_t cols = std::min<int64_t>(32, n - p * 32);
-        if (cols <= 0) continue;
-        for (int64_t r = 0; r < 32 && m0 + r < m; ++r) put(m0 + r, p * 32, c + r * 32, cols);
+        for (int64_t r = 0; r < 32 && m0 + r < m; ++r) emit(m0 + r, p, c + r * 32);
       }
     amx_release();
   });
@@ -686,26 +754,7 @@ at::Tensor dequantize_int4(const at::Tensor& packed, const at::Tensor& scale,
   return out;
 }
 
-// ---- exp, RMSNorm, SiLU * up ------------------------------------------------------------
-// exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor series to r^7
-// (relative error below 2e-7 on [-87, 88]).
-KERNEL inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
+// ---- RMSNorm, SiLU * up ------------------------------------------------------------
 KERNEL void rms_norm_row(const bf16_t* x, bf16_t* residual, const float* w, float eps,
                          int64_t h, bf16_t* out) {
   // with residual: residual = bf16(residual + x), and the new residual is normalized
@@ -752,15 +801,8 @@ at::Tensor rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residu
 }
 
 KERNEL void silu_mul_row(const bf16_t* gu, int64_t inter, bf16_t* out) {
-  for (int64_t c = 0; c < inter; c += 16) {
-    __m512 g = load_bf16x16(gu + c), u = load_bf16x16(gu + inter + c);
-    // g / (1 + e^-g): reciprocal estimate (14 bits) refined by one Newton step, not a division
-    __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)));
-    __m512 r = _mm512_rcp14_ps(d);
-    r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
-    __m512 s = _mm512_mul_ps(g, r);
-    store_bf16x16(out + c, _mm512_mul_ps(s, u));
-  }
+  for (int64_t c = 0; c < inter; c += 16)
+    store_bf16x16(out + c, silu_mul16(load_bf16x16(gu + c), load_bf16x16(gu + inter + c)));
 }
 
 at::Tensor silu_mul(const at::Tensor& gate_up) {
@@ -1090,11 +1132,12 @@ struct StepLinear {
   at::Tensor a, b, c;                    // bf16: w; int8: u, scale; int4: packed, scale, offset
   c10::optional<at::Tensor> bias;        // float32
   int64_t n;                             // output features
+  bool glu = false;                      // bf16 gate_up in glu_layout: returns silu(gate) * up
   static constexpr int64_t GEMV_ROWS = 4;
 
   at::Tensor operator()(const at::Tensor& x, bool out_f32 = false) const {
     at::Tensor y;
-    if (kind == 0) return linear_vnni(x, a, n, bias, out_f32);
+    if (kind == 0) return linear_vnni(x, a, n, bias, out_f32, glu);
     if (x.size(0) <= GEMV_ROWS) {
       y = kind == 1 ? linear_int8(x, a, b, bias) : linear_int4(x, a, b, c, bias);
     } else {
@@ -1133,7 +1176,7 @@ struct StepLayer {
     rope_store_kv(q, positions, cos, sin, slots, k_cache, v_cache, heads, kv_heads);
     at::Tensor attn = paged_attention(q, k_cache, v_cache, tables, lengths, block, heads, scale);
     normed = rms_norm(o(attn), residual, post_norm, eps);     // residual += attention
-    return {down(silu_mul(gate_up(normed))), residual};
+    return {down(gate_up.glu ? gate_up(normed) : silu_mul(gate_up(normed))), residual};
   }
 };
 
@@ -1142,10 +1185,13 @@ struct StepLayer {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<StepLinear>(m, "StepLinear")
       .def(py::init([](int64_t kind, at::Tensor a, c10::optional<at::Tensor> b,
-                       c10::optional<at::Tensor> c, c10::optional<at::Tensor> bias, int64_t n) {
-             return StepLinear{kind, a, b.value_or(at::Tensor()), c.value_or(at::Tensor()), bias, n};
+                       c10::optional<at::Tensor> c, c10::optional<at::Tensor> bias, int64_t n,
+                       bool glu) {
+             TORCH_CHECK(!glu || kind == 0, "StepLinear: glu is for bf16 weights (kind 0)");
+             return StepLinear{kind, a, b.value_or(at::Tensor()), c.value_or(at::Tensor()), bias, n, glu};
            }),
-           py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("bias"), py::arg("n"))
+           py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("bias"), py::arg("n"),
+           py::arg("glu") = false)
       .def("__call__", &StepLinear::operator(), py::arg("x"), py::arg("out_f32") = false);
   py::class_<StepLayer>(m, "StepLayer")
       .def(py::init([](at::Tensor in_norm, at::Tensor post_norm, double eps, StepLinear qkv,
@@ -1156,9 +1202,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &StepLayer::forward);
   m.def("supported", &supported, "whether this CPU has the instructions the kernels use");
   m.def("amx_supported", &amx_supported, "whether AMX-BF16 is there and this process may use it");
-  m.def("linear_vnni", &linear_vnni, "y = x @ w^T (+ b), w in the VNNI-blocked layout",
+  m.def("linear_vnni", &linear_vnni, "y = x @ w^T (+ b), w in the VNNI-blocked layout; with glu, "
+        "silu(gate) * up of a gate_up weight in glu_layout",
         py::arg("x"), py::arg("w"), py::arg("n"), py::arg("bias") = py::none(),
-        py::arg("out_f32") = false);
+        py::arg("out_f32") = false, py::arg("glu") = false);
   m.def("linear_int8", &linear_int8, "y = x @ (q * scale)^T (+ b), u = q + 128", py::arg("x"), py::arg("u"),
         py::arg("scale"), py::arg("bias") = py::none());
   m.def("linear_int4", &linear_int4, "group-32 int4 linear", py::arg("x"), py::arg("packed"),
