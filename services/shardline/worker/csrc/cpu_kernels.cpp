@@ -958,10 +958,14 @@ KERNEL inline __m512 reduce16(const __m512* v) {
 // attend() for head_dim HD (64 or 128) and up to 8 query heads per KV head: scores of 16
 // positions at a time with bf16 dot products and one transposed reduction; the weighted sum
 // of V in registers, with bf16 weights (as PyTorch's bf16 attention rounds them).
-template <int HD>
-KERNEL void attend_fast(const bf16_t* q, int64_t group, const bf16_t* kc, const bf16_t* vc,
+// G (the query heads per KV head) is a template parameter so that the accumulators of the
+// weighted sum (G x HD / 16 vectors) live in registers: with G a run-time value they were
+// spilled to the stack and reloaded for every pair of positions.
+template <int HD, int G>
+KERNEL void attend_fast(const bf16_t* q, const bf16_t* kc, const bf16_t* vc,
                         const int64_t* table, int64_t len, int64_t block, float scale,
                         bf16_t* out, int64_t out_stride) {
+  constexpr int64_t group = G;
   constexpr int V = HD / 16;                // f32 vectors per head row
   constexpr int P = HD / 32;                // bf16 pair vectors per head row
   const int64_t padded = (len + 15) / 16 * 16;  // scores of a head: whole 16-position blocks
@@ -972,7 +976,7 @@ KERNEL void attend_fast(const bf16_t* q, int64_t group, const bf16_t* kc, const 
     if (++j == block) { j = 0; ++b; }
   }
   auto row = [&](const bf16_t* base, int64_t p) { return base + slot[p] * HD; };
-  __m512bh qv[8][P];
+  __m512bh qv[G][P];
   for (int64_t g = 0; g < group; ++g)
     for (int i = 0; i < P; ++i)
       qv[g][i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + g * HD + i * 32));
@@ -989,12 +993,12 @@ KERNEL void attend_fast(const bf16_t* q, int64_t group, const bf16_t* kc, const 
       const char* nv = reinterpret_cast<const char*>(row(vc, p0 + j));
       for (int b = 0; b < HD * 2; b += 64) _mm_prefetch(nv + b, _MM_HINT_T1);
     }
+    for (int64_t j = n; j < 16; ++j) krow[j] = krow[0];   // past len: scores dropped later
     for (int64_t g = 0; g < group; ++g) {
-      for (int64_t j = 0; j < 16; ++j) {
+      for (int j = 0; j < 16; ++j) {
         __m512 a = _mm512_setzero_ps();
-        if (j < n)
-          for (int i = 0; i < P; ++i)
-            a = _mm512_dpbf16_ps(a, reinterpret_cast<__m512bh>(_mm512_loadu_si512(krow[j] + i * 32)), qv[g][i]);
+        for (int i = 0; i < P; ++i)
+          a = _mm512_dpbf16_ps(a, reinterpret_cast<__m512bh>(_mm512_loadu_si512(krow[j] + i * 32)), qv[g][i]);
         part[j] = a;
       }
       _mm512_storeu_ps(scores.data() + g * padded + p0,
@@ -1013,33 +1017,57 @@ KERNEL void attend_fast(const bf16_t* q, int64_t group, const bf16_t* kc, const 
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(sb.data() + c), reinterpret_cast<__m256i&>(h));
   }
   const uint32_t* wpair = reinterpret_cast<const uint32_t*>(sb.data());
-  __m512 acc[8][2 * P];
-  for (int64_t g = 0; g < group; ++g)
+  __m512 acc[G][2 * P];
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
     for (int i = 0; i < 2 * P; ++i) acc[g][i] = _mm512_setzero_ps();
   for (int64_t p = 0; p < len; p += 2) {
     const bf16_t* v0 = row(vc, p);
     const bf16_t* v1 = p + 1 < len ? row(vc, p + 1) : nullptr;
     __m512bh pv[2 * P];
+#pragma GCC unroll 8
     for (int i = 0; i < P; ++i) {
       __m512i a = _mm512_loadu_si512(v0 + i * 32);
       __m512i b = v1 ? _mm512_loadu_si512(v1 + i * 32) : _mm512_setzero_si512();
       pv[2 * i] = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
       pv[2 * i + 1] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
     }
-    for (int64_t g = 0; g < group; ++g) {
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
       __m512bh w = reinterpret_cast<__m512bh>(
           _mm512_set1_epi32(static_cast<int>(wpair[g * (padded / 2) + p / 2])));
+#pragma GCC unroll 8
       for (int i = 0; i < 2 * P; ++i) acc[g][i] = _mm512_dpbf16_ps(acc[g][i], pv[i], w);
     }
   }
   const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int64_t g = 0; g < group; ++g)
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
     for (int i = 0; i < P; ++i) {
       bf16_t* o = out + g * out_stride + i * 32;
       store_bf16x16(o, _mm512_permutex2var_ps(acc[g][2 * i], first, acc[g][2 * i + 1]));
       store_bf16x16(o + 16, _mm512_permutex2var_ps(acc[g][2 * i], second, acc[g][2 * i + 1]));
     }
+}
+
+using AttendFn = void (*)(const bf16_t*, const bf16_t*, const bf16_t*, const int64_t*, int64_t,
+                         int64_t, float, bf16_t*, int64_t);
+template <int HD, int... Gs>
+constexpr std::array<AttendFn, sizeof...(Gs)> attend_table(std::integer_sequence<int, Gs...>) {
+  return {&attend_fast<HD, Gs + 1>...};
+}
+constexpr auto ATTEND_64 = attend_table<64>(std::make_integer_sequence<int, 8>{});
+constexpr auto ATTEND_128 = attend_table<128>(std::make_integer_sequence<int, 8>{});
+
+// attend_fast for head_dim 64 or 128 and up to 8 query heads per KV head, else null (attend)
+AttendFn attend_fast_for(int64_t hd, int64_t group) {
+  if (group < 1 || group > 8) return nullptr;
+  if (hd == 64) return ATTEND_64[group - 1];
+  if (hd == 128) return ATTEND_128[group - 1];
+  return nullptr;
 }
 
 // qkv: [D, (H + 2 KV) * hd] after rope_store_kv; block_tables: int64 [D, max_blocks], the
@@ -1076,18 +1104,15 @@ at::Tensor paged_attention(const at::Tensor& qkv, const at::Tensor& k_cache,
   // items one at a time from a shared counter (parallel, chunks of 1): rows of a prefill chunk
   // attend ever longer contexts, so equal static parts would not be equal work
   int64_t items = d * kv_heads;
+  AttendFn fast = attend_fast_for(hd, group);
   auto one = [&](int64_t t) {
     int64_t i = t / kv_heads, h = t % kv_heads;
     const bf16_t* qh = qp + i * width + h * group * hd;
     const bf16_t* kh = kc + h * n_slots * hd;
     const bf16_t* vh = vc + h * n_slots * hd;
     bf16_t* oh = op + i * heads * hd + h * group * hd;
-    if (hd == 64 && group <= 8)
-      attend_fast<64>(qh, group, kh, vh, tables + i * max_blocks, lens[i], block, sc, oh, hd);
-    else if (hd == 128 && group <= 8)
-      attend_fast<128>(qh, group, kh, vh, tables + i * max_blocks, lens[i], block, sc, oh, hd);
-    else
-      attend(qh, group, hd, kh, vh, tables + i * max_blocks, lens[i], block, sc, oh, hd);
+    if (fast) fast(qh, kh, vh, tables + i * max_blocks, lens[i], block, sc, oh, hd);
+    else attend(qh, group, hd, kh, vh, tables + i * max_blocks, lens[i], block, sc, oh, hd);
   };
   // the first KPF blocks of K of an item, prefetched while the item before it runs
   // (attend_fast prefetches KPF blocks ahead from there on)
