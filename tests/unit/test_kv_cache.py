@@ -131,6 +131,32 @@ def test_bad_plans_raise_and_change_nothing(runner, bad, message):
     runner.step([ok], [], None)                           # the good part still runs after
 
 
+def test_a_last_sampled_step_computes_the_token_sampled_before(runner, tiny_model_dir):
+    explicit = StageRunner(tiny_model_dir("llama"), 0, 4, dtype=torch.float32,
+                           kv_cache_bytes=1 << 20, block_size=BS)
+    _, (t1,) = runner.step([admit(1, [5, 6, 7], [2])], [], None)
+    _, (e1,) = explicit.step([admit(1, [5, 6, 7], [2])], [], None)
+    assert t1.token_id == e1.token_id
+    # the scheduler planned this before it knew t1: the worker fills it in
+    _, (t2,) = runner.step([SeqStep(1, [], 3, [], True, num_generated=1, last_sampled=True)],
+                           [], None)
+    _, (e2,) = explicit.step([SeqStep(1, [t1.token_id], 3, [], True, num_generated=1)], [], None)
+    assert t2.token_id == e2.token_id and runner.seqs[1].num_computed == 4
+    with pytest.raises(ValueError, match="no token was sampled for that position"):
+        runner.step([SeqStep(1, [], 3, [], True, last_sampled=True)], [], None)   # stale
+    with pytest.raises(ValueError, match="carries no token_ids"):
+        runner.step([SeqStep(1, [9], 4, [], True, last_sampled=True)], [], None)
+    assert runner.seqs[1].num_computed == 4              # refused plans changed nothing
+    _, (t3,) = runner.step([SeqStep(1, [], 4, [3], True, num_generated=2, last_sampled=True)],
+                           [], None)
+
+
+def test_last_sampled_needs_a_single_stage(middle):
+    middle.step([admit(1, [1, 2], [0])], [], torch.randn(2, 64))
+    with pytest.raises(ValueError, match="single-stage"):
+        middle.step([SeqStep(1, [], 2, [], False, last_sampled=True)], [], torch.randn(1, 64))
+
+
 def test_duplicate_sequences_and_stage_inputs_are_checked(runner, middle):
     with pytest.raises(ValueError, match="twice"):
         runner.step([admit(1, [1], [0]), admit(1, [2], [1])], [], None)

@@ -64,11 +64,16 @@ def test_quantized_stage_replaces_linears(tiny_model_dir, mode):
 
 
 def test_int8_greedy_close_on_real_model(default_model_dir):
+    """int8's greedy next token agrees with bf16's on most contexts. Teacher-forced (both
+    predict after the same bf16 continuation): free-running outputs diverge for good at the
+    first near-tie (bf16 implementations alone disagree on this set's first prompt, whose top
+    two logits are 0.26 apart in float32), which says nothing about the other positions."""
     prompts = [[1, 504, 3458, 282, 260], [504, 1116, 314, 2132, 30], [9519, 28, 253, 1164]]
-    outs = {}
-    for mode in ("none", "int8"):
-        r = StageRunner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20,
-                        quantize=mode)
-        outs[mode] = Driver([r]).run(prompts, 8)
-    same = sum(a == b for p, q in zip(outs["none"], outs["int8"]) for a, b in zip(p, q))
-    assert same >= 0.6 * 8 * len(prompts)
+    runners = {mode: StageRunner(default_model_dir, 0, 30, dtype="bfloat16",
+                                 kv_cache_bytes=16 << 20, quantize=mode)
+               for mode in ("none", "int8")}
+    greedy = Driver([runners["none"]]).run(prompts, 8)
+    contexts = [p + g[:j] for p, g in zip(prompts, greedy) for j in range(8)]
+    nxt = {mode: [o[0] for o in Driver([r]).run(contexts, 1)] for mode, r in runners.items()}
+    same = sum(a == b for a, b in zip(nxt["none"], nxt["int8"]))
+    assert same >= 0.75 * len(contexts), (same, len(contexts))

@@ -113,6 +113,53 @@ def test_in_flight_sequences_are_not_rescheduled():
     assert [q.seq_id for q, _ in s.schedule().items] == [1]
 
 
+def test_lookahead_plans_the_next_decode_while_one_is_in_flight():
+    s = Scheduler(BlockManager(8, 4), max_num_batched_tokens=64, lookahead=True)
+    a = seq(1, 3, max_tokens=4, eos=(99,))
+    s.add(a)
+    prefill = s.schedule()
+    (_, st), = prefill.items
+    assert st.admit and st.sample and st.new_block_ids == [0]
+    ahead = s.schedule()                     # planned before the prefill's token is known
+    (_, la), = ahead.items
+    assert la.last_sampled and la.token_ids == [] and la.num_tokens == 1 and la.sample
+    assert la.start_pos == 3 and la.new_block_ids == [] and la.num_generated == 1
+    assert s.schedule() is None              # two steps of a in flight: nothing more
+    s.postprocess(prefill, [SampledToken(1, 5)])
+    assert a.output_token_ids == [5] and a.num_computed_tokens == 3
+    third = s.schedule()                     # a's position 4 needs a second block
+    (_, st3), = third.items
+    assert st3.last_sampled and st3.start_pos == 4 and st3.new_block_ids == [1]
+    assert st3.num_generated == 2
+    s.postprocess(ahead, [SampledToken(1, 6)])
+    assert a.output_token_ids == [5, 6] and a.num_computed_tokens == 4
+    # the next token (the 3rd of 4) would be followed by the last one: planned as well; after
+    # it, a's 4th token ends it by length, so nothing is planned past it
+    fourth = s.schedule()
+    (_, st4), = fourth.items
+    assert st4.start_pos == 5 and st4.num_generated == 3
+    s.postprocess(third, [SampledToken(1, 99)])        # EOS: a ends with a step in flight
+    assert a.is_finished and a.finish_reason == "stop" and s.blocks.num_free_blocks == 8
+    events = s.postprocess(fourth, [SampledToken(1, 7)])
+    assert events == [] and a.output_token_ids == [5, 6, 99] and a.in_flight == 0
+    assert s.schedule().free_seq_ids == [1]
+
+
+def test_lookahead_waits_for_a_prompt_chunk_and_at_the_length_limit():
+    s = Scheduler(BlockManager(16, 4), max_num_batched_tokens=4, lookahead=True)
+    a = seq(1, 6, max_tokens=1)
+    s.add(a)
+    first = s.schedule()                     # 4 of 6 prompt tokens: no token sampled yet
+    assert s.schedule() is None
+    s.postprocess(first, [])
+    last_chunk = s.schedule()
+    (_, st), = last_chunk.items
+    assert st.token_ids == [104, 105] and st.sample
+    assert s.schedule() is None              # its token is the only one (max_tokens=1)
+    s.postprocess(last_chunk, [SampledToken(1, 3)])
+    assert a.is_finished and a.finish_reason == "length"
+
+
 def test_prefix_cache_hits_exact_blocks_and_lru_eviction():
     bm = BlockManager(6, 4)
     s = Scheduler(bm, max_num_batched_tokens=64)

@@ -26,6 +26,7 @@ class SchedulerConfig:
     k8s_selector: str = ""                           # label selector of the worker pods
     worker_port: int = 50061                         # workers' gRPC port (kubernetes discovery)
     enable_prefix_caching: bool = True
+    async_scheduling: bool = True                    # single-stage replicas: plan N + 1 during N
     routing: str = "cache-aware"                     # or "random" (a baseline for benchmarks)
     redis_url: str = ""                              # prefix-cache metadata; "" = in memory only
     redis_prefix: str = "shardline:"
@@ -75,6 +76,9 @@ class SchedulerConfig:
                        help="serve Prometheus metrics on this port (0 = off)")
         p.add_argument("--no-prefix-caching", action="store_true",
                        help="disable automatic prefix caching (benchmark baseline)")
+        p.add_argument("--no-async-scheduling", action="store_true",
+                       help="plan each step after the previous one's result (by default a "
+                            "single-stage replica's next step is planned while one runs)")
         p.add_argument("--routing", choices=["cache-aware", "random"], default="cache-aware")
         p.add_argument("--redis-url", default="",
                        help="Redis for prefix-cache metadata, e.g. redis://host:6379/0 (optional)")
@@ -92,6 +96,7 @@ class SchedulerConfig:
                    unavailable_timeout_s=ns.unavailable_timeout,
                    discovery=ns.discovery, k8s_namespace=ns.k8s_namespace,
                    k8s_selector=ns.k8s_selector, worker_port=ns.worker_port, metrics_port=ns.metrics_port,
-                   enable_prefix_caching=not ns.no_prefix_caching, routing=ns.routing,
+                   enable_prefix_caching=not ns.no_prefix_caching,
+                   async_scheduling=not ns.no_async_scheduling, routing=ns.routing,
                    redis_url=ns.redis_url, redis_prefix=ns.redis_prefix,
                    redis_ttl_s=ns.redis_ttl, log_level=ns.log_level)

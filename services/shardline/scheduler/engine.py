@@ -1,7 +1,8 @@
 """The step loop of one pipeline replica: schedule -> run -> postprocess.
 
 Up to S micro-batches (S = stages) are in flight so that every stage has work; with one
-stage it is one batch per step. Admission and cancellation never wait on a step: they
+stage, two: the next step is planned and sent while one runs (async scheduling, see
+Scheduler.lookahead). Admission and cancellation never wait on a step: they
 touch the Scheduler between steps (all on the event loop, so no locks are needed).
 """
 from __future__ import annotations
@@ -30,12 +31,18 @@ class PipelineEngine:
 
     def __init__(self, pipeline: PipelineClient, max_num_seqs: int, max_num_batched_tokens: int,
                  step_timeout_s: float, listener=None, on_failure=None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, async_scheduling: bool = True):
         self.pipeline = pipeline
         self.replica_id = pipeline.replica_id
         self.blocks = BlockManager(pipeline.num_blocks, pipeline.block_size,
                                    enable_prefix_caching=enable_prefix_caching, listener=listener)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        # async scheduling (one stage): step N + 1 is planned and sent while step N runs, its
+        # decodes computing the tokens N samples (the worker substitutes them), so the worker
+        # never waits for the scheduler between steps
+        lookahead = async_scheduling and pipeline.num_stages == 1
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
+                                   lookahead=lookahead)
+        self.max_in_flight = pipeline.num_stages + (1 if lookahead else 0)
         self.step_timeout_s = step_timeout_s
         self.on_failure = on_failure
         self._queues: dict[int, asyncio.Queue] = {}
@@ -90,7 +97,7 @@ class PipelineEngine:
         spans: collections.deque = collections.deque()
         try:
             while True:
-                while len(inflight) < self.pipeline.num_stages:
+                while len(inflight) < self.max_in_flight:
                     t0 = time.perf_counter()
                     batch = self.scheduler.schedule()
                     if batch is None:

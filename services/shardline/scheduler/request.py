@@ -33,7 +33,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     admitted: bool = False        # workers hold state for it (else the next plan admits it)
-    in_flight: bool = False       # part of a micro-batch not yet answered
+    in_flight: int = 0            # its steps in micro-batches not yet answered (at most 2)
+    in_flight_tokens: int = 0     # tokens those steps compute
+    in_flight_samples: int = 0    # of those steps, the ones that sample a token
     finish_reason: Optional[str] = None
     num_cached_tokens: int = 0    # prompt tokens served from the prefix cache
     cache_salt: str = ""          # tenant: hashes of different tenants never match
@@ -74,7 +76,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_committed_blocks = 0
         self.admitted = False
-        self.in_flight = False
+        self.in_flight = self.in_flight_tokens = self.in_flight_samples = 0
         self.status = SeqStatus.WAITING
         self.num_preemptions += 1
 

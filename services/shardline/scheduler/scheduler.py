@@ -1,9 +1,15 @@
 """Continuous batching for one pipeline replica: which tokens run in the next step.
 
 schedule() -> StepBatch -> (pipeline runs it) -> postprocess(batch, tokens). Decodes first,
-then prefill chunks within a per-step token budget; a sequence is never in two in-flight
-micro-batches; when blocks run out the newest running sequence is preempted and later
-recomputed from prompt + generated tokens.
+then prefill chunks within a per-step token budget; when blocks run out the newest running
+sequence is preempted and later recomputed from prompt + generated tokens.
+
+A sequence is in one in-flight micro-batch at a time, except with lookahead (async scheduling,
+single-stage replicas): a sequence whose in-flight step samples its next token gets the step
+after it planned at once, computing that token (SeqStep.last_sampled: the worker fills in what
+it sampled). The worker then runs step after step while the scheduler plans the next one. A
+lookahead step of a sequence that the token before it ended (EOS, a stop string) is wasted:
+its result is dropped, and its blocks were freed with the sequence.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ class StepBatch:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(step.token_ids) for _, step in self.items)
+        return sum(step.num_tokens for _, step in self.items)
 
 
 @dataclass
@@ -39,8 +45,9 @@ class TokenEvent:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512):
+                 max_num_batched_tokens: int = 512, lookahead: bool = False):
         self.blocks = block_manager
+        self.lookahead = lookahead
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -80,7 +87,14 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.in_flight or seq.status is not SeqStatus.RUNNING:
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            if seq.in_flight:
+                step = self._lookahead_step(seq) if self.lookahead else None
+                if step is not None:
+                    items.append((seq, step))
+                    self._mark_in_flight(seq, step)
+                    budget -= 1
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n <= 0:
@@ -93,8 +107,8 @@ class Scheduler:
             if new_blocks is None:      # nothing to preempt: seq itself waits for recompute
                 self._preempt(seq)
                 continue
-            items.append((seq, self._step_for(seq, n, new_blocks)))
-            seq.in_flight = True
+            items.append((seq, step := self._step_for(seq, n, new_blocks)))
+            self._mark_in_flight(seq, step)
             budget -= n
 
         # Then admit waiting sequences while budget, slots and blocks allow.
@@ -111,8 +125,8 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            items.append((seq, self._step_for(seq, n, new_blocks)))
-            seq.in_flight = True
+            items.append((seq, step := self._step_for(seq, n, new_blocks)))
+            self._mark_in_flight(seq, step)
             budget -= n
 
         if not items and not self._pending_free:
@@ -133,6 +147,28 @@ class Scheduler:
             num_generated=len(seq.output_token_ids),
             prefix_token_ids=seq.token_ids(0, start)
             if admit and start and seq.sampling.repetition_penalty != 1.0 else [])
+
+    def _lookahead_step(self, seq: Sequence) -> Optional[SeqStep]:
+        """The step after seq's in-flight one, computing the token that one samples; None when
+        there is none to plan yet: more than one step in flight, a prompt chunk in flight, the
+        token will end seq by length, or no block is free for it (no preemption for this)."""
+        if seq.in_flight != 1 or seq.in_flight_samples != 1 or \
+                seq.num_computed_tokens + seq.in_flight_tokens != seq.num_tokens:
+            return None
+        if len(seq.output_token_ids) + 1 >= seq.max_tokens or seq.num_tokens + 1 >= seq.max_context:
+            return None
+        new_blocks = self.blocks.allocate(seq, seq.in_flight_tokens + 1)
+        if new_blocks is None:
+            return None
+        return SeqStep(seq_id=seq.seq_id, token_ids=[], start_pos=seq.num_tokens,
+                       new_block_ids=new_blocks, sample=True,
+                       num_generated=len(seq.output_token_ids) + 1, last_sampled=True)
+
+    @staticmethod
+    def _mark_in_flight(seq: Sequence, step: SeqStep) -> None:
+        seq.in_flight += 1
+        seq.in_flight_tokens += step.num_tokens
+        seq.in_flight_samples += step.sample
 
     def _preemption_victim(self, exclude: Sequence) -> Optional[Sequence]:
         for seq in reversed(self.running):
@@ -155,10 +191,13 @@ class Scheduler:
         """Advance computed counts, append sampled tokens, finish stopped sequences."""
         by_id = {}
         for seq, step in batch.items:
-            seq.in_flight = False
+            if seq.in_flight:                 # (0 once reset for recompute elsewhere)
+                seq.in_flight -= 1
+                seq.in_flight_tokens -= step.num_tokens
+                seq.in_flight_samples -= step.sample
             if seq.is_finished:
                 continue
-            seq.num_computed_tokens += len(step.token_ids)
+            seq.num_computed_tokens += step.num_tokens
             self.blocks.commit_full_blocks(seq)
             by_id[seq.seq_id] = seq
         events = []

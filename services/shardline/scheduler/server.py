@@ -36,7 +36,8 @@ async def serve(cfg: SchedulerConfig) -> None:
     def make_engine(pipeline: PipelineClient, on_failure, listener) -> PipelineEngine:
         return PipelineEngine(pipeline, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                               cfg.step_timeout_s, listener=listener, on_failure=on_failure,
-                              enable_prefix_caching=cfg.enable_prefix_caching)
+                              enable_prefix_caching=cfg.enable_prefix_caching,
+                              async_scheduling=cfg.async_scheduling)
 
     index = None
     if cfg.redis_url:

@@ -56,20 +56,29 @@ class SeqStep:
     sampling: Optional[SamplingConfig] = None
     num_generated: int = 0
     prefix_token_ids: list[int] = field(default_factory=list)
+    # token_ids is empty: the token is the one the worker sampled for this sequence last step
+    last_sampled: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this step computes (one for a last_sampled step)."""
+        return 1 if self.last_sampled else len(self.token_ids)
 
     @classmethod
     def from_pb(cls, pb: worker_pb2.SeqPlan) -> "SeqStep":
         return cls(seq_id=pb.seq_id, token_ids=list(pb.token_ids), start_pos=pb.start_pos,
                    new_block_ids=list(pb.new_block_ids), sample=pb.sample, admit=pb.admit,
                    sampling=SamplingConfig.from_pb(pb.sampling) if pb.admit else None,
-                   num_generated=pb.num_generated, prefix_token_ids=list(pb.prefix_token_ids))
+                   num_generated=pb.num_generated, prefix_token_ids=list(pb.prefix_token_ids),
+                   last_sampled=pb.last_sampled)
 
     def to_pb(self) -> worker_pb2.SeqPlan:
         pb = worker_pb2.SeqPlan(seq_id=self.seq_id, token_ids=self.token_ids,
                                 start_pos=self.start_pos, new_block_ids=self.new_block_ids,
                                 sample=self.sample, admit=self.admit,
                                 num_generated=self.num_generated,
-                                prefix_token_ids=self.prefix_token_ids)
+                                prefix_token_ids=self.prefix_token_ids,
+                                last_sampled=self.last_sampled)
         if self.admit and self.sampling is not None:
             pb.sampling.CopyFrom(self.sampling.to_pb())
         return pb

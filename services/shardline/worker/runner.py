@@ -12,6 +12,7 @@ ValueError instead of writing another sequence's cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 import time
@@ -45,6 +46,8 @@ DEFAULT_CUDA_KV_CACHE_FRACTION = 0.8
 class _SeqState:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0               # tokens of the sequence whose K/V are in the cache
+    # single-stage workers: the token sampled for it last and the position it takes
+    last_sampled: Optional[tuple[int, int]] = None
 
 
 def _as_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
@@ -224,6 +227,7 @@ class StageRunner:
                 self.sampler.remove(seq_id)
         if not seqs:
             return (None if self.is_last else self._empty_hidden()), []
+        seqs = [self._with_last_sampled(s) if s.last_sampled else s for s in seqs]
         tables = self._check_and_apply(seqs, hidden)
 
         num_tokens = [len(s.token_ids) for s in seqs]
@@ -241,7 +245,25 @@ class StageRunner:
             x = self.model(x, meta, self.kv_cache.layers)                  # [T, hidden]
         if not self.is_last:
             return x, []
-        return None, self._sample(seqs, num_tokens, x)
+        tokens = self._sample(seqs, num_tokens, x)
+        if self.is_first:                 # single stage: a later last_sampled step uses them
+            for t in tokens:
+                state = self.seqs[t.seq_id]
+                state.last_sampled = (state.num_computed, t.token_id)
+        return None, tokens
+
+    def _with_last_sampled(self, s: SeqStep) -> SeqStep:
+        """s with the token this stage sampled for its sequence in the previous step."""
+        if not (self.is_first and self.is_last):
+            raise ValueError(f"seq {s.seq_id}: last_sampled needs a single-stage pipeline")
+        if s.token_ids or s.admit:
+            raise ValueError(f"seq {s.seq_id}: a last_sampled step carries no token_ids and "
+                             "is not an admission")
+        state = self.seqs.get(s.seq_id)
+        if state is None or state.last_sampled is None or state.last_sampled[0] != s.start_pos:
+            raise ValueError(f"seq {s.seq_id}: last_sampled at position {s.start_pos}, but no "
+                             "token was sampled for that position")
+        return dataclasses.replace(s, token_ids=[state.last_sampled[1]], last_sampled=False)
 
     def _sample(self, seqs: Sequence[SeqStep], num_tokens: list[int],
                 x: torch.Tensor) -> list[SampledToken]:

@@ -113,7 +113,7 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
         finally:
             stage = str(self.stage_index)
             STEP_SECONDS.labels(stage).observe(time.perf_counter() - t0)
-            STEP_TOKENS.labels(stage).inc(sum(len(s.token_ids) for s in req.seqs))
+            STEP_TOKENS.labels(stage).inc(sum(len(s.token_ids) or s.last_sampled for s in req.seqs))
             for s in admits:
                 s.end()
             if span is not None:
