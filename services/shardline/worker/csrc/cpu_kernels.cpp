@@ -657,6 +657,10 @@ KERNEL float int8_dot(const uint8_t* u, const QuantRow& r, int64_t k) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t c = 0;
   for (; c + 2 <= k / 64; c += 2) {
+    // rows of a tile are contiguous: prefetch the stream ahead (the hardware prefetchers alone
+    // left the loop waiting on memory: 13.7 GB/s at one row on 2 Sapphire Rapids cores)
+    _mm_prefetch(reinterpret_cast<const char*>(u + c * 64) + PF_BYTES, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(u + c * 64) + PF_BYTES + 64, _MM_HINT_T0);
     __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(u + c * 64),
                                      _mm512_loadu_si512(r.q.data() + c * 64));
     __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(u + c * 64 + 64),
@@ -665,6 +669,7 @@ KERNEL float int8_dot(const uint8_t* u, const QuantRow& r, int64_t k) {
     acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_loadu_ps(r.pair.data() + c * 16 + 16), acc1);
   }
   if (c < k / 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(u + c * 64) + PF_BYTES, _MM_HINT_T0);
     __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(u + c * 64),
                                     _mm512_loadu_si512(r.q.data() + c * 64));
     acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(r.pair.data() + c * 16), acc0);
