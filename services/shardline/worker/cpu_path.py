@@ -12,7 +12,8 @@ weights read as stored: bf16 (in the VNNI-blocked layout the GEMV and the AMX ti
 int8 (per channel, as q + 128) or int4 (group 32, the kernel's nibble layout), converted once
 here; int8 and int4 kernels quantize the activations to int8 per block of 32 (VNNI).
 bf16 layers of more than 4 rows run on AMX tiles, or on AVX512-BF16 register tiles where the
-CPU has no AMX. Quantized layers of more than 4 rows dequantize to bf16 for a GEMM.
+CPU has no AMX. int8 layers run VNNI tiles up to 16 rows (a 16-sequence decode step reads the
+int8 weights once), int4 layers a GEMV up to 4; beyond, they dequantize to bf16 for a GEMM.
 Attention: one paged_attention call per layer for every row of the step, decode or prefill,
 each row against its own context in the cache (AttentionMetadata.per_row).
 It computes what StageModel.forward / .logits compute, within bf16 rounding
@@ -34,8 +35,8 @@ from shardline.worker.quantize import Int4Linear, Int8Linear, unpack_int4
 
 log = logging.getLogger(__name__)
 
-# Up to StepLinear::GEMV_ROWS (4, in the kernels) rows the int8 / int4 GEMV kernels run; beyond,
-# weights are dequantized to bf16 for a GEMM. bf16 weights take linear_vnni at any row count (GEMV up to 4 rows, AMX or
+# Up to StepLinear::INT8_ROWS (16) rows the int8 tile kernel runs and up to GEMV_ROWS (4) the
+# int4 GEMV; beyond, weights are dequantized to bf16 for a GEMM. bf16 weights take linear_vnni at any row count (GEMV up to 4 rows, AMX or
 # AVX512-BF16 register tiles beyond). Measured for SmolLM2-135M's layer matmuls (no head):
 #   2 Sapphire Rapids cores: 1 row 9.5 ms (PyTorch 19), 16 rows 11.8 ms (oneDNN packed weights
 #   13.7), 512 rows 94 ms (129);
@@ -65,9 +66,16 @@ def glu_layout(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def int8_kernel_layout(m: Int8Linear) -> torch.Tensor:
-    """uint8 [n, k] = q + 128 for linear_int8: unsigned weights against signed int8
-    activations (VNNI's dpbusd multiplies unsigned by signed bytes)."""
-    return (m.qweight.to(torch.int16) + 128).to(torch.uint8).contiguous()
+    """uint8 q + 128 (unsigned weights against signed int8 activations: VNNI's dpbusd
+    multiplies unsigned by signed bytes), tiled [n' / 16, k / 4, 16, 4] (n' = n rounded up to
+    16): per block of 16 outputs and quad of input channels, the 16 outputs' 4 bytes, one
+    64-byte vector that dpbusd takes whole."""
+    u = (m.qweight.to(torch.int16) + 128).to(torch.uint8)
+    n, k = u.shape
+    padded = -(-n // 16) * 16
+    if padded != n:
+        u = torch.cat([u, u.new_full((padded - n, k), 128)])
+    return u.reshape(padded // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
 
 
 def int4_kernel_layout(m: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -285,6 +285,15 @@ KERNEL void glu_out(const float* c, const float* bias, float* yf, bf16_t* yb) {
   else store_bf16x16(yb, v);
 }
 
+// out[0:16] (masked) = v * scale + bias, as bf16
+KERNEL void scale_out(const float* v, const float* scale, const float* bias, __mmask16 mask,
+                      bf16_t* y) {
+  __m512 f = _mm512_mul_ps(_mm512_loadu_ps(v), _mm512_maskz_loadu_ps(mask, scale));
+  if (bias) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(mask, bias));
+  __m256bh h = _mm512_cvtneps_pbh(f);
+  _mm256_mask_storeu_epi16(y, mask, reinterpret_cast<__m256i&>(h));
+}
+
 bool amx_enable() {       // Linux asks each process to request the AMX tile state once
   static const bool ok = [] {
     constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
@@ -653,74 +662,115 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
 // one weight row against one activation row; rows one after another (interleaving 4 weight
 // rows, as linear_int4 does, read memory at less than half the speed on Zen 4: 30 gate_up
 // weights of SmolLM2 at one row took 6.5 ms so, 2.6 row by row; software prefetch did not help)
-KERNEL float int8_dot(const uint8_t* u, const QuantRow& r, int64_t k) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  int64_t c = 0;
-  for (; c + 2 <= k / 64; c += 2) {
-    // rows of a tile are contiguous: prefetch the stream ahead (the hardware prefetchers alone
-    // left the loop waiting on memory: 13.7 GB/s at one row on 2 Sapphire Rapids cores)
-    _mm_prefetch(reinterpret_cast<const char*>(u + c * 64) + PF_BYTES, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(u + c * 64) + PF_BYTES + 64, _MM_HINT_T0);
-    __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(u + c * 64),
-                                     _mm512_loadu_si512(r.q.data() + c * 64));
-    __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(u + c * 64 + 64),
-                                     _mm512_loadu_si512(r.q.data() + c * 64 + 64));
-    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_loadu_ps(r.pair.data() + c * 16), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_loadu_ps(r.pair.data() + c * 16 + 16), acc1);
+// ---- int8 linear (per-channel weights, VNNI) ------------------------------------------------
+// Weights u = q + 128 (unsigned, as dpbusd multiplies unsigned by signed bytes), tiled like the
+// bf16 VNNI layout: [n / 16][k / 4][16][4], per block of 16 outputs and quad of input channels
+// the 16 outputs' 4 bytes (64 bytes, one vector). Activations: int8 per group of 32 channels
+// with scale sx_g (QuantRow). Per row and block:
+//   y = scale * (sum_g sx_g * dot_g(u, xq) - corr),  corr = 128 * sum_g sx_g * sum(xq_g)
+// dpbusd accumulates 16 outputs x 4 channels per instruction with no horizontal sums, and a
+// weight vector loaded once serves every row of the tile (up to INT8_TILE_ROWS rows per pass),
+// so a 16-row decode step reads the int8 weights once instead of dequantizing them to bf16.
+constexpr int64_t INT8_TILE_ROWS = 8;
+
+template <int M>
+KERNEL void int8_tile(const uint8_t* wb, int64_t k, const QuantRow* rows, float* out /* [M][16] */) {
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  const int32_t* xq[M];
+  for (int m = 0; m < M; ++m) xq[m] = reinterpret_cast<const int32_t*>(rows[m].q.data());
+  for (int64_t g = 0; g < k / 32; ++g) {
+    __m512i d[M];
+    for (int m = 0; m < M; ++m) d[m] = _mm512_setzero_si512();
+    const uint8_t* wg = wb + g * 32 * 16;           // the group's 8 quads x 64 bytes
+    for (int c = 0; c < 8; ++c) {
+      __m512i w = _mm512_loadu_si512(wg + c * 64);
+      _mm_prefetch(reinterpret_cast<const char*>(wg + c * 64) + PF_BYTES, _MM_HINT_T0);
+      for (int m = 0; m < M; ++m)
+        d[m] = _mm512_dpbusd_epi32(d[m], w, _mm512_set1_epi32(xq[m][g * 8 + c]));
+    }
+    for (int m = 0; m < M; ++m)
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[m]), _mm512_set1_ps(rows[m].pair[(g / 2) * 16 + (g % 2) * 8]), acc[m]);
   }
-  if (c < k / 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(u + c * 64) + PF_BYTES, _MM_HINT_T0);
-    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(u + c * 64),
-                                    _mm512_loadu_si512(r.q.data() + c * 64));
-    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(r.pair.data() + c * 16), acc0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - r.corr;
+  for (int m = 0; m < M; ++m)
+    _mm512_storeu_ps(out + m * 16, _mm512_sub_ps(acc[m], _mm512_set1_ps(rows[m].corr)));
+}
+
+using Int8TileFn = void (*)(const uint8_t*, int64_t, const QuantRow*, float*);
+template <int... Ms>
+constexpr std::array<Int8TileFn, sizeof...(Ms)> int8_tile_table(std::integer_sequence<int, Ms...>) {
+  return {&int8_tile<Ms + 1>...};
+}
+constexpr auto INT8_TILE = int8_tile_table(std::make_integer_sequence<int, INT8_TILE_ROWS>{});
+
+void check_int8_weights(const at::Tensor& u, const at::Tensor& scale, int64_t k, const char* what) {
+  check(u.scalar_type() == at::kByte && u.is_contiguous() && u.dim() == 4 && u.size(1) * 4 == k &&
+            u.size(2) == 16 && u.size(3) == 4 && k % 64 == 0 && scale.scalar_type() == at::kFloat &&
+            scale.numel() <= u.size(0) * 16 && scale.numel() > (u.size(0) - 1) * 16,
+        what);
 }
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& u, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& bias) {
   check_rows(x, "x");
-  int64_t m = x.size(0), k = x.size(1), n = u.size(0);
-  check(u.scalar_type() == at::kByte && u.is_contiguous() && u.size(1) == k && k % 64 == 0,
-        "linear_int8: u must be contiguous uint8 [n, k] (q + 128), k a multiple of 64");
-  check(scale.scalar_type() == at::kFloat && scale.numel() == n, "linear_int8: scale");
+  int64_t m = x.size(0), k = x.size(1), n = scale.numel();
+  check_int8_weights(u, scale, k, "linear_int8: u uint8 [n / 16, k / 4, 16, 4] (q + 128, "
+                                  "int8_kernel_layout), k a multiple of 64, scale float32 [n]");
   std::vector<QuantRow> rows(m);
   for (int64_t j = 0; j < m; ++j) quantize_row(bf16_ptr(x) + j * k, k, rows[j]);
   const uint8_t* up = u.data_ptr<uint8_t>();
   const float* s = scale.data_ptr<float>();
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({m, n}, x.options());
-  linear_driver(m, n, bias, y, [&](int64_t n0, int nb, float* out) {
-    for (int i = 0; i < nb; ++i)
-      for (int64_t j = 0; j < m; ++j)     // more rows re-read the weight row from L1
-        out[j * nb + i] = int8_dot(up + (n0 + i) * k, rows[j], k) * s[n0 + i];
+  bf16_t* yb = bf16_mut(y);
+  parallel(u.size(0), [&](int64_t b0, int64_t b1) {
+    alignas(64) float out[INT8_TILE_ROWS * 16];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      int64_t cols = std::min<int64_t>(16, n - blk * 16);
+      __mmask16 mask = cols == 16 ? static_cast<__mmask16>(0xFFFF)
+                                  : static_cast<__mmask16>((1u << cols) - 1);
+      for (int64_t r0 = 0; r0 < m; r0 += INT8_TILE_ROWS) {   // later passes: weights in L1
+        int64_t rr = std::min<int64_t>(INT8_TILE_ROWS, m - r0);
+        INT8_TILE[rr - 1](up + blk * 16 * k, k, rows.data() + r0, out);
+        for (int64_t r = 0; r < rr; ++r)
+          scale_out(out + r * 16, s + blk * 16, b ? b + blk * 16 : nullptr, mask,
+                    yb + (r0 + r) * n + blk * 16);
+      }
+    }
   });
   return y;
 }
 
 // ---- dequantization to bf16 (for steps of many rows: prefill) -------------------------------
-KERNEL void dequant_int8_rows(const uint8_t* u, const float* scale, int64_t k, int64_t r0,
-                              int64_t r1, bf16_t* out) {
-  const __m512i bias = _mm512_set1_epi32(128);
-  for (int64_t r = r0; r < r1; ++r) {
-    __m512 s = _mm512_set1_ps(scale[r]);
-    for (int64_t c = 0; c < k; c += 16) {
-      __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + r * k + c))), bias);
-      store_bf16x16(out + r * k + c, _mm512_mul_ps(s, _mm512_cvtepi32_ps(q)));
+// blocks [b0, b1) of 16 rows of the tiled int8 layout -> bf16 rows
+KERNEL void dequant_int8_blocks(const uint8_t* u, const float* scale, int64_t n, int64_t k,
+                                int64_t b0, int64_t b1, bf16_t* out) {
+  const __m512i off = _mm512_set1_epi32(128);
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const uint8_t* wb = u + blk * 16 * k;
+    for (int64_t o = 0; o < 16 && blk * 16 + o < n; ++o) {
+      int64_t row = blk * 16 + o;
+      __m512 s = _mm512_set1_ps(scale[row]);
+      for (int64_t c = 0; c < k; c += 16) {          // 16 channels = 4 quads, 4 bytes each
+        alignas(16) uint8_t bytes[16];
+        for (int qd = 0; qd < 4; ++qd) std::memcpy(bytes + qd * 4, wb + ((c / 4) + qd) * 64 + o * 4, 4);
+        __m512i w = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes))), off);
+        store_bf16x16(out + row * k + c, _mm512_mul_ps(s, _mm512_cvtepi32_ps(w)));
+      }
     }
   }
 }
 
 at::Tensor dequantize_int8(const at::Tensor& u, const at::Tensor& scale) {
-  check(u.scalar_type() == at::kByte && u.is_contiguous() && u.dim() == 2 && u.size(1) % 16 == 0 &&
-            scale.scalar_type() == at::kFloat && scale.numel() == u.size(0),
-        "dequantize_int8: u uint8 [n, k] (q + 128, k a multiple of 16), scale float32 [n]");
-  int64_t n = u.size(0), k = u.size(1);
+  int64_t k = u.dim() == 4 ? u.size(1) * 4 : 0, n = scale.numel();
+  check_int8_weights(u, scale, k, "dequantize_int8: u in int8_kernel_layout, scale float32 [n]");
   at::Tensor out = at::empty({n, k}, at::dtype(at::kBFloat16));
   const uint8_t* up = u.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   bf16_t* op = bf16_mut(out);
-  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) { dequant_int8_rows(up, sp, k, r0, r1, op); });
+  at::parallel_for(0, u.size(0), 4, [&](int64_t b0, int64_t b1) {
+    dequant_int8_blocks(up, sp, n, k, b0, b1, op);
+  });
   return out;
 }
 
@@ -1163,12 +1213,13 @@ struct StepLinear {
   c10::optional<at::Tensor> bias;        // float32
   int64_t n;                             // output features
   bool glu = false;                      // bf16 gate_up in glu_layout: returns silu(gate) * up
-  static constexpr int64_t GEMV_ROWS = 4;
+  static constexpr int64_t GEMV_ROWS = 4;       // int4's GEMV
+  static constexpr int64_t INT8_ROWS = 16;      // int8's tiles (two passes of 8 rows)
 
   at::Tensor operator()(const at::Tensor& x, bool out_f32 = false) const {
     at::Tensor y;
     if (kind == 0) return linear_vnni(x, a, n, bias, out_f32, glu);
-    if (x.size(0) <= GEMV_ROWS) {
+    if (x.size(0) <= (kind == 1 ? INT8_ROWS : GEMV_ROWS)) {
       y = kind == 1 ? linear_int8(x, a, b, bias) : linear_int4(x, a, b, c, bias);
     } else {
       at::Tensor w = kind == 1 ? dequantize_int8(a, b) : dequantize_int4(a, b, c);
