@@ -93,6 +93,31 @@ def test_tokenize_and_detokenize_roundtrip(stub):
     assert "".join(out) == TEXT
 
 
+def test_detokenize_runs_beside_tokenize_calls(stub):
+    """Tokenize calls (worker thread) and Detokenize calls (event loop, or a second thread past
+    4096 ids) at the same time: each has its own backend, so none fails with "Already
+    borrowed" and every result is right."""
+    long_text = TEXT * 200
+    ids = list(stub.Tokenize(tokenizer_pb2.TokenizeRequest(texts=[TEXT]), timeout=10).results[0].ids)
+    big = ids * 400                                       # > 4096 ids: the threaded path
+    futures = []
+    for _ in range(20):
+        futures.append(("tok", stub.Tokenize.future(
+            tokenizer_pb2.TokenizeRequest(texts=[long_text] * 4), timeout=60)))
+        futures.append(("small", stub.Detokenize.future(tokenizer_pb2.DetokenizeRequest(
+            items=[tokenizer_pb2.DetokenizeItem(token_ids=ids)] * 16), timeout=60)))
+        futures.append(("big", stub.Detokenize.future(tokenizer_pb2.DetokenizeRequest(
+            items=[tokenizer_pb2.DetokenizeItem(token_ids=big)]), timeout=60)))
+    for kind, f in futures:
+        res = f.result()
+        if kind == "small":
+            assert [r.text for r in res.results] == [TEXT] * 16
+        elif kind == "big":
+            assert res.results[0].text == TEXT * 400
+        else:
+            assert len(res.results) == 4 and len(res.results[0].ids) >= 200 * len(ids) - 200
+
+
 def test_apply_chat_template(stub):
     req = tokenizer_pb2.ChatTemplateRequest(
         messages=[generate_pb2.ChatMessage(role="user", content="Hi")], add_generation_prompt=True)
@@ -112,6 +137,20 @@ def test_bad_chat_input_is_invalid_argument(stub, messages, match):
         stub.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(messages=messages), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert match in err.value.details()
+
+
+def test_detokenize_stream_answers_each_request_in_order(stub):
+    ids = list(stub.Tokenize(tokenizer_pb2.TokenizeRequest(texts=[TEXT]), timeout=10).results[0].ids)
+    reqs = [tokenizer_pb2.DetokenizeRequest(items=[tokenizer_pb2.DetokenizeItem(token_ids=ids[:n])])
+            for n in (1, 2, len(ids))]
+    texts = [r.results[0].text for r in stub.DetokenizeStream(iter(reqs), timeout=10)]
+    assert texts == [stub.Detokenize(q, timeout=10).results[0].text for q in reqs]
+    assert texts[-1] == TEXT
+    bad = tokenizer_pb2.DetokenizeRequest(items=[tokenizer_pb2.DetokenizeItem(token_ids=[1],
+                                                                              read_offset=5)])
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.DetokenizeStream(iter([reqs[0], bad]), timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "read_offset" in e.value.details()
 
 
 def test_bad_detokenize_offsets_are_invalid_argument(stub):

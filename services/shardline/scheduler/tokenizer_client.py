@@ -1,12 +1,15 @@
 """The scheduler's view of the tokenizer service: tokenize, chat template, and batched
-incremental detokenization (concurrent requests' deltas share one RPC)."""
+incremental detokenization (concurrent requests' deltas share one message on a stream that
+stays open)."""
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
 
+import grpc
+
 from shardline.common import telemetry
-from shardline.common.server import channel
+from shardline.common.server import Unavailable, channel
 from shardline.v1 import generate_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 
@@ -25,6 +28,7 @@ class TokenizerClient:
         self._stub = tokenizer_pb2_grpc.TokenizerStub(self._channel)
         self._pending: list[tuple[DetokenizeState, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
+        self._stream = None                 # the open DetokenizeStream call
         self.info: tokenizer_pb2.TokenizerInfo | None = None
 
     async def connect(self, timeout_s: float) -> tokenizer_pb2.TokenizerInfo:
@@ -61,7 +65,7 @@ class TokenizerClient:
                 tokenizer_pb2.DetokenizeItem(token_ids=s.token_ids, read_offset=s.read_offset,
                                              skip_special_tokens=True) for s, _ in batch])
             try:
-                res = await self._stub.Detokenize(req, timeout=self.timeout_s, metadata=telemetry.metadata())
+                res = await self._detokenize(req)
             except Exception as exc:  # noqa: BLE001 - handed to every waiter
                 for _, fut in batch:
                     if not fut.done():
@@ -73,5 +77,24 @@ class TokenizerClient:
                 if not fut.done():
                     fut.set_result(r.text)
 
+    async def _detokenize(self, req: tokenizer_pb2.DetokenizeRequest) -> tokenizer_pb2.DetokenizeResponse:
+        """One batch through the DetokenizeStream call (opened on first use, reopened after an
+        error; _flush sends one batch at a time, so responses pair with requests in order)."""
+        if self._stream is None:
+            self._stream = self._stub.DetokenizeStream()
+        call = self._stream
+        try:
+            await asyncio.wait_for(call.write(req), self.timeout_s)
+            res = await asyncio.wait_for(call.read(), self.timeout_s)
+            if res is grpc.aio.EOF:
+                raise Unavailable("tokenizer closed the detokenize stream")
+            return res
+        except BaseException:
+            call.cancel()
+            self._stream = None
+            raise
+
     async def close(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
         await self._channel.close()

@@ -66,13 +66,18 @@ class TokenizerInfo:
 
 
 class TokenizerCore:
-    """One loaded fast tokenizer. Methods are synchronous; call them from one thread at a time."""
+    """One loaded fast tokenizer. Methods are synchronous. Encoding (tokenize, chat templates)
+    may only run on one thread at a time: HF sets truncation and padding on the backend for each
+    call, and a concurrent call fails with "Already borrowed". Decoding (detokenize, decode) uses
+    its own copy of the backend, which nothing mutates, so it may run on another thread
+    meanwhile (the service runs it on its event loop, sparing a thread hand-off per step)."""
 
     def __init__(self, tokenizer, name: str = "", extra_eos_token_ids: Sequence[int] = ()):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(f"{name or tokenizer}: a fast (tokenizers-backed) tokenizer is required")
         self._tok = tokenizer
         self._backend = tokenizer.backend_tokenizer
+        self._decoder = type(self._backend).from_str(self._backend.to_str())
         self.vocab_size = len(tokenizer)
         eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
         eos += [i for i in extra_eos_token_ids if i not in eos]
@@ -165,7 +170,7 @@ class TokenizerCore:
                 continue
             seqs = [list(items[i].token_ids[:items[i].read_offset]) for i in idx]
             seqs += [list(items[i].token_ids) for i in idx]
-            texts = self._backend.decode_batch(seqs, skip_special_tokens=skip)
+            texts = self._decoder.decode_batch(seqs, skip_special_tokens=skip)
             for k, i in enumerate(idx):
                 prefix_text, full = texts[k], texts[len(idx) + k]
                 if len(full) > len(prefix_text) and not full.endswith(REPLACEMENT_CHAR):
@@ -177,7 +182,7 @@ class TokenizerCore:
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Plain (non-incremental) decode, the reference that the deltas of detokenize add up to."""
-        return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return self._decoder.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
 
 def _generation_eos_ids(path: Path) -> list[int]:

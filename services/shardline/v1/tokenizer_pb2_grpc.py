@@ -50,6 +50,11 @@ class TokenizerStub:
                 request_serializer=shardline_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=shardline_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.DetokenizeStream = channel.stream_stream(
+                '/shardline.v1.Tokenizer/DetokenizeStream',
+                request_serializer=shardline_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/shardline.v1.Tokenizer/GetInfo',
                 request_serializer=shardline_dot_v1_dot_tokenizer__pb2.TokenizerInfoRequest.SerializeToString,
@@ -82,6 +87,15 @@ class TokenizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DetokenizeStream(self, request_iterator, context):
+        """/ Detokenize as a stream: one response per request, in order. For a client that detokenizes
+        / every step (the scheduler): a message on an open stream costs a fraction of a unary call.
+        / A bad request ends the stream with INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
         """/ Describe the tokenizer (vocabulary, special tokens).
         """
@@ -104,6 +118,11 @@ def add_TokenizerServicer_to_server(servicer, server):
             ),
             'Detokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Detokenize,
+                    request_deserializer=shardline_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'DetokenizeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DetokenizeStream,
                     request_deserializer=shardline_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.FromString,
                     response_serializer=shardline_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.SerializeToString,
             ),
@@ -193,6 +212,33 @@ class Tokenizer:
             request,
             target,
             '/shardline.v1.Tokenizer/Detokenize',
+            shardline_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
+            shardline_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetokenizeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shardline.v1.Tokenizer/DetokenizeStream',
             shardline_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
             shardline_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
             options,
