@@ -12,8 +12,8 @@ weights read as stored: bf16 (in the VNNI-blocked layout the GEMV and the AMX ti
 int8 (per channel, as q + 128) or int4 (group 32, the kernel's nibble layout), converted once
 here; int8 and int4 kernels quantize the activations to int8 per block of 32 (VNNI).
 bf16 layers of more than 4 rows run on AMX tiles, or on AVX512-BF16 register tiles where the
-CPU has no AMX. int8 layers run VNNI tiles up to 16 rows (a 16-sequence decode step reads the
-int8 weights once), int4 layers a GEMV up to 4; beyond, they dequantize to bf16 for a GEMM.
+CPU has no AMX. int8 and int4 layers run VNNI tiles up to 16 rows (a 16-sequence decode step
+reads the quantized weights once); beyond, they dequantize to bf16 for a GEMM.
 Attention: one paged_attention call per layer for every row of the step, decode or prefill,
 each row against its own context in the cache (AttentionMetadata.per_row).
 It computes what StageModel.forward / .logits compute, within bf16 rounding
@@ -35,8 +35,8 @@ from shardline.worker.quantize import Int4Linear, Int8Linear, unpack_int4
 
 log = logging.getLogger(__name__)
 
-# Up to StepLinear::INT8_ROWS (16) rows the int8 tile kernel runs and up to GEMV_ROWS (4) the
-# int4 GEMV; beyond, weights are dequantized to bf16 for a GEMM. bf16 weights take linear_vnni at any row count (GEMV up to 4 rows, AMX or
+# Up to StepLinear::QUANT_ROWS (16) rows the int8 and int4 tile kernels run; beyond, weights are
+# dequantized to bf16 for a GEMM. bf16 weights take linear_vnni at any row count (GEMV up to 4 rows, AMX or
 # AVX512-BF16 register tiles beyond). Measured for SmolLM2-135M's layer matmuls (no head):
 #   2 Sapphire Rapids cores: 1 row 9.5 ms (PyTorch 19), 16 rows 11.8 ms (oneDNN packed weights
 #   13.7), 512 rows 94 ms (129);
@@ -79,14 +79,23 @@ def int8_kernel_layout(m: Int8Linear) -> torch.Tensor:
 
 
 def int4_kernel_layout(m: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed uint8 [n, k/2], scale float16 [n, k/32], offset float16 [n, k/32]) for
-    linear_int4: per chunk of 64 channels, byte i = channel i | channel 32 + i << 4, and
-    w = q * scale + offset (offset = zero - 8 * scale)."""
+    """(weights uint8 [n' / 16, k / 8, 16, 4], scale and offset float16 [n' / 16, k / 32, 16])
+    for linear_int4 (n' = n rounded up to 16): per block of 16 outputs and octet of input
+    channels, output o's 4 bytes hold the octet's channels 0..3 in their low nibbles and 4..7 in
+    their high nibbles; w = q * scale + offset (offset = zero - 8 * scale)."""
     q = unpack_int4(m.packed)                                          # [n, k] in [0, 15]
     n, k = q.shape
-    chunks = q.view(n, k // 64, 2, 32)
-    packed = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-    return packed, m.scale.half().contiguous(), (m.zero - 8 * m.scale).half().contiguous()
+    scale, offset = m.scale.half(), (m.zero - 8 * m.scale).half()     # [n, k / 32]
+    padded = -(-n // 16) * 16
+    if padded != n:
+        q = torch.cat([q, q.new_zeros(padded - n, k)])
+        scale = torch.cat([scale, scale.new_zeros(padded - n, k // 32)])
+        offset = torch.cat([offset, offset.new_zeros(padded - n, k // 32)])
+    octets = q.view(padded, k // 8, 2, 4)
+    packed = (octets[:, :, 0] | (octets[:, :, 1] << 4))               # [n', k / 8, 4]
+    tiles = packed.view(padded // 16, 16, k // 8, 4).permute(0, 2, 1, 3).contiguous()
+    per_block = (lambda t: t.view(padded // 16, 16, k // 32).transpose(1, 2).contiguous())
+    return tiles, per_block(scale), per_block(offset)
 
 
 def _linear(kernels, m: nn.Module):

@@ -9,11 +9,11 @@
 //   linear_vnni      y = x @ w^T (+ b)          w bf16, VNNI-blocked: AVX512-BF16 GEMV for
 //                                               up to 4 rows; beyond, AMX tiles, or AVX512-BF16
 //                                               register tiles on CPUs without AMX
-//   linear_int8      y = x @ (q * s)^T (+ b)    q per channel, stored as q + 128 (uint8):
-//                                               activations quantized to int8 per block of
-//                                               32 (VNNI), as for int4
-//   linear_int4      y = x @ w4^T (+ b)         w4 packed nibbles, group 32: activations
-//                                               quantized to int8 per block of 32 (VNNI)
+//   linear_int8      y = x @ (q * s)^T (+ b)    q per channel, stored as q + 128 (uint8)
+//   linear_int4      y = x @ w4^T (+ b)         w4 nibbles, scale and offset per group of 32
+//                    both tiled 16 outputs x 4 bytes per vector for VNNI's dpbusd, with the
+//                    activations quantized to int8 per group of 32; up to 16 rows
+//                    (two passes of 8) per read of the weights
 //   dequantize_*     int8 / int4 weights -> bf16, for steps of many rows (prefill)
 //   rope_store_kv    rotary on q, k of a fused qkv row, k / v written to the paged cache
 //   paged_attention  each query row against its own paged context (decode rows, and the rows
@@ -464,19 +464,13 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
   return y;
 }
 
-// ---- int4 linear (group 32, VNNI) ---------------------------------------------------------
-// Weights: per row, per chunk of 64 input channels, 32 bytes; byte i holds channel i in its
-// low nibble and channel 32 + i in its high nibble (values 0..15). Per group of 32: scale s
-// and offset o (float16), w = q * s + o. Activations: per block of 32, int8 with scale sx.
-//   y = sum_g s_g * sx_g * dot(q_g, xq_g) + sum_g o_g * sum(x_g)
+// ---- activations as int8 for the quantized linears (VNNI) --------------------------------
+// Per row and group of 32 channels: int8 values q and a scale sx (x ~ q * sx), the sum of x
+// (int4's offsets), and the correction of int8's unsigned weights.
 struct QuantRow {
   std::vector<int8_t> q;       // [k]
   std::vector<float> pair;     // [k / 64, 16]: lanes 0..7 sx of the chunk's first group, 8..15 second
   std::vector<float> sums;     // [k / 32] sums of x per group
-  // per two chunks (groups g..g+3): q of groups g, g+2 then g+1, g+3 (the low and the high
-  // nibbles of the two chunks' 64 bytes), and their sx likewise, 8 lanes each
-  std::vector<int8_t> q2;      // [k / 128, 128]
-  std::vector<float> pair2;    // [k / 128, 32]
   float corr = 0.f;            // 128 * sum_g sx_g * sum(q_g), for linear_int8's unsigned weights
 };
 
@@ -500,168 +494,8 @@ KERNEL void quantize_row(const bf16_t* x, int64_t k, QuantRow& r) {
     float* p = r.pair.data() + (g / 2) * 16 + (g % 2) * 8;
     for (int l = 0; l < 8; ++l) p[l] = sx;
   }
-  int64_t quads = k / 128;
-  r.q2.resize(quads * 128);
-  r.pair2.resize(quads * 32);
-  for (int64_t u = 0; u < quads; ++u)
-    for (int j = 0; j < 4; ++j) {          // slot j holds group 4u + {0, 2, 1, 3}[j]
-      int64_t g = 4 * u + (j == 1 ? 2 : j == 2 ? 1 : j);
-      std::memcpy(r.q2.data() + u * 128 + j * 32, r.q.data() + g * 32, 32);
-      for (int l = 0; l < 8; ++l) r.pair2[u * 32 + j * 8 + l] = r.pair[(g / 2) * 16 + (g % 2) * 8];
-    }
 }
 
-KERNEL float int4_dot(const uint8_t* w, const uint16_t* scale, const uint16_t* offset,
-                      const QuantRow& r, int64_t k) {
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  __m512 acc = _mm512_setzero_ps();
-  int64_t chunks = k / 64;
-  // prefetch the row PF_TILES * 4 rows ahead: its nibbles and its scales
-  const char* ahead = reinterpret_cast<const char*>(w + PF_TILES * 4 * (k / 2));
-  _mm_prefetch(reinterpret_cast<const char*>(scale + PF_TILES * 4 * (k / 32)), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(offset + PF_TILES * 4 * (k / 32)), _MM_HINT_T0);
-  for (int64_t c = 0; c < chunks; ++c) {
-    if ((c & 1) == 0) _mm_prefetch(ahead + c * 32, _MM_HINT_T0);
-    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 32));
-    __m256i lo = _mm256_and_si256(v, low);
-    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    __m512i xq = _mm512_loadu_si512(r.q.data() + c * 64);
-    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
-    __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(scale + 2 * c)));
-    __m512 sw = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(s2));
-    __m512 sv = _mm512_mul_ps(sw, _mm512_loadu_ps(r.pair.data() + c * 16));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc);
-  }
-  float total = _mm512_reduce_add_ps(acc);
-  int64_t groups = k / 32, g = 0;
-  __m512 oacc = _mm512_setzero_ps();
-  for (; g + 16 <= groups; g += 16) {
-    __m512 o = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(offset + g)));
-    oacc = _mm512_fmadd_ps(o, _mm512_loadu_ps(r.sums.data() + g), oacc);
-  }
-  if (g < groups) {
-    __mmask16 mask = static_cast<__mmask16>((1u << (groups - g)) - 1);
-    __m512 o = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, offset + g));
-    oacc = _mm512_fmadd_ps(o, _mm512_maskz_loadu_ps(mask, r.sums.data() + g), oacc);
-  }
-  return total + _mm512_reduce_add_ps(oacc);
-}
-
-// int4_dot for 4 consecutive weight rows at once: independent accumulator chains and shared
-// activation loads (about 2x faster than row by row: a row of SmolLM2 is only 9 chunks).
-KERNEL void int4_tile4(const uint8_t* w, const uint16_t* scale, const uint16_t* offset,
-                       const QuantRow& r, int64_t k, float* out /* [4] */) {
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  const int64_t chunks = k / 64, groups = k / 32, rb = k / 2;
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  const char* ahead = reinterpret_cast<const char*>(w + PF_TILES * 4 * rb);
-  for (int i = 0; i < 4; ++i) {
-    _mm_prefetch(reinterpret_cast<const char*>(scale + (PF_TILES * 4 + i) * groups), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(offset + (PF_TILES * 4 + i) * groups), _MM_HINT_T0);
-  }
-  // two chunks (128 channels, groups g..g+3) per step: one 64-byte load per row, the low
-  // nibbles (groups g, g + 2) and the high ones (g + 1, g + 3) against q2's matching order,
-  // the four scales from one 8-byte load (about 16 instructions per 128 weights, against 27
-  // a chunk at a time: on Zen 4 this kernel is bound by instructions, not by memory)
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
-  const __m512i even = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m512i odd = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
-  int64_t c = 0;
-  for (; c + 2 <= chunks; c += 2) {
-    const int8_t* xq2 = r.q2.data() + (c / 2) * 128;
-    __m512i xlo = _mm512_loadu_si512(xq2), xhi = _mm512_loadu_si512(xq2 + 64);
-    const float* sx2 = r.pair2.data() + (c / 2) * 32;
-    __m512 sxlo = _mm512_loadu_ps(sx2), sxhi = _mm512_loadu_ps(sx2 + 16);
-    for (int i = 0; i < 4; ++i) {
-      _mm_prefetch(ahead + i * rb + c * 32, _MM_HINT_T0);
-      __m512i v = _mm512_loadu_si512(w + i * rb + c * 32);
-      __m512i lo = _mm512_and_si512(v, m4);
-      __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-      __m512i dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo);
-      __m512i dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xhi);
-      __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale + i * groups + 2 * c)));
-      __m512 s = _mm512_castps128_ps512(s4);
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dlo), _mm512_mul_ps(_mm512_permutexvar_ps(even, s), sxlo), acc[i]);
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dhi), _mm512_mul_ps(_mm512_permutexvar_ps(odd, s), sxhi), acc[i]);
-    }
-  }
-  for (; c < chunks; ++c) {
-    __m512i xq = _mm512_loadu_si512(r.q.data() + c * 64);
-    __m512 sx = _mm512_loadu_ps(r.pair.data() + c * 16);
-    for (int i = 0; i < 4; ++i) {
-      if ((c & 1) == 0) _mm_prefetch(ahead + i * rb + c * 32, _MM_HINT_T0);
-      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * rb + c * 32));
-      __m256i lo = _mm256_and_si256(v, low);
-      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
-      __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128(
-          *reinterpret_cast<const int32_t*>(scale + i * groups + 2 * c)));
-      __m512 sw = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(s2));
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sx), acc[i]);
-    }
-  }
-  __m512 oacc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (int64_t g = 0; g < groups; g += 16) {
-    __mmask16 mask = groups - g >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                      : static_cast<__mmask16>((1u << (groups - g)) - 1);
-    __m512 sums = _mm512_maskz_loadu_ps(mask, r.sums.data() + g);
-    for (int i = 0; i < 4; ++i)
-      oacc[i] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, offset + i * groups + g)),
-                                sums, oacc[i]);
-  }
-  for (int i = 0; i < 4; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], oacc[i]));
-}
-
-at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                       const at::Tensor& offset, const c10::optional<at::Tensor>& bias) {
-  check_rows(x, "x");
-  int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
-  check(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == k &&
-            k % 64 == 0, "linear_int4: packed must be uint8 [n, k / 2], k a multiple of 64");
-  check(scale.scalar_type() == at::kHalf && offset.scalar_type() == at::kHalf &&
-            scale.is_contiguous() && offset.is_contiguous() && scale.size(0) == n &&
-            scale.size(1) == k / 32 && offset.sizes() == scale.sizes(),
-        "linear_int4: scale and offset must be float16 [n, k / 32]");
-  std::vector<QuantRow> rows(m);
-  for (int64_t j = 0; j < m; ++j) quantize_row(bf16_ptr(x) + j * k, k, rows[j]);
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
-  const uint16_t* op = reinterpret_cast<const uint16_t*>(offset.data_ptr<at::Half>());
-  at::Tensor y = at::empty({m, n}, x.options());
-  int64_t groups = k / 32;
-  linear_driver(m, n, bias, y, [&](int64_t n0, int nb, float* out) {
-    if (nb == 4) {
-      float four[4];
-      for (int64_t j = 0; j < m; ++j) {
-        int4_tile4(wp + n0 * (k / 2), sp + n0 * groups, op + n0 * groups, rows[j], k, four);
-        for (int i = 0; i < 4; ++i) out[j * 4 + i] = four[i];
-      }
-      return;
-    }
-    for (int i = 0; i < nb; ++i) {
-      int64_t row = n0 + i;
-      for (int64_t j = 0; j < m; ++j)
-        out[j * nb + i] = int4_dot(wp + row * (k / 2), sp + row * groups, op + row * groups,
-                                   rows[j], k);
-    }
-  });
-  return y;
-}
-
-// ---- int8 linear (per-channel weights, VNNI) -----------------------------------------------
-// Weights stored as u = q + 128 (uint8 [n, k]), activations quantized as for linear_int4
-// (int8 per block of 32, scale sx). Per group g: sum u * xq = sum q * xq + 128 * sum(xq_g), so
-//   y = s * (sum_g sx_g * dot(u_g, xq_g) - corr),  corr = 128 * sum_g sx_g * sum(xq_g)
-// where corr depends on x alone. 4 instructions per 64 weights and row (load, dpbusd, convert,
-// FMA); the float32 FMA kernel before it took 16 (int8 decode steps were no faster than bf16's
-// on Zen 4).
-// one weight row against one activation row; rows one after another (interleaving 4 weight
-// rows, as linear_int4 does, read memory at less than half the speed on Zen 4: 30 gate_up
-// weights of SmolLM2 at one row took 6.5 ms so, 2.6 row by row; software prefetch did not help)
 // ---- int8 linear (per-channel weights, VNNI) ------------------------------------------------
 // Weights u = q + 128 (unsigned, as dpbusd multiplies unsigned by signed bytes), tiled like the
 // bf16 VNNI layout: [n / 16][k / 4][16][4], per block of 16 outputs and quad of input channels
@@ -741,6 +575,134 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& u, const at::Tenso
   return y;
 }
 
+// ---- int4 linear (group 32, VNNI), up to 16 rows per pass over the weights -----------------
+// Weights [n / 16][k / 8][16][4]: per block of 16 outputs and octet of input channels, each
+// output's 4 bytes hold channels 0..3 of the octet in their low nibbles and 4..7 in their high
+// nibbles (values 0..15), so masking and shifting a 64-byte vector yields two dpbusd operands
+// matching the activations' natural quads. Scales and offsets [n / 16][k / 32][16] float16:
+// w = q * s + o. Per row and block: y = sum_g (s_g * sx_g) * dot_g(q, xq) + o_g * sum(x_g).
+template <int M>
+KERNEL void int4_tile(const uint8_t* wb, const uint16_t* sb, const uint16_t* ob, int64_t k,
+                      const QuantRow* rows, float* out /* [M][16] */) {
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  const int32_t* xq[M];
+  for (int m = 0; m < M; ++m) xq[m] = reinterpret_cast<const int32_t*>(rows[m].q.data());
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < k / 32; ++g) {
+    // low and high nibbles accumulate apart: two dependency chains per row, not one
+    __m512i d[M], e[M];
+    for (int m = 0; m < M; ++m) d[m] = e[m] = _mm512_setzero_si512();
+    const uint8_t* wg = wb + g * 4 * 64;             // the group's 4 octets x 64 bytes
+    for (int c = 0; c < 4; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(wg + c * 64) + PF_BYTES, _MM_HINT_T0);
+      __m512i w = _mm512_loadu_si512(wg + c * 64);
+      __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+      for (int m = 0; m < M; ++m) {
+        d[m] = _mm512_dpbusd_epi32(d[m], lo, _mm512_set1_epi32(xq[m][g * 8 + 2 * c]));
+        e[m] = _mm512_dpbusd_epi32(e[m], hi, _mm512_set1_epi32(xq[m][g * 8 + 2 * c + 1]));
+      }
+    }
+    for (int m = 0; m < M; ++m) d[m] = _mm512_add_epi32(d[m], e[m]);
+    __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + g * 16)));
+    __m512 of = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ob + g * 16)));
+    for (int m = 0; m < M; ++m) {
+      __m512 sx = _mm512_set1_ps(rows[m].pair[(g / 2) * 16 + (g % 2) * 8]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[m]), _mm512_mul_ps(sc, sx), acc[m]);
+      acc[m] = _mm512_fmadd_ps(of, _mm512_set1_ps(rows[m].sums[g]), acc[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + m * 16, acc[m]);
+}
+
+using Int4TileFn = void (*)(const uint8_t*, const uint16_t*, const uint16_t*, int64_t,
+                            const QuantRow*, float*);
+template <int... Ms>
+constexpr std::array<Int4TileFn, sizeof...(Ms)> int4_tile_table(std::integer_sequence<int, Ms...>) {
+  return {&int4_tile<Ms + 1>...};
+}
+constexpr auto INT4_TILE = int4_tile_table(std::make_integer_sequence<int, INT8_TILE_ROWS>{});
+
+void check_int4_tiles(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& offset,
+                      int64_t k, int64_t n, const char* what) {
+  check(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 4 && w.size(1) * 8 == k &&
+            w.size(2) == 16 && w.size(3) == 4 && k % 64 == 0 && n <= w.size(0) * 16 &&
+            n > (w.size(0) - 1) * 16 && scale.scalar_type() == at::kHalf &&
+            offset.scalar_type() == at::kHalf && scale.is_contiguous() && offset.is_contiguous() &&
+            scale.dim() == 3 && scale.size(0) == w.size(0) && scale.size(1) == k / 32 &&
+            scale.size(2) == 16 && offset.sizes() == scale.sizes(),
+        what);
+}
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                             const at::Tensor& offset, int64_t n,
+                             const c10::optional<at::Tensor>& bias) {
+  check_rows(x, "x");
+  int64_t m = x.size(0), k = x.size(1);
+  check_int4_tiles(w, scale, offset, k, n, "linear_int4: weights [n / 16, k / 8, 16, 4] "
+                   "uint8, scale and offset [n / 16, k / 32, 16] float16 (int4_kernel_layout)");
+  std::vector<QuantRow> rows(m);
+  for (int64_t j = 0; j < m; ++j) quantize_row(bf16_ptr(x) + j * k, k, rows[j]);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const uint16_t* op = reinterpret_cast<const uint16_t*>(offset.data_ptr<at::Half>());
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({m, n}, x.options());
+  bf16_t* yb = bf16_mut(y);
+  const float ones[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  parallel(w.size(0), [&](int64_t b0, int64_t b1) {
+    alignas(64) float out[INT8_TILE_ROWS * 16];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      int64_t cols = std::min<int64_t>(16, n - blk * 16);
+      __mmask16 mask = cols == 16 ? static_cast<__mmask16>(0xFFFF)
+                                  : static_cast<__mmask16>((1u << cols) - 1);
+      for (int64_t r0 = 0; r0 < m; r0 += INT8_TILE_ROWS) {
+        int64_t rr = std::min<int64_t>(INT8_TILE_ROWS, m - r0);
+        INT4_TILE[rr - 1](wp + blk * 16 * (k / 2), sp + blk * 16 * (k / 32),
+                          op + blk * 16 * (k / 32), k, rows.data() + r0, out);
+        for (int64_t r = 0; r < rr; ++r)
+          scale_out(out + r * 16, ones, b ? b + blk * 16 : nullptr, mask,
+                    yb + (r0 + r) * n + blk * 16);
+      }
+    }
+  });
+  return y;
+}
+
+KERNEL void dequant_int4_blocks(const uint8_t* wp, const uint16_t* sp, const uint16_t* op,
+                                int64_t n, int64_t k, int64_t b0, int64_t b1, bf16_t* outp) {
+  for (int64_t blk = b0; blk < b1; ++blk)
+    for (int64_t o = 0; o < 16 && blk * 16 + o < n; ++o) {
+      bf16_t* row = outp + (blk * 16 + o) * k;
+      for (int64_t c = 0; c < k / 8; ++c) {
+        const uint8_t* bytes = wp + (blk * (k / 8) + c) * 64 + o * 4;
+        int64_t g = c / 4;
+        float sv = _cvtsh_ss(sp[(blk * (k / 32) + g) * 16 + o]);
+        float ov = _cvtsh_ss(op[(blk * (k / 32) + g) * 16 + o]);
+        for (int j = 0; j < 4; ++j) {
+          row[c * 8 + j] = f32_to_bf16(static_cast<float>(bytes[j] & 0x0F) * sv + ov);
+          row[c * 8 + 4 + j] = f32_to_bf16(static_cast<float>(bytes[j] >> 4) * sv + ov);
+        }
+      }
+    }
+}
+
+// linear_int4' layout -> bf16 [n, k] (for batches past its 16 rows: prefill)
+at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale,
+                                 const at::Tensor& offset, int64_t n) {
+  int64_t k = w.dim() == 4 ? w.size(1) * 8 : 0;
+  check_int4_tiles(w, scale, offset, k, n, "dequantize_int4: int4_kernel_layout's tensors");
+  at::Tensor out = at::empty({n, k}, at::dtype(at::kBFloat16));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const uint16_t* op = reinterpret_cast<const uint16_t*>(offset.data_ptr<at::Half>());
+  bf16_t* outp = bf16_mut(out);
+  at::parallel_for(0, w.size(0), 4, [&](int64_t b0, int64_t b1) {
+    dequant_int4_blocks(wp, sp, op, n, k, b0, b1, outp);
+  });
+  return out;
+}
+
 // ---- dequantization to bf16 (for steps of many rows: prefill) -------------------------------
 // blocks [b0, b1) of 16 rows of the tiled int8 layout -> bf16 rows
 KERNEL void dequant_int8_blocks(const uint8_t* u, const float* scale, int64_t n, int64_t k,
@@ -774,40 +736,6 @@ at::Tensor dequantize_int8(const at::Tensor& u, const at::Tensor& scale) {
   return out;
 }
 
-// kernel layout of linear_int4 -> bf16 [n, k]
-KERNEL void dequant_int4_rows(const uint8_t* w, const uint16_t* scale, const uint16_t* offset,
-                              int64_t k, int64_t r0, int64_t r1, bf16_t* out) {
-  const int64_t groups = k / 32;
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      // group g: chunk g / 2, low nibbles (g even) or high nibbles (g odd) of its 32 bytes
-      const uint8_t* b = w + r * (k / 2) + (g / 2) * 32;
-      int shift = (g % 2) * 4;
-      __m512 s = _mm512_set1_ps(_cvtsh_ss(scale[r * groups + g]));
-      __m512 o = _mm512_set1_ps(_cvtsh_ss(offset[r * groups + g]));
-      for (int h = 0; h < 2; ++h) {
-        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + h * 16)));
-        v = _mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(0x0F));
-        store_bf16x16(out + r * k + g * 32 + h * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, o));
-      }
-    }
-}
-
-at::Tensor dequantize_int4(const at::Tensor& packed, const at::Tensor& scale,
-                           const at::Tensor& offset) {
-  int64_t n = packed.size(0), k = packed.size(1) * 2;
-  check(packed.scalar_type() == at::kByte && packed.is_contiguous() && k % 64 == 0 &&
-            scale.scalar_type() == at::kHalf && offset.scalar_type() == at::kHalf &&
-            scale.numel() == n * (k / 32) && offset.numel() == n * (k / 32),
-        "dequantize_int4: linear_int4's layout");
-  at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kBFloat16));
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
-  const uint16_t* op = reinterpret_cast<const uint16_t*>(offset.data_ptr<at::Half>());
-  bf16_t* outp = bf16_mut(out);
-  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) { dequant_int4_rows(wp, sp, op, k, r0, r1, outp); });
-  return out;
-}
 
 // ---- RMSNorm, SiLU * up ------------------------------------------------------------
 KERNEL void rms_norm_row(const bf16_t* x, bf16_t* residual, const float* w, float eps,
@@ -1205,7 +1133,7 @@ bool supported() {
 // cpu_path.CpuStepPath runs each layer as one call of StepLayer::forward instead of ~9 Python
 // calls (about 1 ms of Python and binding overhead per step of SmolLM2's 30 layers).
 
-// One projection in the format its weights are held in; `rows` beyond GEMV_ROWS of a quantized
+// One projection in the format its weights are held in; `rows` beyond QUANT_ROWS of a quantized
 // layer dequantize to bf16 for ATen's GEMM (prefill).
 struct StepLinear {
   int64_t kind;                          // 0 bf16 (VNNI layout), 1 int8 (q + 128), 2 int4
@@ -1213,16 +1141,15 @@ struct StepLinear {
   c10::optional<at::Tensor> bias;        // float32
   int64_t n;                             // output features
   bool glu = false;                      // bf16 gate_up in glu_layout: returns silu(gate) * up
-  static constexpr int64_t GEMV_ROWS = 4;       // int4's GEMV
-  static constexpr int64_t INT8_ROWS = 16;      // int8's tiles (two passes of 8 rows)
+  static constexpr int64_t QUANT_ROWS = 16;     // int8 / int4 tiles (passes of 8 rows)
 
   at::Tensor operator()(const at::Tensor& x, bool out_f32 = false) const {
     at::Tensor y;
     if (kind == 0) return linear_vnni(x, a, n, bias, out_f32, glu);
-    if (x.size(0) <= (kind == 1 ? INT8_ROWS : GEMV_ROWS)) {
-      y = kind == 1 ? linear_int8(x, a, b, bias) : linear_int4(x, a, b, c, bias);
+    if (x.size(0) <= QUANT_ROWS) {
+      y = kind == 1 ? linear_int8(x, a, b, bias) : linear_int4(x, a, b, c, n, bias);
     } else {
-      at::Tensor w = kind == 1 ? dequantize_int8(a, b) : dequantize_int4(a, b, c);
+      at::Tensor w = kind == 1 ? dequantize_int8(a, b) : dequantize_int4(a, b, c, n);
       c10::optional<at::Tensor> b16;
       if (bias.has_value()) b16 = bias->to(at::kBFloat16);
       y = at::linear(x, w, b16);
@@ -1289,10 +1216,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_f32") = false, py::arg("glu") = false);
   m.def("linear_int8", &linear_int8, "y = x @ (q * scale)^T (+ b), u = q + 128", py::arg("x"), py::arg("u"),
         py::arg("scale"), py::arg("bias") = py::none());
-  m.def("linear_int4", &linear_int4, "group-32 int4 linear", py::arg("x"), py::arg("packed"),
-        py::arg("scale"), py::arg("offset"), py::arg("bias") = py::none());
-  m.def("dequantize_int8", &dequantize_int8, "linear_int8's u = q + 128 -> bf16");
+  m.def("linear_int4", &linear_int4, "group-32 int4 linear, up to 16 rows per block pass",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("offset"), py::arg("n"),
+        py::arg("bias") = py::none());
   m.def("dequantize_int4", &dequantize_int4, "linear_int4's layout -> bf16");
+  m.def("dequantize_int8", &dequantize_int8, "linear_int8's u = q + 128 -> bf16");
   m.def("rms_norm", &rms_norm, "(residual += x;) RMSNorm", py::arg("x"), py::arg("residual"),
         py::arg("weight"), py::arg("eps"));
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
