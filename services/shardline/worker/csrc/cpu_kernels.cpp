@@ -669,25 +669,51 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
-KERNEL void dequant_int4_blocks(const uint8_t* wp, const uint16_t* sp, const uint16_t* op,
-                                int64_t n, int64_t k, int64_t b0, int64_t b1, bf16_t* outp) {
-  for (int64_t blk = b0; blk < b1; ++blk)
-    for (int64_t o = 0; o < 16 && blk * 16 + o < n; ++o) {
-      bf16_t* row = outp + (blk * 16 + o) * k;
-      for (int64_t c = 0; c < k / 8; ++c) {
-        const uint8_t* bytes = wp + (blk * (k / 8) + c) * 64 + o * 4;
-        int64_t g = c / 4;
-        float sv = _cvtsh_ss(sp[(blk * (k / 32) + g) * 16 + o]);
-        float ov = _cvtsh_ss(op[(blk * (k / 32) + g) * 16 + o]);
-        for (int j = 0; j < 4; ++j) {
-          row[c * 8 + j] = f32_to_bf16(static_cast<float>(bytes[j] & 0x0F) * sv + ov);
-          row[c * 8 + 4 + j] = f32_to_bf16(static_cast<float>(bytes[j] >> 4) * sv + ov);
-        }
-      }
-    }
+// Per octet: the 64-byte vector's low / high nibbles, 4 outputs (16 bytes) at a time, scaled
+// and offset per output (w = q * s + o, rounded as PyTorch's q * s + o), stored as each
+// output's 8 channels (4 low-nibble, 4 high-nibble values) in its bf16 row.
+template <int QD>
+KERNEL void dequant_int4_quarter(__m512i lo, __m512i hi, __m512 sc, __m512 of, int64_t rows,
+                                 bf16_t* row0 /* output 0's row at this octet */, int64_t k) {
+  const __m512i idx = _mm512_set_epi32(4 * QD + 3, 4 * QD + 3, 4 * QD + 3, 4 * QD + 3,
+                                       4 * QD + 2, 4 * QD + 2, 4 * QD + 2, 4 * QD + 2,
+                                       4 * QD + 1, 4 * QD + 1, 4 * QD + 1, 4 * QD + 1,
+                                       4 * QD, 4 * QD, 4 * QD, 4 * QD);
+  __m512 s4 = _mm512_permutexvar_ps(idx, sc), o4 = _mm512_permutexvar_ps(idx, of);
+  __m128i lq = _mm512_extracti32x4_epi32(lo, QD), hq = _mm512_extracti32x4_epi32(hi, QD);
+  __m512 fl = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lq)), s4), o4);
+  __m512 fh = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hq)), s4), o4);
+  __m256bh bl = _mm512_cvtneps_pbh(fl), bh = _mm512_cvtneps_pbh(fh);
+  __m256i l = reinterpret_cast<__m256i&>(bl), h = reinterpret_cast<__m256i&>(bh);
+  __m256i even = _mm256_unpacklo_epi64(l, h), odd = _mm256_unpackhi_epi64(l, h);
+  __m128i part[4] = {_mm256_castsi256_si128(even), _mm256_castsi256_si128(odd),
+                     _mm256_extracti128_si256(even, 1), _mm256_extracti128_si256(odd, 1)};
+  for (int j = 0; j < 4; ++j)
+    if (4 * QD + j < rows)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(row0 + (4 * QD + j) * k), part[j]);
 }
 
-// linear_int4' layout -> bf16 [n, k] (for batches past its 16 rows: prefill)
+KERNEL void dequant_int4_blocks(const uint8_t* wp, const uint16_t* sp, const uint16_t* op,
+                                int64_t n, int64_t k, int64_t b0, int64_t b1, bf16_t* outp) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    int64_t rows = std::min<int64_t>(16, n - blk * 16);
+    for (int64_t c = 0; c < k / 8; ++c) {
+      __m512i w = _mm512_loadu_si512(wp + (blk * (k / 8) + c) * 64);
+      __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+      int64_t g = c / 4;
+      __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + (blk * (k / 32) + g) * 16)));
+      __m512 of = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(op + (blk * (k / 32) + g) * 16)));
+      bf16_t* row0 = outp + blk * 16 * k + c * 8;
+      dequant_int4_quarter<0>(lo, hi, sc, of, rows, row0, k);
+      dequant_int4_quarter<1>(lo, hi, sc, of, rows, row0, k);
+      dequant_int4_quarter<2>(lo, hi, sc, of, rows, row0, k);
+      dequant_int4_quarter<3>(lo, hi, sc, of, rows, row0, k);
+    }
+  }
+}
+
+// linear_int4's layout -> bf16 [n, k] (for batches past its 16 rows: prefill)
 at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale,
                                  const at::Tensor& offset, int64_t n) {
   int64_t k = w.dim() == 4 ? w.size(1) * 8 : 0;
