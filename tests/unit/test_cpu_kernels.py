@@ -257,7 +257,7 @@ def test_decode_path_matches_stage_model(default_model_dir, quantize):
 
 def test_mixed_prefill_and_decode_steps_match_stage_model(default_model_dir):
     # staggered admissions and 6-token chunks: steps mix prefill chunks with decode rows, some
-    # of more than 4 rows (the quantized kernels' GEMV_ROWS)
+    # of more than 4 rows (the bf16 GEMV's limit: the rest take the AMX or register tiles)
     from transformers import AutoTokenizer
     from .test_model import PROMPTS, Driver
     tok = AutoTokenizer.from_pretrained(default_model_dir)

@@ -503,9 +503,9 @@ KERNEL void quantize_row(const bf16_t* x, int64_t k, QuantRow& r) {
 // with scale sx_g (QuantRow). Per row and block:
 //   y = scale * (sum_g sx_g * dot_g(u, xq) - corr),  corr = 128 * sum_g sx_g * sum(xq_g)
 // dpbusd accumulates 16 outputs x 4 channels per instruction with no horizontal sums, and a
-// weight vector loaded once serves every row of the tile (up to INT8_TILE_ROWS rows per pass),
+// weight vector loaded once serves every row of the tile (up to QUANT_TILE_ROWS rows per pass),
 // so a 16-row decode step reads the int8 weights once instead of dequantizing them to bf16.
-constexpr int64_t INT8_TILE_ROWS = 8;
+constexpr int64_t QUANT_TILE_ROWS = 8;      // rows per pass of the int8 and int4 tiles
 
 template <int M>
 KERNEL void int8_tile(const uint8_t* wb, int64_t k, const QuantRow* rows, float* out /* [M][16] */) {
@@ -535,7 +535,7 @@ template <int... Ms>
 constexpr std::array<Int8TileFn, sizeof...(Ms)> int8_tile_table(std::integer_sequence<int, Ms...>) {
   return {&int8_tile<Ms + 1>...};
 }
-constexpr auto INT8_TILE = int8_tile_table(std::make_integer_sequence<int, INT8_TILE_ROWS>{});
+constexpr auto INT8_TILE = int8_tile_table(std::make_integer_sequence<int, QUANT_TILE_ROWS>{});
 
 void check_int8_weights(const at::Tensor& u, const at::Tensor& scale, int64_t k, const char* what) {
   check(u.scalar_type() == at::kByte && u.is_contiguous() && u.dim() == 4 && u.size(1) * 4 == k &&
@@ -558,13 +558,13 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& u, const at::Tenso
   at::Tensor y = at::empty({m, n}, x.options());
   bf16_t* yb = bf16_mut(y);
   parallel(u.size(0), [&](int64_t b0, int64_t b1) {
-    alignas(64) float out[INT8_TILE_ROWS * 16];
+    alignas(64) float out[QUANT_TILE_ROWS * 16];
     for (int64_t blk = b0; blk < b1; ++blk) {
       int64_t cols = std::min<int64_t>(16, n - blk * 16);
       __mmask16 mask = cols == 16 ? static_cast<__mmask16>(0xFFFF)
                                   : static_cast<__mmask16>((1u << cols) - 1);
-      for (int64_t r0 = 0; r0 < m; r0 += INT8_TILE_ROWS) {   // later passes: weights in L1
-        int64_t rr = std::min<int64_t>(INT8_TILE_ROWS, m - r0);
+      for (int64_t r0 = 0; r0 < m; r0 += QUANT_TILE_ROWS) {   // later passes: weights in L1
+        int64_t rr = std::min<int64_t>(QUANT_TILE_ROWS, m - r0);
         INT8_TILE[rr - 1](up + blk * 16 * k, k, rows.data() + r0, out);
         for (int64_t r = 0; r < rr; ++r)
           scale_out(out + r * 16, s + blk * 16, b ? b + blk * 16 : nullptr, mask,
@@ -621,7 +621,7 @@ template <int... Ms>
 constexpr std::array<Int4TileFn, sizeof...(Ms)> int4_tile_table(std::integer_sequence<int, Ms...>) {
   return {&int4_tile<Ms + 1>...};
 }
-constexpr auto INT4_TILE = int4_tile_table(std::make_integer_sequence<int, INT8_TILE_ROWS>{});
+constexpr auto INT4_TILE = int4_tile_table(std::make_integer_sequence<int, QUANT_TILE_ROWS>{});
 
 void check_int4_tiles(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& offset,
                       int64_t k, int64_t n, const char* what) {
@@ -651,13 +651,13 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   bf16_t* yb = bf16_mut(y);
   const float ones[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
   parallel(w.size(0), [&](int64_t b0, int64_t b1) {
-    alignas(64) float out[INT8_TILE_ROWS * 16];
+    alignas(64) float out[QUANT_TILE_ROWS * 16];
     for (int64_t blk = b0; blk < b1; ++blk) {
       int64_t cols = std::min<int64_t>(16, n - blk * 16);
       __mmask16 mask = cols == 16 ? static_cast<__mmask16>(0xFFFF)
                                   : static_cast<__mmask16>((1u << cols) - 1);
-      for (int64_t r0 = 0; r0 < m; r0 += INT8_TILE_ROWS) {
-        int64_t rr = std::min<int64_t>(INT8_TILE_ROWS, m - r0);
+      for (int64_t r0 = 0; r0 < m; r0 += QUANT_TILE_ROWS) {
+        int64_t rr = std::min<int64_t>(QUANT_TILE_ROWS, m - r0);
         INT4_TILE[rr - 1](wp + blk * 16 * (k / 2), sp + blk * 16 * (k / 32),
                           op + blk * 16 * (k / 32), k, rows.data() + r0, out);
         for (int64_t r = 0; r < rr; ++r)
