@@ -507,6 +507,38 @@ KERNEL void quantize_row(const bf16_t* x, int64_t k, QuantRow& r) {
 // so a 16-row decode step reads the int8 weights once instead of dequantizing them to bf16.
 constexpr int64_t QUANT_TILE_ROWS = 8;      // rows per pass of the int8 and int4 tiles
 
+// y [m, n] (bf16) through a quantized tile kernel: x's rows quantized once (QuantRow), blocks
+// of 16 outputs over the threads, QUANT_TILE_ROWS rows per pass over a block (later passes find
+// its weights in L1); tile(blk, rows, count, out [count][16]); the per-output scale (or none)
+// and the bias applied as the rows are stored.
+template <typename Tile>
+at::Tensor quant_tiles(const at::Tensor& x, int64_t n, int64_t blocks, const float* scale,
+                       const c10::optional<at::Tensor>& bias, Tile&& tile) {
+  int64_t m = x.size(0), k = x.size(1);
+  std::vector<QuantRow> rows(m);
+  for (int64_t j = 0; j < m; ++j) quantize_row(bf16_ptr(x) + j * k, k, rows[j]);
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  static const float ones[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  at::Tensor y = at::empty({m, n}, x.options());
+  bf16_t* yb = bf16_mut(y);
+  parallel(blocks, [&](int64_t b0, int64_t b1) {
+    alignas(64) float out[QUANT_TILE_ROWS * 16];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      int64_t cols = std::min<int64_t>(16, n - blk * 16);
+      __mmask16 mask = cols == 16 ? static_cast<__mmask16>(0xFFFF)
+                                  : static_cast<__mmask16>((1u << cols) - 1);
+      for (int64_t r0 = 0; r0 < m; r0 += QUANT_TILE_ROWS) {
+        int64_t count = std::min<int64_t>(QUANT_TILE_ROWS, m - r0);
+        tile(blk, rows.data() + r0, count, out);
+        for (int64_t r = 0; r < count; ++r)
+          scale_out(out + r * 16, scale ? scale + blk * 16 : ones, b ? b + blk * 16 : nullptr,
+                    mask, yb + (r0 + r) * n + blk * 16);
+      }
+    }
+  });
+  return y;
+}
+
 template <int M>
 KERNEL void int8_tile(const uint8_t* wb, int64_t k, const QuantRow* rows, float* out /* [M][16] */) {
   __m512 acc[M];
@@ -547,32 +579,14 @@ void check_int8_weights(const at::Tensor& u, const at::Tensor& scale, int64_t k,
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& u, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& bias) {
   check_rows(x, "x");
-  int64_t m = x.size(0), k = x.size(1), n = scale.numel();
+  int64_t k = x.size(1), n = scale.numel();
   check_int8_weights(u, scale, k, "linear_int8: u uint8 [n / 16, k / 4, 16, 4] (q + 128, "
                                   "int8_kernel_layout), k a multiple of 64, scale float32 [n]");
-  std::vector<QuantRow> rows(m);
-  for (int64_t j = 0; j < m; ++j) quantize_row(bf16_ptr(x) + j * k, k, rows[j]);
   const uint8_t* up = u.data_ptr<uint8_t>();
-  const float* s = scale.data_ptr<float>();
-  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  at::Tensor y = at::empty({m, n}, x.options());
-  bf16_t* yb = bf16_mut(y);
-  parallel(u.size(0), [&](int64_t b0, int64_t b1) {
-    alignas(64) float out[QUANT_TILE_ROWS * 16];
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      int64_t cols = std::min<int64_t>(16, n - blk * 16);
-      __mmask16 mask = cols == 16 ? static_cast<__mmask16>(0xFFFF)
-                                  : static_cast<__mmask16>((1u << cols) - 1);
-      for (int64_t r0 = 0; r0 < m; r0 += QUANT_TILE_ROWS) {   // later passes: weights in L1
-        int64_t rr = std::min<int64_t>(QUANT_TILE_ROWS, m - r0);
-        INT8_TILE[rr - 1](up + blk * 16 * k, k, rows.data() + r0, out);
-        for (int64_t r = 0; r < rr; ++r)
-          scale_out(out + r * 16, s + blk * 16, b ? b + blk * 16 : nullptr, mask,
-                    yb + (r0 + r) * n + blk * 16);
-      }
-    }
-  });
-  return y;
+  return quant_tiles(x, n, u.size(0), scale.data_ptr<float>(), bias,
+                     [&](int64_t blk, const QuantRow* rows, int64_t count, float* out) {
+                       INT8_TILE[count - 1](up + blk * 16 * k, k, rows, out);
+                     });
 }
 
 // ---- int4 linear (group 32, VNNI), up to 16 rows per pass over the weights -----------------
@@ -635,38 +649,19 @@ void check_int4_tiles(const at::Tensor& w, const at::Tensor& scale, const at::Te
 }
 
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                             const at::Tensor& offset, int64_t n,
-                             const c10::optional<at::Tensor>& bias) {
+                       const at::Tensor& offset, int64_t n, const c10::optional<at::Tensor>& bias) {
   check_rows(x, "x");
-  int64_t m = x.size(0), k = x.size(1);
+  int64_t k = x.size(1);
   check_int4_tiles(w, scale, offset, k, n, "linear_int4: weights [n / 16, k / 8, 16, 4] "
                    "uint8, scale and offset [n / 16, k / 32, 16] float16 (int4_kernel_layout)");
-  std::vector<QuantRow> rows(m);
-  for (int64_t j = 0; j < m; ++j) quantize_row(bf16_ptr(x) + j * k, k, rows[j]);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   const uint16_t* op = reinterpret_cast<const uint16_t*>(offset.data_ptr<at::Half>());
-  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  at::Tensor y = at::empty({m, n}, x.options());
-  bf16_t* yb = bf16_mut(y);
-  const float ones[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-  parallel(w.size(0), [&](int64_t b0, int64_t b1) {
-    alignas(64) float out[QUANT_TILE_ROWS * 16];
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      int64_t cols = std::min<int64_t>(16, n - blk * 16);
-      __mmask16 mask = cols == 16 ? static_cast<__mmask16>(0xFFFF)
-                                  : static_cast<__mmask16>((1u << cols) - 1);
-      for (int64_t r0 = 0; r0 < m; r0 += QUANT_TILE_ROWS) {
-        int64_t rr = std::min<int64_t>(QUANT_TILE_ROWS, m - r0);
-        INT4_TILE[rr - 1](wp + blk * 16 * (k / 2), sp + blk * 16 * (k / 32),
-                          op + blk * 16 * (k / 32), k, rows.data() + r0, out);
-        for (int64_t r = 0; r < rr; ++r)
-          scale_out(out + r * 16, ones, b ? b + blk * 16 : nullptr, mask,
-                    yb + (r0 + r) * n + blk * 16);
-      }
-    }
-  });
-  return y;
+  return quant_tiles(x, n, w.size(0), nullptr, bias,
+                     [&](int64_t blk, const QuantRow* rows, int64_t count, float* out) {
+                       INT4_TILE[count - 1](wp + blk * 16 * (k / 2), sp + blk * 16 * (k / 32),
+                                            op + blk * 16 * (k / 32), k, rows, out);
+                     });
 }
 
 // Per octet: the 64-byte vector's low / high nibbles, 4 outputs (16 bytes) at a time, scaled
