@@ -27,8 +27,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-# GEMV up to 4 rows; beyond, AMX tiles or (CPUs without AMX) 8-row register tiles
-@pytest.mark.parametrize("rows", [1, 3, 4, 6, 16, 33])
+# GEMV up to 4 rows; beyond, AMX tiles (blocks of 16 rows up to 16, else 32) or (CPUs without
+# AMX) register tiles
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 16, 17, 33])
 @pytest.mark.parametrize("n,k", [(960, 576), (37, 64), (576, 1536)])
 def test_linear_vnni(rows, n, k):
     torch.manual_seed(rows)

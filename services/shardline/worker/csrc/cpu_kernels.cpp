@@ -165,8 +165,9 @@ void linear_driver(int64_t m, int64_t n, const c10::optional<at::Tensor>& bias, 
 // Layout: w [n, k] -> [n / 16][k / 2][16][2]: per block of 16 output rows, for each pair of
 // input channels, the 16 rows' two values (64 bytes). n is padded to a multiple of 32.
 //   few rows:  y[m, block] += w_block[pair] * broadcast(x[m, pair])  (AVX512-BF16, no reductions)
-//   many rows: AMX tiles, C[32 x 32] += A[32 x 32 k] . B[32 k x 32], 2 x 2 tiles of 16 x 16;
-//              without AMX, register tiles of up to 16 rows in the few-rows form
+//   many rows: AMX tiles, C[32 x 32] += A[32 x 32 k] . B[32 k x 32], 2 x 2 tiles of 16 x 16
+//              (up to 16 rows, a decode step: C[16 x 32], 1 x 2 tiles); without AMX,
+//              register tiles of up to 16 rows in the few-rows form
 
 // few rows (M <= 4): per 16-row block, ACC interleaved accumulators per input row
 template <int M>
@@ -302,13 +303,17 @@ bool amx_enable() {       // Linux asks each process to request the AMX tile sta
   return ok;
 }
 
-// C tiles 0..3 (2 x 2 blocks of 16 x 16 f32), A tiles 4, 5 (16 rows x 32 bf16), B tiles 6, 7
-// (16 channel pairs x 16 outputs x 2). xpad: [mp, k] with mp a multiple of 32.
-// xpack: x re-laid per 32 rows as [k / 32][32 rows][32 channels], so each A tile (16 rows of
-// 64 bytes) is 1 KB contiguous; block m0 / 32 starts at xpack + m0 * k.
+// C tiles 0..3 (H / 16 x 2 blocks of 16 x 16 f32), A tiles 4, 5 (16 rows x 32 bf16), B tiles
+// 6, 7 (16 channel pairs x 16 outputs x 2), for blocks of H = 32 rows, or H = 16 (a decode step
+// of up to 16 rows: half the tile products and A loads of a 32-row block whose second half is
+// zeros). xpack: x re-laid per H rows as [k / 32][H rows][32 channels], so each A tile (16 rows
+// of 64 bytes) is 1 KB contiguous; block m0 / H starts at xpack + m0 * k.
+template <int H>
 AMX_KERNEL void amx_block(const bf16_t* xpack, int64_t k, const bf16_t* w, int64_t nb0,
-                          int64_t m0, bool prefetch, float* c /* [32][32] */) {
-  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                          int64_t m0, bool prefetch, float* c /* [H][32] */) {
+  static_assert(H == 16 || H == 32, "amx_block: blocks of 16 or 32 rows");
+  _tile_zero(0); _tile_zero(1);
+  if constexpr (H == 32) { _tile_zero(2); _tile_zero(3); }
   const bf16_t* b0 = w + nb0 * 16 * k;
   const bf16_t* b1 = b0 + 16 * k;
   for (int64_t kk = 0; kk < k; kk += 32) {
@@ -319,20 +324,24 @@ AMX_KERNEL void amx_block(const bf16_t* xpack, int64_t k, const bf16_t* w, int64
         _mm_prefetch(next + 32 * k + i * 64, _MM_HINT_T1);
       }
     }
-    const bf16_t* a = xpack + m0 * k + kk * 32;
+    const bf16_t* a = xpack + m0 * k + kk * H;
     _tile_loadd(4, a, 64);
-    _tile_loadd(5, a + 16 * 32, 64);
+    if constexpr (H == 32) _tile_loadd(5, a + 16 * 32, 64);
     _tile_loadd(6, b0 + kk * 16, 64);
     _tile_loadd(7, b1 + kk * 16, 64);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    if constexpr (H == 32) {
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
   }
   _tile_stored(0, c, 128);
   _tile_stored(1, c + 16, 128);
-  _tile_stored(2, c + 16 * 32, 128);
-  _tile_stored(3, c + 16 * 32 + 16, 128);
+  if constexpr (H == 32) {
+    _tile_stored(2, c + 16 * 32, 128);
+    _tile_stored(3, c + 16 * 32 + 16, 128);
+  }
 }
 
 AMX_KERNEL void amx_config() {
@@ -442,22 +451,25 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
     return y;
   }
   TORCH_CHECK(amx_enable(), "linear_vnni: the kernel may not use AMX (arch_prctl refused)");
-  int64_t mp = (m + 31) / 32 * 32;
+  const int64_t h = m <= 16 ? 16 : 32;       // rows per block (amx_block<H>)
+  int64_t mp = (m + h - 1) / h * h;
   // 64-byte aligned (at::zeros), unlike a std::vector's storage: an A tile row that straddles
   // two cache lines costs AMX's tile load about a third of the GEMM's time
   at::Tensor pack = at::zeros({mp * k}, x.options());        // rows past m stay zero
   bf16_t* xpad = bf16_mut(pack);
   for (int64_t r = 0; r < m; ++r)
     for (int64_t kk = 0; kk < k; kk += 32)
-      std::memcpy(xpad + (r / 32) * 32 * k + kk * 32 + (r % 32) * 32, xp + r * k + kk, 64);
+      std::memcpy(xpad + (r / h) * h * k + kk * h + (r % h) * 32, xp + r * k + kk, 64);
   int64_t pairs_n = w.size(0) / 2;           // blocks of 32 outputs
   parallel(pairs_n, [&](int64_t p0, int64_t p1) {
     amx_config();
     alignas(64) float c[32 * 32];
     for (int64_t p = p0; p < p1; ++p)
-      for (int64_t m0 = 0; m0 < mp; m0 += 32) {
-        amx_block(xpad, k, wp, 2 * p, m0, m0 == 0 && p + 1 < p1, c);
-        for (int64_t r = 0; r < 32 && m0 + r < m; ++r) emit(m0 + r, p, c + r * 32);
+      for (int64_t m0 = 0; m0 < mp; m0 += h) {
+        bool pf = m0 == 0 && p + 1 < p1;
+        if (h == 16) amx_block<16>(xpad, k, wp, 2 * p, m0, pf, c);
+        else amx_block<32>(xpad, k, wp, 2 * p, m0, pf, c);
+        for (int64_t r = 0; r < h && m0 + r < m; ++r) emit(m0 + r, p, c + r * 32);
       }
     amx_release();
   });
