@@ -83,20 +83,24 @@ void check_rows(const at::Tensor& x, const char* name) {
               name, " must be a contiguous 2-d bfloat16 tensor");
 }
 
-// [0, n) over the intra-op threads, in contiguous chunks of about n / (4 * threads) that each
-// thread takes from a shared counter as it goes. Equal static parts would make every call as
-// slow as its slowest thread, and a served worker shares its cores with the scheduler and
-// the tokenizer: one preempted thread stalled whole steps (16 concurrent requests through the
-// stack on 2 Zen 4 cores, three interleaved pairs of runs: 273 / 292 / 315 tok/s with equal
-// parts, 311 / 338 / 332 with shared chunks; batch 1 unchanged).
+// [0, n) over the intra-op threads, in contiguous chunks of about n / (per_thread * threads)
+// that each thread takes from a shared counter as it goes. Equal static parts would make every
+// call as slow as its slowest thread, and a served worker shares its cores with the scheduler
+// and the tokenizer: one preempted thread stalled whole steps (16 concurrent requests through
+// the stack on 2 Zen 4 cores, three interleaved pairs of runs: 273 / 292 / 315 tok/s with
+// equal parts, 311 / 338 / 332 with shared chunks; batch 1 unchanged). Streaming kernels (a
+// decode step's weights) keep 4 chunks per thread; compute-bound ones (a prefill's GEMM) take
+// 16, whose smaller last chunks leave less waiting at the end (512-row prefill step on 2
+// Emerald Rapids cores, two interleaved runs: 169 / 155 ms with 4, 152 / 144 with 16; decode
+// with 16: 3% slower).
 template <typename F>
-void parallel(int64_t n, F&& f) {
+void parallel(int64_t n, F&& f, int64_t per_thread = 4) {
   int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   if (threads <= 1 || at::in_parallel_region()) {
     if (n > 0) f(0, n);
     return;
   }
-  int64_t chunk = std::max<int64_t>(1, n / (4 * threads));
+  int64_t chunk = std::max<int64_t>(1, n / (per_thread * threads));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     for (int64_t b = next.fetch_add(chunk); b < n; b = next.fetch_add(chunk))
@@ -472,7 +476,7 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
         for (int64_t r = 0; r < h && m0 + r < m; ++r) emit(m0 + r, p, c + r * 32);
       }
     amx_release();
-  });
+  }, m <= 16 ? 4 : 16);
   return y;
 }
 
@@ -955,7 +959,7 @@ KERNEL void attend(const bf16_t* q, int64_t group, int64_t hd, const bf16_t* kc,
 }
 
 // decode attention reads K this many blocks of 16 positions ahead of use
-constexpr int64_t KPF = 4;
+constexpr int64_t KPF = 2;
 
 // lane i of the result = sum of the 16 lanes of v[i]
 KERNEL inline __m512 reduce16(const __m512* v) {
@@ -985,8 +989,16 @@ KERNEL void attend_fast(const bf16_t* q, const bf16_t* kc, const bf16_t* vc,
   constexpr int V = HD / 16;                // f32 vectors per head row
   constexpr int P = HD / 32;                // bf16 pair vectors per head row
   const int64_t padded = (len + 15) / 16 * 16;  // scores of a head: whole 16-position blocks
-  std::vector<float> scores(group * padded);
-  std::vector<int64_t> slot(len);           // cache slot of each position, without divisions
+  // per-thread scratch, grown as needed (three allocations per item and head added up to
+  // ~1% of a 16-sequence decode step); every element read is written first
+  thread_local std::vector<float> scores;
+  thread_local std::vector<int64_t> slot;   // cache slot of each position, without divisions
+  thread_local std::vector<bf16_t> sb;
+  if (static_cast<int64_t>(scores.size()) < group * padded) {
+    scores.resize(group * padded);
+    sb.resize(group * padded);
+  }
+  if (static_cast<int64_t>(slot.size()) < len) slot.resize(len);
   for (int64_t p = 0, b = 0, j = 0; p < len; ++p) {
     slot[p] = table[b] * block + j;
     if (++j == block) { j = 0; ++b; }
@@ -1001,17 +1013,20 @@ KERNEL void attend_fast(const bf16_t* q, const bf16_t* kc, const bf16_t* vc,
     int64_t n = std::min<int64_t>(16, len - p0);
     const bf16_t* krow[16];
     for (int64_t j = 0; j < n; ++j) krow[j] = row(kc, p0 + j);
-    for (int64_t j = 0; j < 16 && p0 + 16 * KPF + j < len; ++j) {   // K, KPF blocks ahead
-      const char* nk = reinterpret_cast<const char*>(row(kc, p0 + 16 * KPF + j));
-      for (int b = 0; b < HD * 2; b += 64) _mm_prefetch(nk + b, _MM_HINT_T0);
-    }
-    for (int64_t j = 0; j < n; ++j) {     // and this block's V into L2, for the weighted sum
-      const char* nv = reinterpret_cast<const char*>(row(vc, p0 + j));
-      for (int b = 0; b < HD * 2; b += 64) _mm_prefetch(nv + b, _MM_HINT_T1);
-    }
     for (int64_t j = n; j < 16; ++j) krow[j] = krow[0];   // past len: scores dropped later
     for (int64_t g = 0; g < group; ++g) {
       for (int j = 0; j < 16; ++j) {
+        // prefetches spread over the products (a burst of them per block filled the line
+        // fill buffers and stalled the arithmetic): with the first head, K KPF blocks
+        // ahead into L1; with the second, this block's V into L2 for the weighted sum
+        if (g == 0 && p0 + 16 * KPF + j < len) {
+          const char* nk = reinterpret_cast<const char*>(row(kc, p0 + 16 * KPF + j));
+          for (int b = 0; b < HD * 2; b += 64) _mm_prefetch(nk + b, _MM_HINT_T0);
+        }
+        if (g == (G > 1 ? 1 : 0) && j < n) {
+          const char* nv = reinterpret_cast<const char*>(row(vc, p0 + j));
+          for (int b = 0; b < HD * 2; b += 64) _mm_prefetch(nv + b, _MM_HINT_T1);
+        }
         __m512 a = _mm512_setzero_ps();
         for (int i = 0; i < P; ++i)
           a = _mm512_dpbf16_ps(a, reinterpret_cast<__m512bh>(_mm512_loadu_si512(krow[j] + i * 32)), qv[g][i]);
@@ -1027,7 +1042,6 @@ KERNEL void attend_fast(const bf16_t* q, const bf16_t* kc, const bf16_t* vc,
   // the pairs of channels 8L..8L+3 (lo) and 8L+4..8L+7 (hi); dpbf16 sums each pair into
   // f32 lane 4L+j. A permute puts the channels back in order at the end.
   // the weights in bf16: pair (p, p + 1) is the uint32 at p / 2 (positions past len are 0)
-  std::vector<bf16_t> sb(group * padded);
   for (int64_t c = 0; c < group * padded; c += 16) {
     __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(scores.data() + c));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(sb.data() + c), reinterpret_cast<__m256i&>(h));
