@@ -146,6 +146,27 @@ def test_silu_mul():
     assert rel_err(K.silu_mul(gu), ref) < 4e-3
 
 
+@pytest.mark.parametrize("rows,vocab", [(1, 49152), (16, 49152), (3, 37), (2, 5)])
+def test_argmax_rows_matches_torch(rows, vocab):
+    torch.manual_seed(vocab)
+    x = torch.randn(rows, vocab)
+    assert torch.equal(K.argmax_rows(x), x.argmax(dim=-1))
+    x = torch.randint(-3, 3, (rows, vocab)).float()      # ties: the first maximum wins
+    assert torch.equal(K.argmax_rows(x), x.argmax(dim=-1))
+
+
+def test_argmax_rows_special_values():
+    x = torch.full((4, 100), float("-inf"))
+    x[1, 40] = float("nan")                               # a NaN wins, as in torch.argmax
+    x[1, 70] = float("inf")
+    x[2, 99] = 1.0                                        # in the scalar tail
+    x[3, 17] = float("nan")
+    x[3, 90] = float("nan")
+    assert K.argmax_rows(x).tolist() == x.argmax(dim=-1).tolist() == [0, 40, 99, 17]
+    with pytest.raises(RuntimeError, match="float32"):
+        K.argmax_rows(x.double())
+
+
 def test_rope_store_and_paged_attention_match_paged_attention():
     torch.manual_seed(0)
     heads, kv_heads, hd, bs, slots = 6, 2, 64, 16, 16 * 12
@@ -236,6 +257,10 @@ def test_decode_path_matches_stage_model(default_model_dir, quantize):
     tok_e, log_e = _decode(eager, prompts, 12)
     tok_f, log_f = _decode(fast, prompts, 12)
     _, log_x = _decode(exact, prompts, 1)
+    # the kernel path samples greedily with the kernels' argmax: each token is torch's argmax
+    # of the logits it came from
+    for k, logits in enumerate(log_f):
+        assert [t[k + 1] for t in tok_f] == logits.argmax(-1).tolist()
     # the first decode step: both bf16 paths' logits within bf16 rounding of float32's (the
     # int8 / int4 kernels also quantize activations to int8 per group of 32, prompts of up to 16
     # tokens included: int8's perplexity +0.7% over bf16 through them, +0.3% weight-only)

@@ -136,7 +136,8 @@ class StageRunner:
         self.kv_cache = KVCache(num_local, num_blocks, block_size, cfg.num_kv_heads,
                                 cfg.head_dim, self.dtype, self.device)
         self.seqs: dict[int, _SeqState] = {}
-        self.sampler = Sampler(cfg.vocab_size, self.device) if self.is_last else None
+        self.sampler = (Sampler(cfg.vocab_size, self.device, self._cpu_argmax())
+                        if self.is_last else None)
         log.info("stage [%d, %d): %d KV blocks of %d tokens (%.0f MiB) on %s in %s",
                  layer_start, layer_end, num_blocks, block_size, self.kv_cache.nbytes / 2**20,
                  self.device, self.dtype_name)
@@ -198,6 +199,19 @@ class StageRunner:
         self.seqs.clear()
         if self.sampler is not None:
             self.sampler.seqs.clear()
+
+    def _cpu_argmax(self):
+        """The CPU kernels' argmax for float32 logits when this stage runs on them, else None."""
+        if self.fast is None:
+            return None
+        kernel = self.fast.k.argmax_rows
+
+        def argmax(x: torch.Tensor) -> torch.Tensor:
+            if x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 \
+                    and x.shape[1] > 0:
+                return kernel(x.contiguous())
+            return x.argmax(dim=-1)
+        return argmax
 
     def _warm_up(self) -> None:
         """A throwaway sequence's 2-token prefill and 1-token decode (in block 0, freed after),

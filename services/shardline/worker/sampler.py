@@ -71,10 +71,13 @@ class _SeqState:
 class Sampler:
     """Holds each sequence's sampling state on the last stage and samples a batch of rows."""
 
-    def __init__(self, vocab_size: int, device: torch.device):
+    def __init__(self, vocab_size: int, device: torch.device, argmax=None):
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.seqs: dict[int, _SeqState] = {}
+        # argmax over a row-major float32 [N, V] -> [N] int64 (torch.argmax's rules); the CPU
+        # kernels' argmax_rows where they run (ATen's took 1 ms for 16 x 49152 logits)
+        self._argmax = argmax or (lambda x: x.argmax(dim=-1))
 
     def add(self, seq_id: int, config: Optional[SamplingConfig]) -> None:
         """Start (or restart) a sequence's state."""
@@ -109,10 +112,8 @@ class Sampler:
             logits = logits.index_copy(0, rows, apply_repetition_penalty(logits[rows], seen, pen))
 
         sampled = [i for i, c in enumerate(configs) if not c.greedy]
-        if not sampled:                        # all greedy: one argmax for the batch
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = logits.argmax(dim=-1)
+        tokens = self._argmax(logits.contiguous())  # all greedy: one argmax for the batch
+        if sampled:
             tokens[sampled] = self._draw(logits[sampled], [configs[i] for i in sampled],
                                          [num_generated[i] for i in sampled])
 
@@ -147,7 +148,7 @@ class Sampler:
                     g = torch.Generator(device=dev)
                     g.manual_seed(mix_seed(c.seed, num_generated[i]))
                     noise[i].exponential_(generator=g)
-        return (probs / noise).argmax(dim=-1)
+        return self._argmax(probs / noise)
 
     def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor,
                   configs: list[SamplingConfig], out: list[SampledToken]) -> None:
