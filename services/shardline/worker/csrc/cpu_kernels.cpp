@@ -464,12 +464,16 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
   if (static_cast<int64_t>(pack_store.size()) < mp * k + 32) pack_store.resize(mp * k + 32);
   bf16_t* xpad = reinterpret_cast<bf16_t*>(
       (reinterpret_cast<uintptr_t>(pack_store.data()) + 63) & ~uintptr_t{63});
-  for (int64_t r = 0; r < mp; ++r)
-    for (int64_t kk = 0; kk < k; kk += 32) {
-      bf16_t* dst = xpad + (r / h) * h * k + kk * h + (r % h) * 32;
-      if (r < m) std::memcpy(dst, xp + r * k + kk, 64);
-      else std::memset(dst, 0, 64);
-    }
+  auto pack_rows = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t kk = 0; kk < k; kk += 32) {
+        bf16_t* dst = xpad + (r / h) * h * k + kk * h + (r % h) * 32;
+        if (r < m) std::memcpy(dst, xp + r * k + kk, 64);
+        else std::memset(dst, 0, 64);
+      }
+  };
+  if (m <= 16) pack_rows(0, mp);
+  else parallel(mp / h, [&](int64_t b0, int64_t b1) { pack_rows(b0 * h, b1 * h); });  // prefill
   int64_t pairs_n = w.size(0) / 2;           // blocks of 32 outputs
   parallel(pairs_n, [&](int64_t p0, int64_t p1) {
     amx_config();
