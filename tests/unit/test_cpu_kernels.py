@@ -5,6 +5,8 @@ They need a CPU with AVX512-BF16 and VNNI (the kernels are not used elsewhere): 
 the reason, on other CPUs."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,8 +21,16 @@ from shardline.worker.quantize import (Int4Linear, Int8Linear, dequantize_int4,
                                        dequantize_int8, quantize_int8)
 from shardline.worker.runner import StageRunner
 
+# skipped where the CPU lacks the instructions; where it has them, a kernel that does not build
+# fails every test here (the worker would quietly fall back to PyTorch's ops)
+CPU_HAS_THEM = (torch.cpu._is_avx512_bf16_supported()
+                and os.environ.get("SHARDLINE_CPU_KERNELS", "1") != "0")
 K = cpu_kernels.load()
-pytestmark = pytest.mark.skipif(K is None, reason="CPU kernels need AVX512-BF16 and VNNI")
+pytestmark = pytest.mark.skipif(not CPU_HAS_THEM, reason="CPU kernels need AVX512-BF16 and VNNI")
+
+
+def test_the_kernels_build_and_load_on_this_cpu():
+    assert K is not None, "csrc/cpu_kernels.cpp did not build: see the warning logged above"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -201,6 +211,38 @@ def test_rope_store_and_paged_attention_match_paged_attention():
         assert slot == meta.slot_mapping[i].item()
         assert rel_err(k_cache[:, slot], kc_ref[:, slot]) < 1e-2
         assert torch.equal(v_cache[:, slot], t[i, heads + kv_heads:].bfloat16())
+
+
+@pytest.mark.parametrize("hd,group", [(64, 3), (128, 2), (64, 1)])
+def test_paged_attention_prefill_chunks_match_a_causal_reference(hd, group):
+    # prefill chunks of 1, 5, 16, 23 and 40 rows after 0..37 cached positions, decode rows
+    # between them: runs of up to 16 rows of one chunk take the AMX path where the CPU has it
+    torch.manual_seed(hd + group)
+    kv_heads, bs = 2, 16
+    heads = kv_heads * group
+    starts, counts = [0, 37, 16, 9, 3, 21], [1, 5, 16, 23, 1, 40]
+    tables = [[7, 2, 9, 4], [3, 0, 11, 5], [1, 8], [6, 10], [12], [13, 14, 15, 16]]
+    slots = 17 * bs
+    k_cache = torch.randn(kv_heads, slots, hd, dtype=torch.bfloat16)
+    v_cache = torch.randn(kv_heads, slots, hd, dtype=torch.bfloat16)
+    meta = AttentionMetadata.build(starts, counts, tables, bs, torch.device("cpu"))
+    table, lengths = meta.per_row()
+    rows = sum(counts)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * hd, dtype=torch.bfloat16)
+    out = K.paged_attention(qkv, k_cache, v_cache, table, lengths, bs, heads, hd ** -0.5)
+    assert out.shape == (rows, heads * hd)
+    q = qkv[:, :heads * hd].float().view(rows, heads, hd)
+    row = 0
+    for start, n, tab in zip(starts, counts, tables):
+        sl = torch.tensor([tab[p // bs] * bs + p % bs for p in range(start + n)])
+        k, v = k_cache[:, sl].float(), v_cache[:, sl].float()      # [kv, ctx, hd]
+        for r in range(n):
+            ctx = start + r + 1                                    # causal: itself included
+            qr = q[row].view(kv_heads, group, hd)
+            w = torch.softmax(qr @ k[:, :ctx].transpose(1, 2) * hd ** -0.5, -1)
+            ref = (w @ v[:, :ctx]).reshape(heads * hd)
+            assert rel_err(out[row], ref) < 1e-2, (start, n, r)
+            row += 1
 
 
 def test_paged_attention_rejects_a_block_outside_the_cache():
