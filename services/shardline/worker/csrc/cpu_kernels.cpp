@@ -1154,22 +1154,30 @@ AttendFn attend_fast_for(int64_t hd, int64_t group) {
   return nullptr;
 }
 
-// ---- prefill attention on AMX tiles ----------------------------------------------------------
-// Up to 16 consecutive rows of one sequence's prefill chunk (row r at position start + r) and
-// one KV head, a query head at a time:
+// ---- attention on AMX tiles ---------------------------------------------------------------
+// Up to 16 query "columns" against one sequence's cache and one KV head: column c is a query
+// (q[c], HD channels) attending positions [0, len[c]), its output written to o[c]: the rows of
+// a prefill chunk, one query head at a time.
 //   scores^T = K . Q^T per 16 positions: A = the K block as it is in the cache (16 positions x
-//     32 channels per tile, rows HD * 2 bytes apart), B = the rows' queries as channel pairs
-//     (built once per head), C = 16 positions x 16 rows;
-//   softmax per row over its own causal length (as attend_fast: float32, weights rounded to
-//     bf16, positions past a row's length weigh 0);
-//   out = P . V per 32 positions: A = P (16 rows x 32 positions), B = V as position pairs
+//     32 channels per tile, rows HD * 2 bytes apart), B = the columns' queries as channel
+//     pairs, C = 16 positions x 16 columns;
+//   softmax per column over its own length (as attend_fast: float32, weights rounded to bf16,
+//     positions past a column's length weigh 0);
+//   out = P . V per 32 positions: A = P (16 columns x 32 positions), B = V as position pairs
 //     (unpacklo / unpackhi of two rows of V: channels in attend_fast's lane order, put back on
-//     store), C = 16 rows x 16 channels, four tiles per 64 channels.
-// The per-row kernel computed each row's scores with dot products and transposed sums; a
-// 512-token prefill step of SmolLM2 spent ~20% of its time there.
-// Tiles: 0..3 C, 4 A, 5 B; the caller has configured them all as 16 x 64 bytes (amx_config).
+//     store), C = 16 columns x 16 channels, four tiles per 64 channels.
+// The AVX512 kernels computed scores with dot products and transposed sums per row and head:
+// a 512-token prefill step of SmolLM2 spent ~20% of its time there (now ~8%).
+// Tiles: 0..3 C, 4 and 6 A, 5 and 7 B; the caller has configured all of them as 16 x 64 bytes.
+struct Columns {
+  const bf16_t* q[16];
+  bf16_t* o[16];
+  int64_t len[16];
+  int64_t n = 0;
+};
+
 // C tile CT = K block (16 positions, rows HD * 2 bytes apart) . queries^T (qt: S tiles of
-// channel pairs x 16 rows); with S == 2 the queries are already in tiles 5 and 7. (A macro:
+// channel pairs x 16 columns); with S == 2 the queries are already in tiles 5 and 7. (A macro:
 // the tile intrinsics take their tile numbers as literals.)
 #define SCORES_TILE(CT, krow, qt)                                \
   do {                                                           \
@@ -1191,126 +1199,136 @@ AttendFn attend_fast_for(int64_t hd, int64_t group) {
     }                                                            \
   } while (0)
 
-// st[j][r] (16 positions x 16 rows, float32) -> sc[r * cp + j] * scale for r < rows
-KERNEL inline void scores_to_rows(const float* st, int64_t rows, float scale, float* sc,
+// st[j][c] (16 positions x 16 columns, float32) -> sc[c * cp + j] * scale for c < n
+KERNEL inline void scores_to_rows(const float* st, int64_t n, float scale, float* sc,
                                   int64_t cp) {
   const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176,
                                            192, 208, 224, 240);
-  for (int64_t r = 0; r < rows; ++r)
-    _mm512_storeu_ps(sc + r * cp, _mm512_mul_ps(_mm512_i32gather_ps(column, st + r, 4),
+  for (int64_t c = 0; c < n; ++c)
+    _mm512_storeu_ps(sc + c * cp, _mm512_mul_ps(_mm512_i32gather_ps(column, st + c, 4),
                                                 _mm512_set1_ps(scale)));
 }
 
+// the 16 cache rows of positions p0 .. p0 + 15 (one block: block % 16 == 0) into `hint`'s cache
+KERNEL inline void prefetch_rows(const bf16_t* rows, int64_t hd, int hint) {
+  const char* p = reinterpret_cast<const char*>(rows);
+  for (int64_t o = 0; o < 16 * hd * 2; o += 64) {
+    if (hint == 0) _mm_prefetch(p + o, _MM_HINT_T0);
+    else _mm_prefetch(p + o, _MM_HINT_T1);
+  }
+}
+
 template <int HD>
-AMX_KERNEL void attend_rows_amx(const bf16_t* q, int64_t q_stride, int64_t rows,
-                                const bf16_t* kc, const bf16_t* vc, const int64_t* table,
-                                int64_t len0, int64_t block, float scale, int64_t group,
-                                bf16_t* out, int64_t out_stride) {
-  static_assert(HD % 64 == 0, "attend_rows_amx: head_dim a multiple of 64");
+AMX_KERNEL void attend_columns_amx(const Columns& cols, const bf16_t* kc, const bf16_t* vc,
+                                   const int64_t* table, int64_t block, float scale) {
+  static_assert(HD % 64 == 0, "attend_columns_amx: head_dim a multiple of 64");
   constexpr int S = HD / 32;                       // 32-channel slices of a head
-  const int64_t ctx = len0 + rows - 1;             // positions the last row attends
-  const int64_t cp = (ctx + 31) / 32 * 32;         // scores per row: whole 32-position groups
-  thread_local std::vector<uint32_t> qt;           // [S][16 pairs][16 rows]
-  thread_local std::vector<float> sc;              // [16 rows][cp]
-  thread_local std::vector<bf16_t> pb;             // [16 rows][cp]
-  thread_local std::vector<bf16_t> vv;             // [S * 2 tiles][16 pairs][32]
+  const int64_t n = cols.n;
+  int64_t ctx = 0;                                 // positions the longest column attends
+  for (int64_t c = 0; c < n; ++c) ctx = std::max(ctx, cols.len[c]);
+  const int64_t cp = (ctx + 31) / 32 * 32;         // scores per column: whole 32-position groups
+  thread_local std::vector<uint32_t> qt;           // [S][16 pairs][16 columns]
+  thread_local std::vector<float> sc;              // [16 columns][cp]
+  thread_local std::vector<bf16_t> pb;             // [16 columns][cp]
+  thread_local std::vector<bf16_t> vv;             // [4 tiles][16 pairs][32]
   qt.resize(S * 16 * 16);
   if (static_cast<int64_t>(sc.size()) < 16 * cp) { sc.resize(16 * cp); pb.resize(16 * cp); }
-  vv.resize(S * 2 * 16 * 32);
+  vv.resize(4 * 16 * 32);
   alignas(64) float st[16 * 16];
   auto slot = [&](int64_t p) { return table[p / block] * block + p % block; };
   const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int64_t g = 0; g < group; ++g) {
-    // the rows' queries as channel pairs: qt[s][pr][r] = pair s * 16 + pr of row r
-    for (int64_t r = 0; r < 16; ++r) {
-      const uint32_t* qr = reinterpret_cast<const uint32_t*>(q + r * q_stride + g * HD);
-      for (int64_t pp = 0; pp < HD / 2; ++pp)
-        qt[(pp / 16) * 256 + (pp % 16) * 16 + r] = r < rows ? qr[pp] : 0u;
+  // the columns' queries as channel pairs: qt[s][pr][c] = pair s * 16 + pr of column c
+  for (int64_t c = 0; c < 16; ++c) {
+    const uint32_t* qc = c < n ? reinterpret_cast<const uint32_t*>(cols.q[c]) : nullptr;
+    for (int64_t pp = 0; pp < HD / 2; ++pp)
+      qt[(pp / 16) * 256 + (pp % 16) * 16 + c] = qc ? qc[pp] : 0u;
+  }
+  // scores, 16 positions at a time into C tile 0 or 1 (alternately: the next block's products
+  // run while this one's are stored), transposed into sc[c][p]. K two blocks ahead into L1,
+  // V of these blocks into L2 (a decode step reads the cache from memory)
+  if constexpr (S == 2) {                          // the queries stay in tiles 5 and 7
+    _tile_loadd(5, qt.data(), 64);
+    _tile_loadd(7, qt.data() + 256, 64);
+  }
+  for (int64_t p0 = 0; p0 < ctx; p0 += 32) {
+    bool second_block = p0 + 16 < ctx;
+    for (int64_t b = p0 + 32; b < std::min(ctx, p0 + 64); b += 16) prefetch_rows(kc + slot(b) * HD, HD, 0);
+    for (int64_t b = p0; b < std::min(ctx, p0 + 32); b += 16) prefetch_rows(vc + slot(b) * HD, HD, 1);
+    SCORES_TILE(0, kc + slot(p0) * HD, qt.data());
+    if (second_block) SCORES_TILE(1, kc + slot(p0 + 16) * HD, qt.data());
+    _tile_stored(0, st, 64);                       // st[position j][column c]
+    scores_to_rows(st, n, scale, sc.data() + p0, cp);
+    if (second_block) {
+      _tile_stored(1, st, 64);
+      scores_to_rows(st, n, scale, sc.data() + p0 + 16, cp);
     }
-    // scores, 16 positions at a time into C tile 0 or 1 (alternately: the next block's
-    // products run while this one's are stored), transposed into sc[r][p]
-    if constexpr (S == 2) {                        // the queries stay in tiles 5 and 7
-      _tile_loadd(5, qt.data(), 64);
-      _tile_loadd(7, qt.data() + 256, 64);
+  }
+  // softmax per column over its own length; weights in bf16, 0 past the length and for
+  // columns past n
+  for (int64_t c = 0; c < 16; ++c) {
+    bf16_t* pc = pb.data() + c * cp;
+    int64_t len = c < n ? cols.len[c] : 0;
+    if (len) softmax_rows(sc.data() + c * cp, 1, len, cp);
+    for (int64_t i = 0; i < cp; i += 16) {
+      int64_t m = std::min<int64_t>(16, std::max<int64_t>(0, len - i));
+      __mmask16 mask = m >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << m) - 1);
+      __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, sc.data() + c * cp + i));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pc + i), reinterpret_cast<__m256i&>(h));
     }
+  }
+  // out = P . V, 64 channels (four C tiles) per pass
+  for (int64_t c0 = 0; c0 < HD; c0 += 64) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t p0 = 0; p0 < ctx; p0 += 32) {
-      bool second_block = p0 + 16 < ctx;
-      SCORES_TILE(0, kc + slot(p0) * HD, qt.data());
-      if (second_block) SCORES_TILE(1, kc + slot(p0 + 16) * HD, qt.data());
-      _tile_stored(0, st, 64);                     // st[position j][row r]
-      scores_to_rows(st, rows, scale, sc.data() + p0, cp);
-      if (second_block) {
-        _tile_stored(1, st, 64);
-        scores_to_rows(st, rows, scale, sc.data() + p0 + 16, cp);
-      }
-    }
-    // softmax per row over its own length; weights in bf16, 0 past the length and for rows
-    // past `rows`
-    for (int64_t r = 0; r < 16; ++r) {
-      bf16_t* pr = pb.data() + r * cp;
-      int64_t len = r < rows ? len0 + r : 0;
-      if (len) softmax_rows(sc.data() + r * cp, 1, len, cp);
-      for (int64_t c = 0; c < cp; c += 16) {
-        int64_t n = std::min<int64_t>(16, std::max<int64_t>(0, len - c));
-        __mmask16 m = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-        __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, sc.data() + r * cp + c));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + c), reinterpret_cast<__m256i&>(h));
-      }
-    }
-    // out = P . V, 64 channels (four C tiles) per pass
-    for (int64_t c0 = 0; c0 < HD; c0 += 64) {
-      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-      for (int64_t p0 = 0; p0 < ctx; p0 += 32) {
-        for (int64_t half = 0; half < 2; ++half) { // V of positions p0 + 16 half + 2 pr, + 1
-          int64_t h0 = p0 + 16 * half;
-          const bf16_t* vb0 = h0 < ctx ? vc + slot(h0) * HD + c0 : nullptr;   // 16 rows
-          for (int64_t pr = 0; pr < 8; ++pr) {
-            int64_t a = h0 + 2 * pr, b = a + 1;
-            for (int h2 = 0; h2 < 2; ++h2) {       // channels c0 + 32 h2 .. + 31
-              __m512i va = a < ctx ? _mm512_loadu_si512(vb0 + (2 * pr) * HD + h2 * 32) : _mm512_setzero_si512();
-              __m512i vb = b < ctx ? _mm512_loadu_si512(vb0 + (2 * pr + 1) * HD + h2 * 32) : _mm512_setzero_si512();
-              bf16_t* dst = vv.data() + (2 * h2 * 16 + 8 * half + pr) * 32;
-              _mm512_storeu_si512(dst, _mm512_unpacklo_epi16(va, vb));
-              _mm512_storeu_si512(dst + 16 * 32, _mm512_unpackhi_epi16(va, vb));
-            }
+      for (int64_t half = 0; half < 2; ++half) {   // V of positions p0 + 16 half + 2 pr, + 1
+        int64_t h0 = p0 + 16 * half;
+        const bf16_t* vb0 = h0 < ctx ? vc + slot(h0) * HD + c0 : nullptr;   // 16 rows
+        for (int64_t pr = 0; pr < 8; ++pr) {
+          int64_t a = h0 + 2 * pr, b = a + 1;
+          for (int h2 = 0; h2 < 2; ++h2) {         // channels c0 + 32 h2 .. + 31
+            __m512i va = a < ctx ? _mm512_loadu_si512(vb0 + (2 * pr) * HD + h2 * 32) : _mm512_setzero_si512();
+            __m512i vb = b < ctx ? _mm512_loadu_si512(vb0 + (2 * pr + 1) * HD + h2 * 32) : _mm512_setzero_si512();
+            bf16_t* dst = vv.data() + (2 * h2 * 16 + 8 * half + pr) * 32;
+            _mm512_storeu_si512(dst, _mm512_unpacklo_epi16(va, vb));
+            _mm512_storeu_si512(dst + 16 * 32, _mm512_unpackhi_epi16(va, vb));
           }
         }
-        _tile_loadd(4, pb.data() + p0, cp * 2);   // B tiles 5, 6, 7, 5: no wait on a tile in use
-        _tile_loadd(5, vv.data(), 64);
-        _tile_loadd(6, vv.data() + 16 * 32, 64);
-        _tile_loadd(7, vv.data() + 2 * 16 * 32, 64);
-        _tile_dpbf16ps(0, 4, 5);
-        _tile_dpbf16ps(1, 4, 6);
-        _tile_dpbf16ps(2, 4, 7);
-        _tile_loadd(5, vv.data() + 3 * 16 * 32, 64);
-        _tile_dpbf16ps(3, 4, 5);
       }
-      alignas(64) float ot[4][16 * 16];
-      _tile_stored(0, ot[0], 64);
-      _tile_stored(1, ot[1], 64);
-      _tile_stored(2, ot[2], 64);
-      _tile_stored(3, ot[3], 64);
-      for (int64_t r = 0; r < rows; ++r)
-        for (int h2 = 0; h2 < 2; ++h2) {
-          __m512 lo = _mm512_load_ps(ot[2 * h2] + r * 16), hi = _mm512_load_ps(ot[2 * h2 + 1] + r * 16);
-          bf16_t* o = out + r * out_stride + g * HD + c0 + h2 * 32;
-          store_bf16x16(o, _mm512_permutex2var_ps(lo, first, hi));
-          store_bf16x16(o + 16, _mm512_permutex2var_ps(lo, second, hi));
-        }
+      _tile_loadd(4, pb.data() + p0, cp * 2);     // B tiles 5, 6, 7, 5: no wait on a tile in use
+      _tile_loadd(5, vv.data(), 64);
+      _tile_loadd(6, vv.data() + 16 * 32, 64);
+      _tile_loadd(7, vv.data() + 2 * 16 * 32, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, vv.data() + 3 * 16 * 32, 64);
+      _tile_dpbf16ps(3, 4, 5);
     }
+    alignas(64) float ot[4][16 * 16];
+    _tile_stored(0, ot[0], 64);
+    _tile_stored(1, ot[1], 64);
+    _tile_stored(2, ot[2], 64);
+    _tile_stored(3, ot[3], 64);
+    for (int64_t c = 0; c < n; ++c)
+      for (int h2 = 0; h2 < 2; ++h2) {
+        __m512 lo = _mm512_load_ps(ot[2 * h2] + c * 16), hi = _mm512_load_ps(ot[2 * h2 + 1] + c * 16);
+        bf16_t* o = cols.o[c] + c0 + h2 * 32;
+        store_bf16x16(o, _mm512_permutex2var_ps(lo, first, hi));
+        store_bf16x16(o + 16, _mm512_permutex2var_ps(lo, second, hi));
+      }
   }
 }
 
-using AttendRowsFn = void (*)(const bf16_t*, int64_t, int64_t, const bf16_t*, const bf16_t*,
-                             const int64_t*, int64_t, int64_t, float, int64_t, bf16_t*, int64_t);
+using AttendColumnsFn = void (*)(const Columns&, const bf16_t*, const bf16_t*, const int64_t*,
+                                 int64_t, float);
 
-// attend_rows_amx for head_dim 64 or 128 where AMX is there and 16 positions share a block,
-// else null (the rows go one by one)
-AttendRowsFn attend_rows_for(int64_t hd, int64_t block) {
+// attend_columns_amx for head_dim 64 or 128 where AMX is there and 16 positions share a block,
+// else null (attend_fast / attend)
+AttendColumnsFn attend_columns_for(int64_t hd, int64_t block) {
   if (block % 16 != 0 || !amx_supported()) return nullptr;
-  if (hd == 64) return &attend_rows_amx<64>;
-  if (hd == 128) return &attend_rows_amx<128>;
+  if (hd == 64) return &attend_columns_amx<64>;
+  if (hd == 128) return &attend_columns_amx<128>;
   return nullptr;
 }
 
@@ -1346,18 +1364,21 @@ at::Tensor paged_attention(const at::Tensor& qkv, const at::Tensor& k_cache,
   bf16_t* op = bf16_mut(out);
   float sc = static_cast<float>(scale);
   // runs of rows: up to 16 consecutive rows of one prefill chunk (the same block table,
-  // lengths one apart) for attend_rows_amx, else single rows (decode) for attend_fast
+  // lengths one apart), else single rows (decode). With AMX a run's rows are the columns of
+  // attend_columns_amx, a query head at a time; other rows go one by one through attend_fast
+  // (or attend). (A decode row's 3 query heads as AMX columns: 16 sequences x 160 positions
+  // 5.9 ms against attend_fast's 4.2, the 13 empty columns' work wasted.)
   AttendFn fast = attend_fast_for(hd, group);
-  AttendRowsFn rows_fn = attend_rows_for(hd, block);
+  AttendColumnsFn amx = attend_columns_for(hd, block);
   // (first row, rows); the caller's thread keeps the storage: a reference, so that the
   // lambdas below read this thread's list from the pool's threads too
   thread_local std::vector<std::pair<int64_t, int64_t>> runs_store;
   std::vector<std::pair<int64_t, int64_t>>& runs = runs_store;
   runs.clear();
-  bool amx_runs = false;
+  bool amx_runs = false;                        // any run for attend_columns_amx
   for (int64_t i = 0; i < d;) {
     int64_t r = 1;
-    if (rows_fn)
+    if (amx)
       while (r < 16 && i + r < d && lens[i + r] == lens[i] + r &&
              std::memcmp(tables + (i + r) * max_blocks, tables + i * max_blocks,
                          max_blocks * sizeof(int64_t)) == 0)
@@ -1376,10 +1397,25 @@ at::Tensor paged_attention(const at::Tensor& qkv, const at::Tensor& k_cache,
     const bf16_t* kh = kc + h * n_slots * hd;
     const bf16_t* vh = vc + h * n_slots * hd;
     bf16_t* oh = op + i * heads * hd + h * group * hd;
-    if (rows > 1) rows_fn(qh, width, rows, kh, vh, tables + i * max_blocks, lens[i], block, sc,
-                          group, oh, heads * hd);
-    else if (fast) fast(qh, kh, vh, tables + i * max_blocks, lens[i], block, sc, oh, hd);
-    else attend(qh, group, hd, kh, vh, tables + i * max_blocks, lens[i], block, sc, oh, hd);
+    const int64_t* table = tables + i * max_blocks;
+    if (amx && rows > 1) {
+      Columns cols;
+      cols.n = rows;                            // the run's rows, a query head at a time
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t r = 0; r < rows; ++r) {
+          cols.q[r] = qh + r * width + g * hd;
+          cols.o[r] = oh + r * heads * hd + g * hd;
+          cols.len[r] = lens[i] + r;
+        }
+        amx(cols, kh, vh, table, block, sc);
+      }
+      return;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      if (fast) fast(qh + r * width, kh, vh, table, lens[i + r], block, sc, oh + r * heads * hd, hd);
+      else attend(qh + r * width, group, hd, kh, vh, table, lens[i + r], block, sc,
+                  oh + r * heads * hd, hd);
+    }
   };
   // the first KPF blocks of K of an item, prefetched while the item before it runs
   // (attend_fast prefetches KPF blocks ahead from there on)
