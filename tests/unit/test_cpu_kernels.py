@@ -323,6 +323,36 @@ def test_decode_path_matches_stage_model(default_model_dir, quantize):
     assert [t[:8] for t in tok_e] == [t[:8] for t in tok_f]
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_releasing_module_weights_frees_them_and_changes_no_output(default_model_dir, quantize):
+    import gc
+    import weakref
+    prompts = [[1, 504, 3458, 282, 4649, 314, 253], list(range(100, 130))]
+    runner = StageRunner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20,
+                         quantize=quantize)
+    assert runner.fast is not None
+    before, _ = _decode(runner, prompts, 8)
+    layer = runner.model.layers[0]
+    projections = [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                   layer.mlp.down_proj]
+    watched = [weakref.ref(t) for m in projections for t in
+               list(m.parameters()) + list(m.buffers())]
+    del layer, projections
+    # the layers' projections: bf16 576 x (960 + 576 + 3072) + 1536 x 576 per layer; int8 the
+    # same count of bytes plus float32 scales; SmolLM2's head is tied to the embedding (kept)
+    per_layer = 576 * (960 + 576 + 3072) + 1536 * 576
+    expected = {"none": 2 * per_layer, "int8": per_layer + 4 * (960 + 576 + 3072 + 576)}
+    assert runner.release_module_weights() == 30 * expected[quantize]
+    gc.collect()
+    assert watched and all(ref() is None for ref in watched)     # the tensors are gone
+    assert runner.model.lm_head.weight is runner.model.embed_tokens.weight
+    after, _ = _decode(runner, prompts, 8)
+    assert after == before
+    with pytest.raises(RuntimeError, match="released"):
+        runner.model.layers[3].mlp.down_proj(torch.zeros(1, 1536, dtype=torch.bfloat16))
+    assert runner.release_module_weights() == 0                  # again: nothing left to free
+
+
 def test_mixed_prefill_and_decode_steps_match_stage_model(default_model_dir):
     # staggered admissions and 6-token chunks: steps mix prefill chunks with decode rows, some
     # of more than 4 rows (the bf16 GEMV's limit: the rest take the AMX or register tiles)

@@ -102,14 +102,17 @@ def _linear(kernels, m: nn.Module):
     """m as a kernels.StepLinear (x [T, in] bf16 -> [T, out]; called with out_f32=True for
     float32): the kernel for m's weight format, quantized layers of more than 4 rows
     dequantized for ATen's GEMM; None when no kernel fits m."""
+    # the kernels' own copies of everything they read (never a view of the module's tensors,
+    # which release_module_weights frees)
     bias = getattr(m, "bias", None)
-    bias = None if bias is None else bias.detach().float().contiguous()
+    bias = None if bias is None else bias.detach().to(torch.float32, copy=True).contiguous()
     if type(m) in (Linear, nn.Linear) and m.weight.dtype == torch.bfloat16 \
             and m.in_features % 32 == 0:
         return kernels.StepLinear(0, vnni_layout(m.weight.detach()), None, None, bias,
                                   m.out_features)
     if isinstance(m, Int8Linear) and m.in_features % 64 == 0:
-        return kernels.StepLinear(1, int8_kernel_layout(m), m.scale.float().contiguous(), None,
+        return kernels.StepLinear(1, int8_kernel_layout(m),
+                                  m.scale.detach().to(torch.float32, copy=True).contiguous(), None,
                                   bias, m.out_features)
     if isinstance(m, Int4Linear) and m.group_size == 32 and m.in_features % 64 == 0:
         return kernels.StepLinear(2, *int4_kernel_layout(m), bias, m.out_features)
@@ -140,6 +143,20 @@ def _layer(kernels, layer) -> Optional[object]:
                              layer.post_attention_layernorm.weight.detach().float().contiguous(),
                              layer.input_layernorm.eps, *lins, attn.num_heads, attn.num_kv_heads,
                              attn.scale)
+
+
+class ReleasedProjection(nn.Module):
+    """Stands in for a projection whose weights were freed (CpuStepPath.release_module_weights):
+    the kernels hold their own copy, and the stage's PyTorch forward no longer runs."""
+
+    def __init__(self, name: str, in_features: int, out_features: int):
+        super().__init__()
+        self.name, self.in_features, self.out_features = name, in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"{self.name}: its weights were released to the CPU kernels' copy "
+                           "(StageRunner.release_module_weights); this stage steps through "
+                           "the kernels only")
 
 
 class CpuStepPath:
@@ -179,6 +196,22 @@ class CpuStepPath:
         log.info("steps run on the CPU kernels (AVX512-BF16 / VNNI%s)",
                  ", AMX" if kernels.amx_supported() else "")
         return path
+
+    def release_module_weights(self) -> None:
+        """Replace the model's projections, whose weights the kernels hold in their own layout,
+        with ReleasedProjection: the model kept a second copy of every layer weight (and of an
+        untied head). The embedding, norms and rotary tables stay (the step uses them)."""
+        for i, layer in enumerate(self.model.layers):
+            for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                                 (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+                m = getattr(parent, name)
+                setattr(parent, name, ReleasedProjection(f"layers.{i}.{name}", m.in_features,
+                                                         m.out_features))
+        head, embed = self.model.lm_head, self.model.embed_tokens
+        tied = (head is not None and embed is not None and hasattr(head, "weight")
+                and head.weight.data_ptr() == embed.weight.data_ptr())
+        if self.head is not None and not tied:
+            self.model.lm_head = ReleasedProjection("lm_head", head.in_features, head.out_features)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata,
                 kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

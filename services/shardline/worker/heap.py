@@ -42,3 +42,14 @@ def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 1 <<
     if not ok:
         log.warning("mallopt refused the heap settings; steps may page-fault on fresh memory")
     return ok
+
+
+def return_free_memory() -> bool:
+    """Give the heap's free pages back to the system (malloc_trim): once, after a large free
+    such as StageRunner.release_module_weights, not per step. False where it is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False

@@ -25,11 +25,11 @@ from shardline.common.tensors import DTYPE_NAMES, DTYPES
 from shardline.v1 import worker_pb2
 from shardline.worker.attention import AttentionMetadata
 from shardline.worker.cpu_path import CpuStepPath
-from shardline.worker.heap import keep_freed_memory
+from shardline.worker.heap import keep_freed_memory, return_free_memory
 from shardline.worker.fuse import compile_stage, fuse_stage
 from shardline.worker.optimize import load_optimized_stage, read_recipe
 from shardline.worker.prune import accelerate_semi_structured, prune_stage
-from shardline.worker.quantize import quantize_stage
+from shardline.worker.quantize import quantize_stage, weight_bytes
 from shardline.worker.kv_cache import KVCache
 from shardline.worker.model_config import ModelConfig
 from shardline.worker.plan import SampledToken, SamplingConfig, SeqStep
@@ -199,6 +199,20 @@ class StageRunner:
         self.seqs.clear()
         if self.sampler is not None:
             self.sampler.seqs.clear()
+
+    def release_module_weights(self) -> int:
+        """Free the model modules' copies of the weights the CPU kernels hold in their own
+        layout (a served stage steps through the kernels only; it held both, ~2x its layer
+        weights) and return their pages to the system. Returns the bytes the model no longer
+        holds; 0 where the stage does not run on the kernels. Afterwards steps, logits and
+        sampling run as before, and the stage's PyTorch forward (self.model) raises."""
+        if self.fast is None:
+            return 0
+        before = weight_bytes(self.model)
+        self.fast.release_module_weights()
+        freed = before - weight_bytes(self.model)
+        return_free_memory()
+        return freed
 
     def _cpu_argmax(self):
         """The CPU kernels' argmax for float32 logits when this stage runs on them, else None."""

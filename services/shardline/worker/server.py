@@ -52,6 +52,10 @@ async def serve(cfg: WorkerConfig) -> None:
     loop = asyncio.get_running_loop()
     servicer.runner = await loop.run_in_executor(servicer.executor, build_runner, cfg)
     r = servicer.runner
+    freed = r.release_module_weights()     # the CPU kernels hold their own copy
+    if freed:
+        log.info("released %.0f MiB of module weights (the CPU kernels hold their own layout)",
+                 freed / 2**20)
     log.info("ready: %d KV blocks of %d tokens", r.num_blocks, r.block_size)
     await service.set_serving(True)
     await service.serve_until_stopped()
