@@ -33,6 +33,14 @@ VARIANTS = {
 }
 
 
+def worker_rss_mib(stack) -> float:
+    """The worker's resident memory (weights as held, 512 MiB of KV cache, the runtime)."""
+    worker = next(c for c in stack.children if c.name.startswith("worker"))
+    with open(f"/proc/{worker.proc.pid}/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return round(kib / 1024)
+
+
 def measure(model_dir: str, args: list[str], a) -> dict:
     stack = build_stack(model_dir, DEFAULT_MODEL, 1, free_port(), "cpu", "bfloat16", "512MiB",
                         a.threads, quiet=True, worker_extra=args)
@@ -48,6 +56,7 @@ def measure(model_dir: str, args: list[str], a) -> dict:
             c = asyncio.run(run_load(addr, random_prompts(2 * a.concurrency, 128, 49152, 2), 64,
                                      a.concurrency, progress=False))
             out["cN_tok_s"] = round(c["output_tok_s"], 1)
+        out["worker_rss_mib"] = worker_rss_mib(stack)
         return out
     finally:
         stack.stop()
@@ -71,13 +80,14 @@ def main() -> int:
             print(f"round {r + 1}/{a.rounds} {n}: {res}", file=sys.stderr, flush=True)
     med = {n: {k: statistics.median(x[k] for x in runs[n]) for k in runs[n][0]} for n in names}
     base = med.get("none")
-    print(f"\n| variant | batch-1 decode tok/s | vs bf16 | TTFT ms | {a.concurrency} concurrent tok/s |")
-    print("|---|---|---|---|---|")
+    print(f"\n| variant | batch-1 decode tok/s | vs bf16 | TTFT ms | {a.concurrency} concurrent "
+          "tok/s | worker RSS MiB |")
+    print("|---|---|---|---|---|---|")
     for n in names:
         m = med[n]
         ratio = f"{m['b1_tok_s'] / base['b1_tok_s']:.2f}x" if base else ""
         print(f"| {n} | {m['b1_tok_s']:.1f} | {ratio} | {m['ttft_ms']:.0f} | "
-              f"{m.get('cN_tok_s', '')} |")
+              f"{m.get('cN_tok_s', '')} | {m['worker_rss_mib']:.0f} |")
     print(f"\n(medians of {a.rounds} interleaved rounds; per round: "
           + "; ".join(f"{n} {[x['b1_tok_s'] for x in runs[n]]}" for n in names) + ")")
     if a.json:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from shardline.worker import cpu_kernels
 from shardline.worker.attention import AttentionMetadata, paged_attention
+from shardline.worker import cpu_path
 from shardline.worker.cpu_path import (glu_layout, int4_kernel_layout, int8_kernel_layout,
                                        vnni_layout)
 from shardline.worker.layers import apply_rope
@@ -114,6 +115,31 @@ def test_dequantize_kernels_match_the_reference():
     # bf16 output, offsets (zero - 8 * scale) in float16: within their rounding
     got = K.dequantize_int4(*int4_kernel_layout(m), 48).float()
     assert (got - ref).abs().max() < 8e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize("n", [48, 50, 64])
+def test_quantized_weights_dequantize_into_the_vnni_layout(n):
+    # prefill steps of int8 / int4 stages: linear_vnni on weights dequantized into its layout,
+    # equal to vnni_layout of the plain dequantization (48: an odd count of 16-output blocks,
+    # padded with a zero block; 50: a last block of 2 outputs)
+    torch.manual_seed(n)
+    q, s = quantize_int8(torch.randn(n, 576) * 0.05)
+    m8 = Int8Linear(q, s, None)
+    u = int8_kernel_layout(m8)
+    assert torch.equal(K.dequantize_int8_vnni(u, s.float()),
+                       vnni_layout(K.dequantize_int8(u, s.float())))
+    cases = [(m8, K.dequantize_int8(u, s.float()))]
+    if n % 16 == 0:                                   # Int4Linear packs whole 16-row blocks
+        m4 = Int4Linear.from_linear(torch.nn.Linear(576, n, bias=False), 32)
+        tiles = int4_kernel_layout(m4)
+        assert torch.equal(K.dequantize_int4_vnni(*tiles, n),
+                           vnni_layout(K.dequantize_int4(*tiles, n)))
+        cases.append((m4, K.dequantize_int4(*tiles, n)))
+    # and the quantized StepLinear at prefill sizes against the dequantized matmul
+    x = torch.randn(40, 576, dtype=torch.bfloat16)
+    for m, w in cases:
+        lin = cpu_path._linear(K, m)
+        assert rel_err(lin(x), x.float() @ w.float().T) < 1e-2
 
 
 def test_rms_norm_with_and_without_residual():
@@ -308,10 +334,16 @@ def test_decode_path_matches_stage_model(default_model_dir, quantize):
     # tokens included: int8's perplexity +0.7% over bf16 through them, +0.3% weight-only)
     # int4's float32 reference is quantized from float32 weights, the bf16 runners' from bf16
     # ones: their int4 grids differ a little (eager bf16 vs float32: 0.998)
-    bound = {"none": 0.999, "int8": 0.998, "int4": 0.995}[quantize]
+    # int8's int8 activations round values near a grid boundary either way, so the order of a
+    # sum moves them: prefill's matmul on AMX tiles instead of ATen's GEMM (the same weights,
+    # outputs within 2e-4) took this set's first prompt from 0.9989 to 0.9975 against float32,
+    # while 12 random prompts gave the same spread before and after (0.98 to 0.99999; int4
+    # against the eager path: 0.975-0.99998 before, 0.978-0.99999 after)
+    bound = {"none": 0.999, "int8": 0.997, "int4": 0.995}[quantize]
     for logits in (log_e[0], log_f[0]):
         assert F.cosine_similarity(logits, log_x[0], dim=-1).min() > bound
-    assert F.cosine_similarity(log_f[0], log_e[0], dim=-1).min() > 0.998
+    assert F.cosine_similarity(log_f[0], log_e[0], dim=-1).min() > {
+        "none": 0.998, "int8": 0.996, "int4": 0.994}[quantize]
     if quantize == "int4":
         # int8 activations against int4 weights flip near-ties (this set's second prompt): the
         # eager top token is among the kernel path's top 3

@@ -785,6 +785,92 @@ at::Tensor dequantize_int8(const at::Tensor& u, const at::Tensor& scale) {
   return out;
 }
 
+// ---- quantized weights -> bf16 in linear_vnni's layout, for steps of many rows -------------
+// A prefill step of an int8 / int4 stage dequantizes each weight once into the VNNI-blocked
+// layout ([n' / 16, k / 2, 16, 2], n' a multiple of 32) and runs linear_vnni's AMX (or register)
+// tiles on it: ATen's GEMM on a plain dequantized copy took int8 / int4 prefill to twice the
+// bf16 stage's time. The copy lives for one call: stages hold only the quantized weights.
+
+// out pair rows `pair` (lane o: (a[o], b[o]) as bf16) from two float32 vectors
+KERNEL inline void store_pair_row(bf16_t* row, __m512 a, __m512 b) {
+  __m256bh ha = _mm512_cvtneps_pbh(a), hb = _mm512_cvtneps_pbh(b);
+  __m512i lo = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i&>(ha));
+  __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i&>(hb)), 16);
+  _mm512_storeu_si512(row, _mm512_or_si512(lo, hi));
+}
+
+KERNEL void int8_to_vnni_blocks(const uint8_t* u, const float* scale, int64_t n, int64_t k,
+                                int64_t b0, int64_t b1, bf16_t* out) {
+  const __m512i byte = _mm512_set1_epi32(0xFF), off = _mm512_set1_epi32(128);
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    int64_t rows = std::min<int64_t>(16, n - blk * 16);
+    __mmask16 mask = rows >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rows) - 1);
+    __m512 s = _mm512_maskz_loadu_ps(mask, scale + blk * 16);      // 0 past n
+    for (int64_t c = 0; c < k / 4; ++c) {            // a quad of channels: pair rows 2c, 2c + 1
+      __m512i x = _mm512_loadu_si512(u + (blk * (k / 4) + c) * 64);
+      __m512 f[4];
+      for (int j = 0; j < 4; ++j)
+        f[j] = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(
+                                    _mm512_and_si512(_mm512_srli_epi32(x, 8 * j), byte), off)));
+      bf16_t* row = out + (blk * (k / 2) + 2 * c) * 32;
+      store_pair_row(row, f[0], f[1]);
+      store_pair_row(row + 32, f[2], f[3]);
+    }
+  }
+}
+
+KERNEL void int4_to_vnni_blocks(const uint8_t* w, const uint16_t* sp, const uint16_t* op,
+                                int64_t k, int64_t b0, int64_t b1, bf16_t* out) {
+  const __m512i nib = _mm512_set1_epi32(0xF);
+  for (int64_t blk = b0; blk < b1; ++blk)
+    for (int64_t c = 0; c < k / 8; ++c) {            // an octet: pair rows 4c .. 4c + 3
+      __m512i x = _mm512_loadu_si512(w + (blk * (k / 8) + c) * 64);
+      int64_t g = blk * (k / 32) + c / 4;
+      __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + g * 16)));
+      __m512 of = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(op + g * 16)));
+      __m512 f[8];                                   // channel t: byte t % 4, low / high nibble
+      for (int t = 0; t < 8; ++t)
+        f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(
+                                   _mm512_srli_epi32(x, 8 * (t % 4) + 4 * (t / 4)), nib)),
+                               sc, of);
+      bf16_t* row = out + (blk * (k / 2) + 4 * c) * 32;
+      for (int pr = 0; pr < 4; ++pr) store_pair_row(row + pr * 32, f[2 * pr], f[2 * pr + 1]);
+    }
+}
+
+// the VNNI layout's blocks of 16 outputs: the quantized ones' count, rounded up to an even one
+// (a zero block last, as vnni_layout pads n to 32)
+at::Tensor vnni_buffer(int64_t blocks, int64_t k) {
+  int64_t even = (blocks + 1) / 2 * 2;
+  at::Tensor out = at::empty({even, k / 2, 16, 2}, at::dtype(at::kBFloat16));
+  if (even != blocks) std::memset(bf16_mut(out) + blocks * 16 * k, 0, 16 * k * sizeof(bf16_t));
+  return out;
+}
+
+at::Tensor dequantize_int8_vnni(const at::Tensor& u, const at::Tensor& scale) {
+  int64_t k = u.dim() == 4 ? u.size(1) * 4 : 0, n = scale.numel();
+  check_int8_weights(u, scale, k, "dequantize_int8_vnni: u in int8_kernel_layout, scale float32 [n]");
+  at::Tensor out = vnni_buffer(u.size(0), k);
+  const uint8_t* up = u.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  bf16_t* op = bf16_mut(out);
+  parallel(u.size(0), [&](int64_t b0, int64_t b1) { int8_to_vnni_blocks(up, sp, n, k, b0, b1, op); });
+  return out;
+}
+
+at::Tensor dequantize_int4_vnni(const at::Tensor& w, const at::Tensor& scale,
+                                const at::Tensor& offset, int64_t n) {
+  int64_t k = w.dim() == 4 ? w.size(1) * 8 : 0;
+  check_int4_tiles(w, scale, offset, k, n, "dequantize_int4_vnni: int4_kernel_layout's tensors");
+  at::Tensor out = vnni_buffer(w.size(0), k);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const uint16_t* op = reinterpret_cast<const uint16_t*>(offset.data_ptr<at::Half>());
+  bf16_t* outp = bf16_mut(out);
+  parallel(w.size(0), [&](int64_t b0, int64_t b1) { int4_to_vnni_blocks(wp, sp, op, k, b0, b1, outp); });
+  return out;
+}
+
 
 // ---- RMSNorm, SiLU * up ------------------------------------------------------------
 KERNEL void rms_norm_row(const bf16_t* x, bf16_t* residual, const float* w, float eps,
@@ -1456,7 +1542,7 @@ bool supported() {
 // calls (about 1 ms of Python and binding overhead per step of SmolLM2's 30 layers).
 
 // One projection in the format its weights are held in; `rows` beyond QUANT_ROWS of a quantized
-// layer dequantize to bf16 for ATen's GEMM (prefill).
+// layer dequantize its weights into linear_vnni's layout for that call (prefill).
 struct StepLinear {
   int64_t kind;                          // 0 bf16 (VNNI layout), 1 int8 (q + 128), 2 int4
   at::Tensor a, b, c;                    // bf16: w; int8: u, scale; int4: packed, scale, offset
@@ -1468,14 +1554,11 @@ struct StepLinear {
   at::Tensor operator()(const at::Tensor& x, bool out_f32 = false) const {
     at::Tensor y;
     if (kind == 0) return linear_vnni(x, a, n, bias, out_f32, glu);
-    if (x.size(0) <= QUANT_ROWS) {
-      y = kind == 1 ? linear_int8(x, a, b, bias) : linear_int4(x, a, b, c, n, bias);
-    } else {
-      at::Tensor w = kind == 1 ? dequantize_int8(a, b) : dequantize_int4(a, b, c, n);
-      c10::optional<at::Tensor> b16;
-      if (bias.has_value()) b16 = bias->to(at::kBFloat16);
-      y = at::linear(x, w, b16);
+    if (x.size(0) > QUANT_ROWS) {        // prefill: the weights dequantized for this call
+      at::Tensor w = kind == 1 ? dequantize_int8_vnni(a, b) : dequantize_int4_vnni(a, b, c, n);
+      return linear_vnni(x, w, n, bias, out_f32, false);
     }
+    y = kind == 1 ? linear_int8(x, a, b, bias) : linear_int4(x, a, b, c, n, bias);
     return out_f32 ? y.to(at::kFloat) : y;
   }
 };
@@ -1543,6 +1626,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias") = py::none());
   m.def("dequantize_int4", &dequantize_int4, "linear_int4's layout -> bf16");
   m.def("dequantize_int8", &dequantize_int8, "linear_int8's u = q + 128 -> bf16");
+  m.def("dequantize_int8_vnni", &dequantize_int8_vnni, "linear_int8's weights -> bf16 in linear_vnni's layout");
+  m.def("dequantize_int4_vnni", &dequantize_int4_vnni, "linear_int4's weights -> bf16 in linear_vnni's layout");
   m.def("rms_norm", &rms_norm, "(residual += x;) RMSNorm", py::arg("x"), py::arg("residual"),
         py::arg("weight"), py::arg("eps"));
   m.def("argmax_rows", &argmax_rows, "torch.argmax(x, dim=1) of a float32 [N, V] tensor");
