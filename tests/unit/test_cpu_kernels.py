@@ -385,6 +385,24 @@ def test_releasing_module_weights_frees_them_and_changes_no_output(default_model
     assert runner.release_module_weights() == 0                  # again: nothing left to free
 
 
+def test_released_two_stage_pipeline_generates_the_same_tokens(default_model_dir):
+    # stage 0 keeps its embedding, stage 1 (no embedding) frees its copy of the head too
+    from .test_model import Driver
+    prompts = [[1, 504, 3458, 282, 4649, 314, 253], list(range(100, 130))]
+    out = []
+    for release in (False, True):
+        stages = [StageRunner(default_model_dir, a, b, dtype="bfloat16", kv_cache_bytes=16 << 20)
+                  for a, b in ((0, 15), (15, 30))]
+        if release:
+            assert stages[0].release_module_weights() == 15 * 2 * (
+                576 * (960 + 576 + 3072) + 1536 * 576)
+            assert stages[1].release_module_weights() == 15 * 2 * (
+                576 * (960 + 576 + 3072) + 1536 * 576) + 2 * 49152 * 576
+            assert stages[0].model.embed_tokens is not None
+        out.append(Driver(stages, seed=2).run(prompts, 10, chunk=9))
+    assert out[0] == out[1]
+
+
 def test_mixed_prefill_and_decode_steps_match_stage_model(default_model_dir):
     # staggered admissions and 6-token chunks: steps mix prefill chunks with decode rows, some
     # of more than 4 rows (the bf16 GEMV's limit: the rest take the AMX or register tiles)
