@@ -1115,6 +1115,16 @@ KERNEL inline __m512 reduce16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
 }
 
+// 32 channels from the float32 sums of V as position pairs: lo / hi hold, per 128-bit lane L,
+// channels 8L..8L+3 and 8L+4..8L+7 (the lane order of unpacklo / unpackhi of two rows of V);
+// stored in channel order as bf16
+KERNEL inline void store_v_pairs(bf16_t* o, __m512 lo, __m512 hi) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  store_bf16x16(o, _mm512_permutex2var_ps(lo, first, hi));
+  store_bf16x16(o + 16, _mm512_permutex2var_ps(lo, second, hi));
+}
+
 // attend() for head_dim HD (64 or 128) and up to 8 query heads per KV head: scores of 16
 // positions at a time with bf16 dot products and one transposed reduction; the weighted sum
 // of V in registers, with bf16 weights (as PyTorch's bf16 attention rounds them).
@@ -1211,16 +1221,11 @@ KERNEL void attend_fast(const bf16_t* q, const bf16_t* kc, const bf16_t* vc,
       for (int i = 0; i < 2 * P; ++i) acc[g][i] = _mm512_dpbf16_ps(acc[g][i], pv[i], w);
     }
   }
-  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
 #pragma GCC unroll 8
   for (int g = 0; g < G; ++g)
 #pragma GCC unroll 8
-    for (int i = 0; i < P; ++i) {
-      bf16_t* o = out + g * out_stride + i * 32;
-      store_bf16x16(o, _mm512_permutex2var_ps(acc[g][2 * i], first, acc[g][2 * i + 1]));
-      store_bf16x16(o + 16, _mm512_permutex2var_ps(acc[g][2 * i], second, acc[g][2 * i + 1]));
-    }
+    for (int i = 0; i < P; ++i)
+      store_v_pairs(out + g * out_stride + i * 32, acc[g][2 * i], acc[g][2 * i + 1]);
 }
 
 using AttendFn = void (*)(const bf16_t*, const bf16_t*, const bf16_t*, const int64_t*, int64_t,
@@ -1250,8 +1255,8 @@ AttendFn attend_fast_for(int64_t hd, int64_t group) {
 //   softmax per column over its own length (as attend_fast: float32, weights rounded to bf16,
 //     positions past a column's length weigh 0);
 //   out = P . V per 32 positions: A = P (16 columns x 32 positions), B = V as position pairs
-//     (unpacklo / unpackhi of two rows of V: channels in attend_fast's lane order, put back on
-//     store), C = 16 columns x 16 channels, four tiles per 64 channels.
+//     (v_pairs, built once for all the query heads of a KV head: channels in attend_fast's
+//     lane order, put back on store), C = 16 columns x 16 channels, four tiles per 64 channels.
 // The AVX512 kernels computed scores with dot products and transposed sums per row and head:
 // a 512-token prefill step of SmolLM2 spent ~20% of its time there (now ~8%).
 // Tiles: 0..3 C, 4 and 6 A, 5 and 7 B; the caller has configured all of them as 16 x 64 bytes.
@@ -1295,17 +1300,42 @@ KERNEL inline void scores_to_rows(const float* st, int64_t n, float scale, float
                                                 _mm512_set1_ps(scale)));
 }
 
-// the 16 cache rows of positions p0 .. p0 + 15 (one block: block % 16 == 0) into `hint`'s cache
-KERNEL inline void prefetch_rows(const bf16_t* rows, int64_t hd, int hint) {
+// the 16 cache rows of positions p0 .. p0 + 15 (one block: block % 16 == 0) into L1
+KERNEL inline void prefetch_rows(const bf16_t* rows, int64_t hd) {
   const char* p = reinterpret_cast<const char*>(rows);
-  for (int64_t o = 0; o < 16 * hd * 2; o += 64) {
-    if (hint == 0) _mm_prefetch(p + o, _MM_HINT_T0);
-    else _mm_prefetch(p + o, _MM_HINT_T1);
-  }
+  for (int64_t o = 0; o < 16 * hd * 2; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+}
+
+// V of positions [0, ctx) as AMX B tiles of position pairs: per 32 positions and 64 channels,
+// four tiles of 16 pairs x 64 bytes (unpacklo / unpackhi of channels c0 .. c0 + 31, then c0 + 32
+// .. c0 + 63), zeros past ctx; tile t of (p0, c0) at vv + ((p0 / 32 * HD / 64 + c0 / 64) * 4 + t)
+// * 512
+template <int HD>
+KERNEL void v_pairs(const bf16_t* vc, const int64_t* table, int64_t block, int64_t ctx,
+                    bf16_t* vv) {
+  auto slot = [&](int64_t p) { return table[p / block] * block + p % block; };
+  for (int64_t p0 = 0; p0 < ctx; p0 += 32)
+    for (int64_t c0 = 0; c0 < HD; c0 += 64) {
+      bf16_t* tiles = vv + ((p0 / 32) * (HD / 64) + c0 / 64) * 4 * 512;
+      for (int64_t half = 0; half < 2; ++half) {   // positions p0 + 16 half + 2 pr, + 1
+        int64_t h0 = p0 + 16 * half;
+        const bf16_t* vb0 = h0 < ctx ? vc + slot(h0) * HD + c0 : nullptr;   // 16 rows
+        for (int64_t pr = 0; pr < 8; ++pr) {
+          int64_t a = h0 + 2 * pr, b = a + 1;
+          for (int h2 = 0; h2 < 2; ++h2) {
+            __m512i va = a < ctx ? _mm512_loadu_si512(vb0 + (2 * pr) * HD + h2 * 32) : _mm512_setzero_si512();
+            __m512i vb = b < ctx ? _mm512_loadu_si512(vb0 + (2 * pr + 1) * HD + h2 * 32) : _mm512_setzero_si512();
+            bf16_t* dst = tiles + (2 * h2 * 16 + 8 * half + pr) * 32;
+            _mm512_storeu_si512(dst, _mm512_unpacklo_epi16(va, vb));
+            _mm512_storeu_si512(dst + 16 * 32, _mm512_unpackhi_epi16(va, vb));
+          }
+        }
+      }
+    }
 }
 
 template <int HD>
-AMX_KERNEL void attend_columns_amx(const Columns& cols, const bf16_t* kc, const bf16_t* vc,
+AMX_KERNEL void attend_columns_amx(const Columns& cols, const bf16_t* kc, const bf16_t* vv,
                                    const int64_t* table, int64_t block, float scale) {
   static_assert(HD % 64 == 0, "attend_columns_amx: head_dim a multiple of 64");
   constexpr int S = HD / 32;                       // 32-channel slices of a head
@@ -1316,14 +1346,10 @@ AMX_KERNEL void attend_columns_amx(const Columns& cols, const bf16_t* kc, const 
   thread_local std::vector<uint32_t> qt;           // [S][16 pairs][16 columns]
   thread_local std::vector<float> sc;              // [16 columns][cp]
   thread_local std::vector<bf16_t> pb;             // [16 columns][cp]
-  thread_local std::vector<bf16_t> vv;             // [4 tiles][16 pairs][32]
   qt.resize(S * 16 * 16);
   if (static_cast<int64_t>(sc.size()) < 16 * cp) { sc.resize(16 * cp); pb.resize(16 * cp); }
-  vv.resize(4 * 16 * 32);
   alignas(64) float st[16 * 16];
   auto slot = [&](int64_t p) { return table[p / block] * block + p % block; };
-  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   // the columns' queries as channel pairs: qt[s][pr][c] = pair s * 16 + pr of column c
   for (int64_t c = 0; c < 16; ++c) {
     const uint32_t* qc = c < n ? reinterpret_cast<const uint32_t*>(cols.q[c]) : nullptr;
@@ -1331,16 +1357,15 @@ AMX_KERNEL void attend_columns_amx(const Columns& cols, const bf16_t* kc, const 
       qt[(pp / 16) * 256 + (pp % 16) * 16 + c] = qc ? qc[pp] : 0u;
   }
   // scores, 16 positions at a time into C tile 0 or 1 (alternately: the next block's products
-  // run while this one's are stored), transposed into sc[c][p]. K two blocks ahead into L1,
-  // V of these blocks into L2 (a decode step reads the cache from memory)
+  // run while this one's are stored), transposed into sc[c][p]. K two blocks ahead into L1
+  // (a chunk after a long cached prefix reads it from memory)
   if constexpr (S == 2) {                          // the queries stay in tiles 5 and 7
     _tile_loadd(5, qt.data(), 64);
     _tile_loadd(7, qt.data() + 256, 64);
   }
   for (int64_t p0 = 0; p0 < ctx; p0 += 32) {
     bool second_block = p0 + 16 < ctx;
-    for (int64_t b = p0 + 32; b < std::min(ctx, p0 + 64); b += 16) prefetch_rows(kc + slot(b) * HD, HD, 0);
-    for (int64_t b = p0; b < std::min(ctx, p0 + 32); b += 16) prefetch_rows(vc + slot(b) * HD, HD, 1);
+    for (int64_t b = p0 + 32; b < std::min(ctx, p0 + 64); b += 16) prefetch_rows(kc + slot(b) * HD, HD);
     SCORES_TILE(0, kc + slot(p0) * HD, qt.data());
     if (second_block) SCORES_TILE(1, kc + slot(p0 + 16) * HD, qt.data());
     _tile_stored(0, st, 64);                       // st[position j][column c]
@@ -1367,28 +1392,15 @@ AMX_KERNEL void attend_columns_amx(const Columns& cols, const bf16_t* kc, const 
   for (int64_t c0 = 0; c0 < HD; c0 += 64) {
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t p0 = 0; p0 < ctx; p0 += 32) {
-      for (int64_t half = 0; half < 2; ++half) {   // V of positions p0 + 16 half + 2 pr, + 1
-        int64_t h0 = p0 + 16 * half;
-        const bf16_t* vb0 = h0 < ctx ? vc + slot(h0) * HD + c0 : nullptr;   // 16 rows
-        for (int64_t pr = 0; pr < 8; ++pr) {
-          int64_t a = h0 + 2 * pr, b = a + 1;
-          for (int h2 = 0; h2 < 2; ++h2) {         // channels c0 + 32 h2 .. + 31
-            __m512i va = a < ctx ? _mm512_loadu_si512(vb0 + (2 * pr) * HD + h2 * 32) : _mm512_setzero_si512();
-            __m512i vb = b < ctx ? _mm512_loadu_si512(vb0 + (2 * pr + 1) * HD + h2 * 32) : _mm512_setzero_si512();
-            bf16_t* dst = vv.data() + (2 * h2 * 16 + 8 * half + pr) * 32;
-            _mm512_storeu_si512(dst, _mm512_unpacklo_epi16(va, vb));
-            _mm512_storeu_si512(dst + 16 * 32, _mm512_unpackhi_epi16(va, vb));
-          }
-        }
-      }
+      const bf16_t* tiles = vv + ((p0 / 32) * (HD / 64) + c0 / 64) * 4 * 512;
       _tile_loadd(4, pb.data() + p0, cp * 2);     // B tiles 5, 6, 7, 5: no wait on a tile in use
-      _tile_loadd(5, vv.data(), 64);
-      _tile_loadd(6, vv.data() + 16 * 32, 64);
-      _tile_loadd(7, vv.data() + 2 * 16 * 32, 64);
+      _tile_loadd(5, tiles, 64);
+      _tile_loadd(6, tiles + 512, 64);
+      _tile_loadd(7, tiles + 2 * 512, 64);
       _tile_dpbf16ps(0, 4, 5);
       _tile_dpbf16ps(1, 4, 6);
       _tile_dpbf16ps(2, 4, 7);
-      _tile_loadd(5, vv.data() + 3 * 16 * 32, 64);
+      _tile_loadd(5, tiles + 3 * 512, 64);
       _tile_dpbf16ps(3, 4, 5);
     }
     alignas(64) float ot[4][16 * 16];
@@ -1397,24 +1409,35 @@ AMX_KERNEL void attend_columns_amx(const Columns& cols, const bf16_t* kc, const 
     _tile_stored(2, ot[2], 64);
     _tile_stored(3, ot[3], 64);
     for (int64_t c = 0; c < n; ++c)
-      for (int h2 = 0; h2 < 2; ++h2) {
-        __m512 lo = _mm512_load_ps(ot[2 * h2] + c * 16), hi = _mm512_load_ps(ot[2 * h2 + 1] + c * 16);
-        bf16_t* o = cols.o[c] + c0 + h2 * 32;
-        store_bf16x16(o, _mm512_permutex2var_ps(lo, first, hi));
-        store_bf16x16(o + 16, _mm512_permutex2var_ps(lo, second, hi));
-      }
+      for (int h2 = 0; h2 < 2; ++h2)
+        store_v_pairs(cols.o[c] + c0 + h2 * 32, _mm512_load_ps(ot[2 * h2] + c * 16),
+                      _mm512_load_ps(ot[2 * h2 + 1] + c * 16));
   }
 }
 
-using AttendColumnsFn = void (*)(const Columns&, const bf16_t*, const bf16_t*, const int64_t*,
-                                 int64_t, float);
+// a run's query heads against one KV head (v_pairs, then attend_columns_amx per query head)
+using AttendRunFn = void (*)(const Columns* heads, int64_t group, const bf16_t* kc,
+                             const bf16_t* vc, const int64_t* table, int64_t block, float scale);
 
-// attend_columns_amx for head_dim 64 or 128 where AMX is there and 16 positions share a block,
+template <int HD>
+void attend_run_amx(const Columns* heads, int64_t group, const bf16_t* kc, const bf16_t* vc,
+                    const int64_t* table, int64_t block, float scale) {
+  int64_t ctx = 0;
+  for (int64_t c = 0; c < heads[0].n; ++c) ctx = std::max(ctx, heads[0].len[c]);
+  thread_local std::vector<bf16_t> vv;
+  int64_t need = (ctx + 31) / 32 * (HD / 64) * 4 * 512;
+  if (static_cast<int64_t>(vv.size()) < need) vv.resize(need);
+  v_pairs<HD>(vc, table, block, ctx, vv.data());
+  for (int64_t g = 0; g < group; ++g)
+    attend_columns_amx<HD>(heads[g], kc, vv.data(), table, block, scale);
+}
+
+// attend_run_amx for head_dim 64 or 128 where AMX is there and 16 positions share a block,
 // else null (attend_fast / attend)
-AttendColumnsFn attend_columns_for(int64_t hd, int64_t block) {
+AttendRunFn attend_run_for(int64_t hd, int64_t block) {
   if (block % 16 != 0 || !amx_supported()) return nullptr;
-  if (hd == 64) return &attend_columns_amx<64>;
-  if (hd == 128) return &attend_columns_amx<128>;
+  if (hd == 64) return &attend_run_amx<64>;
+  if (hd == 128) return &attend_run_amx<128>;
   return nullptr;
 }
 
@@ -1455,7 +1478,7 @@ at::Tensor paged_attention(const at::Tensor& qkv, const at::Tensor& k_cache,
   // (or attend). (A decode row's 3 query heads as AMX columns: 16 sequences x 160 positions
   // 5.9 ms against attend_fast's 4.2, the 13 empty columns' work wasted.)
   AttendFn fast = attend_fast_for(hd, group);
-  AttendColumnsFn amx = attend_columns_for(hd, block);
+  AttendRunFn amx = attend_run_for(hd, block);
   // (first row, rows); the caller's thread keeps the storage: a reference, so that the
   // lambdas below read this thread's list from the pool's threads too
   thread_local std::vector<std::pair<int64_t, int64_t>> runs_store;
@@ -1484,17 +1507,19 @@ at::Tensor paged_attention(const at::Tensor& qkv, const at::Tensor& k_cache,
     const bf16_t* vh = vc + h * n_slots * hd;
     bf16_t* oh = op + i * heads * hd + h * group * hd;
     const int64_t* table = tables + i * max_blocks;
-    if (amx && rows > 1) {
-      Columns cols;
-      cols.n = rows;                            // the run's rows, a query head at a time
+    if (amx && rows > 1) {                      // the run's rows, a query head at a time
+      thread_local std::vector<Columns> per_head;
+      per_head.resize(group);
       for (int64_t g = 0; g < group; ++g) {
+        Columns& cols = per_head[g];
+        cols.n = rows;
         for (int64_t r = 0; r < rows; ++r) {
           cols.q[r] = qh + r * width + g * hd;
           cols.o[r] = oh + r * heads * hd + g * hd;
           cols.len[r] = lens[i] + r;
         }
-        amx(cols, kh, vh, table, block, sc);
       }
+      amx(per_head.data(), group, kh, vh, table, block, sc);
       return;
     }
     for (int64_t r = 0; r < rows; ++r) {
