@@ -24,7 +24,7 @@ import time
 
 from shardline.client.bench import HFBaseline, random_prompts, run_load
 from shardline.launcher import build_stack, free_port
-from shardline.worker.loader import DEFAULT_MODEL, resolve_model
+from shardline.common.model_source import DEFAULT_MODEL, resolve_model
 
 LLAMACPP = r'''
 import ctypes, json, sys, time, random

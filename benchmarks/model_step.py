@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from shardline.worker.loader import DEFAULT_MODEL, resolve_model
-from shardline.worker.model_config import ModelConfig
-from shardline.worker.plan import SamplingConfig, SeqStep
+from shardline.common.model_source import DEFAULT_MODEL, resolve_model
+from shardline.models.config import ModelConfig
+from shardline.protocol.plan import SamplingConfig, SeqStep
 from shardline.worker.runner import StageRunner
 
 

@@ -18,7 +18,7 @@ import time
 
 from shardline.client import Client
 from shardline.launcher import build_stack, free_port
-from shardline.worker.loader import DEFAULT_MODEL, resolve_model
+from shardline.common.model_source import DEFAULT_MODEL, resolve_model
 
 PARA = ("Our store sells garden tools, seeds, soil, pots and outdoor furniture. Orders ship within "
         "two business days; returns are accepted for thirty days with a receipt. ")

@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from shardline.worker.plan import SamplingConfig, SeqStep
-from shardline.worker.quantize import weight_bytes
+from shardline.protocol.plan import SamplingConfig, SeqStep
+from shardline.transforms.quantize import weight_bytes
 from shardline.worker.runner import StageRunner
 
 VARIANTS = {
@@ -137,7 +137,7 @@ def main() -> None:
     if a.shape:
         model_dir = random_model(a.shape, pathlib.Path(tmp.name))
     else:
-        from shardline.worker.loader import DEFAULT_MODEL, resolve_model
+        from shardline.common.model_source import DEFAULT_MODEL, resolve_model
         model_dir = resolve_model(a.model or DEFAULT_MODEL)
     ppl_on = a.ppl if a.ppl is not None else not a.shape
     hf_on = a.hf if a.hf is not None else bool(a.shape)
@@ -151,7 +151,7 @@ def main() -> None:
     rows = []
     for name in names:
         kw = VARIANTS[name]
-        from shardline.worker import triton_int8
+        from shardline.transforms import triton_int8
         triton_int8.ENABLED = name == "int8-triton"
         try:
             runner = StageRunner(model_dir, 0, num_layers, device=a.device, dtype=a.dtype,
@@ -164,8 +164,8 @@ def main() -> None:
         del runner
         ppl = "-"
         if ppl_on:
-            from shardline.worker.perplexity import corpus_token_ids, perplexity
-            from shardline.worker.model_config import ModelConfig
+            from shardline.tools.perplexity import corpus_token_ids, perplexity
+            from shardline.models.config import ModelConfig
             cfg = ModelConfig.from_dir(model_dir)
             pr = StageRunner(model_dir, 0, num_layers, device=a.device, dtype=a.ppl_dtype,
                              kv_cache_bytes=64 << 20, **kw)

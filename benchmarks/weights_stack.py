@@ -20,7 +20,7 @@ import time
 
 from shardline.client.bench import random_prompts, run_load
 from shardline.launcher import build_stack, free_port
-from shardline.worker.loader import DEFAULT_MODEL, resolve_model
+from shardline.common.model_source import DEFAULT_MODEL, resolve_model
 
 VARIANTS = {
     "none": [],

@@ -7,9 +7,9 @@ PY=${PYTHON:-python3}
 stamp=.venv/.shardline-setup
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 prebuild() {
-  # the CPU decode kernels (services/shardline/worker/csrc): built once per source version, so
+  # the CPU decode kernels (services/shardline/backends/cpu_kernels/csrc): built once per source version, so
   # the first `shardline up` does not wait for the compiler (a no-op on CPUs they don't fit)
-  .venv/bin/python -c "from shardline.worker import cpu_kernels; cpu_kernels.load()"
+  .venv/bin/python -c "from shardline.backends.cpu_kernels import build as cpu_kernels; cpu_kernels.load()"
 }
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   prebuild

@@ -11,8 +11,8 @@ COMMANDS = {
     "worker": ("shardline.worker.server", "run one pipeline stage worker"),
     "generate": ("shardline.client.generate_cmd", "stream a completion from a running stack"),
     "bench": ("shardline.client.bench", "load-test a running stack (optionally vs HF transformers)"),
-    "perplexity": ("shardline.worker.perplexity", "perplexity of the model on a built-in corpus"),
-    "optimize": ("shardline.worker.optimize", "write a pruned / quantized checkpoint"),
+    "perplexity": ("shardline.tools.perplexity", "perplexity of the model on a built-in corpus"),
+    "optimize": ("shardline.tools.optimize", "write a pruned / quantized checkpoint"),
 }
 
 

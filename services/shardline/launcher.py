@@ -227,7 +227,7 @@ def run_demo(address: str) -> None:
 
 def main(argv: list[str]) -> int:
     from shardline.worker.config import add_weight_args, weight_argv
-    from shardline.worker.loader import DEFAULT_MODEL, resolve_model
+    from shardline.common.model_source import DEFAULT_MODEL, resolve_model
     p = argparse.ArgumentParser(prog="shardline up", description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--stages", type=int, default=1)

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from shardline.launcher import build_stack, free_port
-from shardline.worker.loader import DEFAULT_MODEL, resolve_model
+from shardline.common.model_source import DEFAULT_MODEL, resolve_model
 
 
 @pytest.fixture(scope="session")

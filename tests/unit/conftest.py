@@ -11,7 +11,7 @@ import torch
 @pytest.fixture(scope="session")
 def default_model_dir() -> pathlib.Path:
     """The default model, converted once into $SHARDLINE_CACHE (or ~/.cache/shardline/models)."""
-    from shardline.worker.loader import DEFAULT_MODEL, resolve_model
+    from shardline.common.model_source import DEFAULT_MODEL, resolve_model
     return resolve_model(DEFAULT_MODEL, os.environ.get("SHARDLINE_CACHE"))
 
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shardline.worker import cpu_kernels
-from shardline.worker.attention import AttentionMetadata, paged_attention
-from shardline.worker import cpu_path
-from shardline.worker.cpu_path import (glu_layout, int4_kernel_layout, int8_kernel_layout,
+from shardline.backends.cpu_kernels import build as cpu_kernels
+from shardline.models.attention import AttentionMetadata, paged_attention
+from shardline.backends.cpu_kernels import backend as cpu_path
+from shardline.backends.cpu_kernels.backend import (glu_layout, int4_kernel_layout, int8_kernel_layout,
                                        vnni_layout)
-from shardline.worker.layers import apply_rope
-from shardline.worker.plan import SamplingConfig, SeqStep
-from shardline.worker.quantize import (Int4Linear, Int8Linear, dequantize_int4,
+from shardline.models.layers import apply_rope
+from shardline.protocol.plan import SamplingConfig, SeqStep
+from shardline.transforms.quantize import (Int4Linear, Int8Linear, dequantize_int4,
                                        dequantize_int8, quantize_int8)
 from shardline.worker.runner import StageRunner
 
@@ -425,7 +425,7 @@ def test_mixed_prefill_and_decode_steps_match_stage_model(default_model_dir):
 def test_a_build_killed_midway_does_not_block_the_next(tmp_path):
     # PyTorch's extension builder locks a build directory with a plain file; a worker killed
     # while compiling leaves it behind. Under the module's own (flock) lock it is stale and goes.
-    from shardline.worker.cpu_kernels import _build_lock
+    from shardline.backends.cpu_kernels.build import _build_lock
     (tmp_path / "lock").touch()
     with _build_lock(tmp_path):
         assert not (tmp_path / "lock").exists()

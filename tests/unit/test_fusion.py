@@ -1,4 +1,4 @@
-"""Layer fusion (worker/fuse.py): fused and unfused stages compute the same thing."""
+"""Layer fusion (transforms/fuse.py): fused and unfused stages compute the same thing."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from tests.unit.test_model import Driver
 
 
 def _logits(runner: StageRunner, ids: list[int]) -> torch.Tensor:
-    from shardline.worker.attention import AttentionMetadata
+    from shardline.models.attention import AttentionMetadata
     with torch.inference_mode():
         meta = AttentionMetadata.build([0], [len(ids)], [list(range(4))], runner.block_size,
                                        runner.device)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardline.worker.attention import AttentionMetadata
-from shardline.worker.kv_cache import KVCache
-from shardline.worker.plan import SamplingConfig, SeqStep
+from shardline.models.attention import AttentionMetadata
+from shardline.models.kv_cache import KVCache
+from shardline.protocol.plan import SamplingConfig, SeqStep
 from shardline.worker.runner import StageRunner
 
 BS = 4

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from shardline.worker import loader
-from shardline.worker.loader import DEFAULT_MODEL, default_cache_dir, resolve_model
+from shardline.common import model_source as loader
+from shardline.common.model_source import DEFAULT_MODEL, default_cache_dir, resolve_model
 
 
 def test_default_model_is_a_complete_hf_directory(default_model_dir):

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from shardline.worker.attention import AttentionMetadata
-from shardline.worker.plan import SamplingConfig, SeqStep
+from shardline.models.attention import AttentionMetadata
+from shardline.protocol.plan import SamplingConfig, SeqStep
 from shardline.worker.runner import StageRunner
 
 PROMPTS = [

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from shardline.worker.layers import rope_inv_freq
-from shardline.worker.model_config import ModelConfig
+from shardline.models.layers import rope_inv_freq
+from shardline.models.config import ModelConfig
 
 LLAMA3 = {
     "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,

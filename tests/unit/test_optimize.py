@@ -1,4 +1,4 @@
-"""Offline optimization (worker/optimize.py) and perplexity (worker/perplexity.py)."""
+"""Offline optimization (tools/optimize.py) and perplexity (tools/perplexity.py)."""
 from __future__ import annotations
 
 import math
@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from shardline.worker.optimize import optimize, read_recipe
-from shardline.worker.perplexity import perplexity
-from shardline.worker.quantize import weight_bytes
+from shardline.tools.optimize import optimize, read_recipe
+from shardline.tools.perplexity import perplexity
+from shardline.transforms.quantize import weight_bytes
 from shardline.worker.runner import StageRunner
 from tests.unit.test_model import Driver
 
@@ -38,7 +38,7 @@ def test_optimized_checkpoint_reloads_identically(tiny_model_dir, tmp_path, fami
 
 
 def _window_logits(runner, ids):
-    from shardline.worker.perplexity import window_logits
+    from shardline.tools.perplexity import window_logits
     return window_logits(runner, ids)
 
 
@@ -57,7 +57,7 @@ def test_quantized_perplexity_within_the_bounds(default_model_dir):
     """Issue 3's accuracy bounds on the serving path (decode steps, bf16 stage, the CPU
     kernels where this CPU has them; LM head quantized too): int8 within 2% of unquantized,
     int4 within 15%."""
-    from shardline.worker.perplexity import corpus_token_ids, decode_perplexity
+    from shardline.tools.perplexity import corpus_token_ids, decode_perplexity
     ids = corpus_token_ids(default_model_dir, 384)
     ppl = {}
     for mode in ("none", "int8", "int4"):

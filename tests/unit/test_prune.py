@@ -1,11 +1,11 @@
-"""Pruning (worker/prune.py): asked sparsity, exact 2:4 pattern, calibration, stage outputs."""
+"""Pruning (transforms/prune.py): asked sparsity, exact 2:4 pattern, calibration, stage outputs."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from shardline.worker import prune as P
+from shardline.transforms import prune as P
 from shardline.worker.runner import StageRunner
 from tests.unit.test_model import Driver
 
@@ -42,7 +42,7 @@ def test_calibration_changes_scores():
 
 @pytest.mark.parametrize("spec", ["0.5", "2:4"])
 def test_pruned_stage(tiny_model_dir, monkeypatch, spec):
-    import shardline.worker.perplexity as ppl
+    import shardline.tools.perplexity as ppl
     # the tiny model has no tokenizer: calibrate on fixed token ids
     monkeypatch.setattr(ppl, "corpus_token_ids", lambda d, n: [(7 * i) % 128 for i in range(n)])
     path = tiny_model_dir("llama")

@@ -1,11 +1,11 @@
-"""Weight-only quantization (worker/quantize.py): error bounds, packed layouts, stage outputs."""
+"""Weight-only quantization (transforms/quantize.py): error bounds, packed layouts, stage outputs."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from shardline.worker import quantize as Q
+from shardline.transforms import quantize as Q
 from shardline.worker.runner import StageRunner
 from tests.unit.test_model import Driver
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from shardline.worker.plan import SamplingConfig
+from shardline.protocol.plan import SamplingConfig
 from shardline.worker.sampler import (Sampler, apply_repetition_penalty, apply_top_k_top_p,
                                       mix_seed)
 

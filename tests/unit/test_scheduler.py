@@ -2,7 +2,7 @@
 from shardline.scheduler.block_manager import BlockManager
 from shardline.scheduler.request import Sequence, SeqStatus
 from shardline.scheduler.scheduler import Scheduler
-from shardline.worker.plan import SampledToken
+from shardline.protocol.plan import SampledToken
 
 
 def seq(i, n_prompt, max_tokens=8, eos=()):

@@ -20,7 +20,7 @@ TEXT = ("Héllo, wörld! 世界你好 — naïve café 🦄👍🏽 👨‍👩�
 
 @pytest.fixture(scope="module")
 def model_dir():
-    from shardline.worker.loader import DEFAULT_MODEL, resolve_model
+    from shardline.common.model_source import DEFAULT_MODEL, resolve_model
     return resolve_model(DEFAULT_MODEL, os.environ.get("SHARDLINE_CACHE"))
 
 
@@ -195,7 +195,7 @@ def test_config_defaults_and_validation():
 
 
 def test_config_from_args(monkeypatch):
-    from shardline.worker.loader import DEFAULT_MODEL
+    from shardline.common.model_source import DEFAULT_MODEL
     monkeypatch.setenv("SHARDLINE_CACHE", "/cache")
     p = argparse.ArgumentParser()
     TokenizerConfig.add_args(p)

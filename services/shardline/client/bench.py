@@ -117,7 +117,7 @@ class HFBaseline:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from shardline.worker.loader import resolve_model
+        from shardline.common.model_source import resolve_model
         if threads:
             torch.set_num_threads(threads)
         self.torch, self.device, self.prompt_len = torch, device, prompt_len
@@ -190,7 +190,7 @@ def main(argv: list[str]) -> int:
     res["shardline"].update(model=info.model, dtype=info.dtype, device=info.device,
                             stages=info.num_stages, replicas=info.num_replicas)
     if a.baseline == "hf":
-        from shardline.worker.loader import DEFAULT_MODEL
+        from shardline.common.model_source import DEFAULT_MODEL
         hf = hf_baseline(a.hf_model or info.model or DEFAULT_MODEL, a.prompt_tokens, a.max_tokens,
                          a.concurrency, a.hf_dtype, a.hf_device, a.seed)
         res["hf"] = hf

@@ -20,7 +20,7 @@ from shardline.scheduler.pipeline import PipelineClient
 from shardline.scheduler.request import Sequence
 from shardline.scheduler.scheduler import Scheduler, StepBatch, TokenEvent
 from shardline.v1 import worker_pb2
-from shardline.worker.plan import SampledToken
+from shardline.protocol.plan import SampledToken
 
 log = logging.getLogger(__name__)
 

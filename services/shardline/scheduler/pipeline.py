@@ -9,7 +9,7 @@ import grpc
 
 from shardline.common.server import Unavailable, channel
 from shardline.v1 import worker_pb2, worker_pb2_grpc
-from shardline.worker.servicer import ROUTE_KEY
+from shardline.protocol.route import ROUTE_KEY
 
 log = logging.getLogger(__name__)
 

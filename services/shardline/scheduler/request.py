@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from shardline.worker.plan import SamplingConfig
+from shardline.protocol.plan import SamplingConfig
 
 
 class SeqStatus(enum.Enum):

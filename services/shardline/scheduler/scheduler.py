@@ -20,7 +20,7 @@ from typing import Optional
 
 from shardline.scheduler.block_manager import BlockManager
 from shardline.scheduler.request import Sequence, SeqStatus
-from shardline.worker.plan import SampledToken, SeqStep
+from shardline.protocol.plan import SampledToken, SeqStep
 
 
 @dataclass

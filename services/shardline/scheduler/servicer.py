@@ -19,7 +19,7 @@ from shardline.scheduler.request import Sequence
 from shardline.scheduler.scheduler import TokenEvent
 from shardline.scheduler.tokenizer_client import DetokenizeState, TokenizerClient
 from shardline.v1 import generate_pb2, generate_pb2_grpc
-from shardline.worker.plan import SamplingConfig
+from shardline.protocol.plan import SamplingConfig
 
 log = logging.getLogger(__name__)
 

@@ -43,6 +43,6 @@ class TokenizerConfig:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "TokenizerConfig":
-        from shardline.worker.loader import DEFAULT_MODEL
+        from shardline.common.model_source import DEFAULT_MODEL
         return cls(model=ns.model or DEFAULT_MODEL, port=ns.port, host=ns.host, log_level=ns.log_level,
                    metrics_port=ns.metrics_port, cache_dir=os.environ.get("SHARDLINE_CACHE"))

@@ -92,7 +92,7 @@ class TokenizerCore:
     @classmethod
     def load(cls, model: str, cache_dir: Optional[str] = None) -> "TokenizerCore":
         """Resolve `model` (dir, hub id, .gguf or alias) with the worker's loader and load it."""
-        from shardline.worker.loader import resolve_model
+        from shardline.common.model_source import resolve_model
         return cls.from_dir(resolve_model(model, cache_dir), name=model)
 
     @classmethod

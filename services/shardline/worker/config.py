@@ -27,11 +27,11 @@ class WorkerConfig:
     threads: int = 0                      # torch intra-op threads; 0 = torch default
     cache_dir: Optional[str] = None
     log_level: str = "INFO"
-    fuse: bool = True                     # fused qkv / gate_up / residual adds (worker/fuse.py)
-    quantize: str = "none"                # none | int8 | int4 | fp8 (worker/quantize.py)
+    fuse: bool = True                     # fused qkv / gate_up / residual adds (transforms/fuse.py)
+    quantize: str = "none"                # none | int8 | int4 | fp8 (transforms/quantize.py)
     group_size: int = 32                  # int4 group size
     quantize_head: bool = False           # also quantize the LM head
-    prune: Optional[str] = None           # "0.5" or "2:4" (worker/prune.py)
+    prune: Optional[str] = None           # "0.5" or "2:4" (transforms/prune.py)
     prune_calibration: bool = False       # activation-aware pruning scores
     cpu_kernels: bool = True              # steps on csrc kernels (bf16 CPU, cpu_path.py)
     torch_compile: bool = False           # torch.compile the layers' dense parts (fuse.py)
@@ -91,7 +91,7 @@ class WorkerConfig:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "WorkerConfig":
-        from shardline.worker.loader import DEFAULT_MODEL
+        from shardline.common.model_source import DEFAULT_MODEL
         return cls(model=ns.model or DEFAULT_MODEL, port=ns.port, host=ns.host,
                    stage_index=ns.stage_index, num_stages=ns.num_stages, layers=ns.layers,
                    device=ns.device, dtype=ns.dtype, kv_cache_memory=ns.kv_cache_memory,

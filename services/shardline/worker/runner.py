@@ -23,18 +23,18 @@ import torch
 
 from shardline.common.tensors import DTYPE_NAMES, DTYPES
 from shardline.v1 import worker_pb2
-from shardline.worker.attention import AttentionMetadata
-from shardline.worker.cpu_path import CpuStepPath
+from shardline.models.attention import AttentionMetadata
+from shardline.backends.cpu_kernels.backend import CpuStepPath
 from shardline.worker.heap import keep_freed_memory, return_free_memory
-from shardline.worker.fuse import compile_stage, fuse_stage
-from shardline.worker.optimize import load_optimized_stage, read_recipe
-from shardline.worker.prune import accelerate_semi_structured, prune_stage
-from shardline.worker.quantize import quantize_stage, weight_bytes
-from shardline.worker.kv_cache import KVCache
-from shardline.worker.model_config import ModelConfig
-from shardline.worker.plan import SampledToken, SamplingConfig, SeqStep
+from shardline.transforms.fuse import compile_stage, fuse_stage
+from shardline.tools.optimize import load_optimized_stage, read_recipe
+from shardline.transforms.prune import accelerate_semi_structured, prune_stage
+from shardline.transforms.quantize import quantize_stage, weight_bytes
+from shardline.models.kv_cache import KVCache
+from shardline.models.config import ModelConfig
+from shardline.protocol.plan import SampledToken, SamplingConfig, SeqStep
 from shardline.worker.sampler import Sampler
-from shardline.worker.weights import load_stage_model
+from shardline.models.weights import load_stage_model
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,10 @@ class StageRunner:
     """Layers [layer_start, layer_end) of the model in model_dir, with a paged KV cache.
 
     quantize: none | int8 | int4 | fp8 weight-only quantization of the layers' Linear modules
-    (and the LM head with quantize_head); group_size: int4 group (worker/quantize.py).
+    (and the LM head with quantize_head); group_size: int4 group (transforms/quantize.py).
     prune: "0.5" (unstructured ratio) or "2:4" (semi-structured), activation-aware with
-    prune_calibration (worker/prune.py).
-    fuse: fuse q/k/v and gate/up projections and the residual adds (worker/fuse.py).
+    prune_calibration (transforms/prune.py).
+    fuse: fuse q/k/v and gate/up projections and the residual adds (transforms/fuse.py).
     use_cpu_kernels: run steps of bf16 CPU stages on the csrc kernels (cpu_path.py).
     torch_compile: torch.compile each layer's dense parts (fuse.compile_stage); steps then run the
     PyTorch model.

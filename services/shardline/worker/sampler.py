@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from shardline.worker.plan import SampledToken, SamplingConfig
+from shardline.protocol.plan import SampledToken, SamplingConfig
 
 _MASK64 = (1 << 64) - 1
 

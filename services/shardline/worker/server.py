@@ -20,8 +20,8 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 def build_runner(cfg: WorkerConfig):
     """Resolve the model and load this stage's layers (slow: runs off the event loop)."""
     import torch
-    from shardline.worker.loader import resolve_model
-    from shardline.worker.model_config import ModelConfig
+    from shardline.common.model_source import resolve_model
+    from shardline.models.config import ModelConfig
     from shardline.worker.runner import StageRunner
 
     if cfg.threads > 0:

@@ -21,12 +21,11 @@ from prometheus_client import Counter, Histogram
 from shardline.common import telemetry
 from shardline.common.server import Unavailable, channel
 from shardline.common.tensors import pb_to_tensor, tensor_to_pb
+from shardline.protocol.plan import SeqStep
+from shardline.protocol.route import ROUTE_KEY
 from shardline.v1 import worker_pb2, worker_pb2_grpc
-from shardline.worker.plan import SeqStep
 
 log = logging.getLogger(__name__)
-
-ROUTE_KEY = "x-shardline-route"
 
 STEP_SECONDS = Histogram(
     "shardline_stage_step_seconds", "Compute time of one step on this stage (decode plan, layers, "

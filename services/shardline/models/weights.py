@@ -22,8 +22,8 @@ from typing import Union
 import torch
 from safetensors import safe_open
 
-from shardline.worker.model import StageModel
-from shardline.worker.model_config import ModelConfig
+from shardline.models.decoder import StageModel
+from shardline.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from shardline.worker.attention import Attention, AttentionMetadata
-from shardline.worker.layers import MLP, Linear, RMSNorm, RotaryEmbedding, add_rms_norm
-from shardline.worker.model_config import ModelConfig
+from shardline.models.attention import Attention, AttentionMetadata
+from shardline.models.layers import MLP, Linear, RMSNorm, RotaryEmbedding, add_rms_norm
+from shardline.models.config import ModelConfig
 
 
 class DecoderLayer(nn.Module):

@@ -42,7 +42,7 @@ def corpus_token_ids(model_dir, num_tokens: int) -> list[int]:
 @torch.inference_mode()
 def window_logits(runner, ids: list[int]) -> torch.Tensor:
     """Logits [len(ids), vocab] (float32) of one prefill from position 0 on a fresh cache."""
-    from shardline.worker.attention import AttentionMetadata
+    from shardline.models.attention import AttentionMetadata
 
     n = len(ids)
     blocks = list(range(-(-n // runner.block_size)))
@@ -75,7 +75,7 @@ def perplexity(runner, ids: list[int], window: int = 512, stride: int = 256) -> 
 def decode_perplexity(runner, ids: list[int]) -> float:
     """exp(mean NLL) of ids[1:], each predicted by a one-token decode step after all earlier
     ones (teacher forcing), through the runner's serving path."""
-    from shardline.worker.attention import AttentionMetadata
+    from shardline.models.attention import AttentionMetadata
 
     if not runner.is_first or not runner.is_last:
         raise ValueError("perplexity needs a stage holding the whole model")
@@ -93,8 +93,8 @@ def decode_perplexity(runner, ids: list[int]) -> float:
 
 def main(argv: list[str]) -> int:
     from shardline.worker.config import add_weight_args
-    from shardline.worker.loader import DEFAULT_MODEL, resolve_model
-    from shardline.worker.model_config import ModelConfig
+    from shardline.common.model_source import DEFAULT_MODEL, resolve_model
+    from shardline.models.config import ModelConfig
     from shardline.worker.runner import StageRunner
 
     p = argparse.ArgumentParser(prog="shardline perplexity", description=__doc__.split("\n")[0])

@@ -24,9 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from shardline.worker.model import StageModel
-from shardline.worker.model_config import ModelConfig
-from shardline.worker.quantize import QUANTIZED
+from shardline.models.decoder import StageModel
+from shardline.models.config import ModelConfig
+from shardline.transforms.quantize import QUANTIZED
 
 RECIPE_FILE = "shardline_optimization.json"
 
@@ -138,7 +138,7 @@ def optimize(src: Union[str, pathlib.Path], out: Union[str, pathlib.Path], dtype
 
 def main(argv: list[str]) -> int:
     from shardline.worker.config import add_weight_args
-    from shardline.worker.loader import resolve_model
+    from shardline.common.model_source import resolve_model
 
     p = argparse.ArgumentParser(prog="shardline optimize", description=__doc__.split("\n")[0])
     p.add_argument("src", help="model dir, hub id, .gguf, or the default alias")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shardline.worker.layers import Linear
+from shardline.models.layers import Linear
 
 
 def concat_linears(linears: list[nn.Module]) -> nn.Module:

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardline.worker.layers import Linear, apply_rope
-from shardline.worker.model_config import ModelConfig
+from shardline.models.layers import Linear, apply_rope
+from shardline.models.config import ModelConfig
 
 
 @dataclass

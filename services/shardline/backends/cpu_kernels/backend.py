@@ -28,10 +28,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from shardline.worker import cpu_kernels
-from shardline.worker.attention import AttentionMetadata
-from shardline.worker.layers import Linear
-from shardline.worker.quantize import Int4Linear, Int8Linear, unpack_int4
+from shardline.backends.cpu_kernels import build as cpu_kernels
+from shardline.models.attention import AttentionMetadata
+from shardline.models.layers import Linear
+from shardline.transforms.quantize import Int4Linear, Int8Linear, unpack_int4
 
 log = logging.getLogger(__name__)
 

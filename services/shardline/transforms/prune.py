@@ -78,9 +78,9 @@ def calibration_norms(model: nn.Module, model_dir, batches: int = 4, window: int
                       ) -> dict[nn.Module, torch.Tensor]:
     """Per Linear of the stage: the L2 norm of each input channel over `batches` windows of
     the built-in corpus (the stage must be the first: it embeds the tokens)."""
-    from shardline.worker.attention import AttentionMetadata
-    from shardline.worker.kv_cache import KVCache
-    from shardline.worker.perplexity import corpus_token_ids
+    from shardline.models.attention import AttentionMetadata
+    from shardline.models.kv_cache import KVCache
+    from shardline.tools.perplexity import corpus_token_ids
 
     if not model.is_first:
         raise ValueError("--prune-calibration needs the first stage (it embeds the corpus)")

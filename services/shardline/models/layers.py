@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardline.worker.model_config import ModelConfig
+from shardline.models.config import ModelConfig
 
 
 def _slow_low_precision_cpu_gemm() -> bool:
