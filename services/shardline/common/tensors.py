@@ -12,13 +12,10 @@ from typing import Optional, Union
 
 import torch
 
+from shardline.common.dtypes import DTYPE_NAMES as _NAMES
 from shardline.v1 import common_pb2
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in _NAMES}
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 if sys.byteorder != "little":  # pragma: no cover - every platform we run on is little-endian
