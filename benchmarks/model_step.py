@@ -18,7 +18,7 @@ import torch
 from shardline.common.model_source import DEFAULT_MODEL, resolve_model
 from shardline.models.config import ModelConfig
 from shardline.protocol.plan import SamplingConfig, SeqStep
-from shardline.worker.runner import StageRunner
+from shardline.worker.build import load_runner
 
 
 def _timed(fn, steps: int, device: str) -> tuple[float, float]:
@@ -35,7 +35,7 @@ def _timed(fn, steps: int, device: str) -> tuple[float, float]:
 
 def bench_runner(model_dir, dtype, batch: int, ctx: int, steps: int, device: str):
     num_layers = ModelConfig.from_dir(model_dir).num_layers
-    runner = StageRunner(model_dir, 0, num_layers, device=device, dtype=dtype,
+    runner = load_runner(model_dir, 0, num_layers, device=device, dtype=dtype,
                          kv_cache_bytes=256 << 20)
     blocks_per_seq = -(-(ctx + steps + 2) // runner.block_size)
     if blocks_per_seq * batch > runner.num_blocks:

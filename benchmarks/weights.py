@@ -27,7 +27,7 @@ import torch
 
 from shardline.protocol.plan import SamplingConfig, SeqStep
 from shardline.transforms.quantize import weight_bytes
-from shardline.worker.runner import StageRunner
+from shardline.worker.build import load_runner
 
 VARIANTS = {
     "unfused": dict(fuse=False),
@@ -154,7 +154,7 @@ def main() -> None:
         from shardline.transforms import triton_int8
         triton_int8.ENABLED = name == "int8-triton"
         try:
-            runner = StageRunner(model_dir, 0, num_layers, device=a.device, dtype=a.dtype,
+            runner = load_runner(model_dir, 0, num_layers, device=a.device, dtype=a.dtype,
                                  kv_cache_bytes=kv, **kw)
         except (ValueError, RuntimeError) as e:
             rows.append([name, "-", "-"] + ["-"] * len(batches) + [f"skipped: {e}"])
@@ -167,7 +167,7 @@ def main() -> None:
             from shardline.tools.perplexity import corpus_token_ids, perplexity
             from shardline.models.config import ModelConfig
             cfg = ModelConfig.from_dir(model_dir)
-            pr = StageRunner(model_dir, 0, num_layers, device=a.device, dtype=a.ppl_dtype,
+            pr = load_runner(model_dir, 0, num_layers, device=a.device, dtype=a.ppl_dtype,
                              kv_cache_bytes=64 << 20, **kw)
             ppl = f"{perplexity(pr, corpus_token_ids(model_dir, a.ppl_tokens)):.3f}"
             del pr

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardline.worker.runner import StageRunner
+from shardline.worker.build import load_runner
 from tests.unit.test_model import Driver
 
 
@@ -21,7 +21,7 @@ def _logits(runner: StageRunner, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_fused_matches_unfused(tiny_model_dir, family):
     path = tiny_model_dir(family)
-    runners = {fuse: StageRunner(path, 0, 4, kv_cache_bytes=1 << 20, block_size=16, fuse=fuse)
+    runners = {fuse: load_runner(path, 0, 4, dtype="float32", kv_cache_bytes=1 << 20, block_size=16, fuse=fuse)
                for fuse in (False, True)}
     fused_layer = runners[True].model.layers[0]
     assert fused_layer.fused and not hasattr(fused_layer.self_attn, "q_proj")
@@ -37,7 +37,7 @@ def test_fused_matches_unfused(tiny_model_dir, family):
 
 def test_fused_bf16_close(tiny_model_dir):
     path = tiny_model_dir("llama")
-    a, b = (_logits(StageRunner(path, 0, 4, dtype="bfloat16", kv_cache_bytes=1 << 20, fuse=f),
+    a, b = (_logits(load_runner(path, 0, 4, dtype="bfloat16", kv_cache_bytes=1 << 20, fuse=f),
                     [3, 17, 42, 99]) for f in (False, True))
     assert (a - b).abs().max() < 0.05 * a.abs().max()
 
@@ -65,7 +65,7 @@ def test_compiled_stage_matches_eager(tiny_model_dir):
     import torch._dynamo
     torch._dynamo.reset()
     path = tiny_model_dir("llama")
-    runners = {c: StageRunner(path, 0, 4, kv_cache_bytes=1 << 20, block_size=16,
+    runners = {c: load_runner(path, 0, 4, dtype="float32", kv_cache_bytes=1 << 20, block_size=16,
                            torch_compile=c)
                for c in (False, True)}
     layer = runners[True].model.layers[0]
@@ -77,6 +77,6 @@ def test_compiled_stage_matches_eager(tiny_model_dir):
     outs = [Driver([runners[c]]).run(prompts, 8) for c in (False, True)]
     assert outs[0] == outs[1]
     # a middle stage warms its graphs up on hidden states; its warm-up sequence is gone
-    middle = StageRunner(path, 1, 3, kv_cache_bytes=1 << 20, block_size=16,
+    middle = load_runner(path, 1, 3, dtype="float32", kv_cache_bytes=1 << 20, block_size=16,
                          torch_compile=True)
     assert middle.seqs == {} and runners[True].seqs == {}

@@ -7,7 +7,7 @@ import torch
 from shardline.models.attention import AttentionMetadata
 from shardline.models.kv_cache import KVCache
 from shardline.protocol.plan import SamplingConfig, SeqStep
-from shardline.worker.runner import StageRunner
+from shardline.worker.build import load_runner
 
 BS = 4
 
@@ -55,14 +55,14 @@ def test_metadata_pads_decodes_of_different_lengths():
 
 @pytest.fixture
 def runner(tiny_model_dir):
-    return StageRunner(tiny_model_dir("llama"), 0, 4, dtype=torch.float32,
+    return load_runner(tiny_model_dir("llama"), 0, 4, dtype=torch.float32,
                        kv_cache_bytes=16 * KVCache.bytes_per_block(4, BS, 2, 16, torch.float32),
                        block_size=BS)
 
 
 @pytest.fixture
 def middle(tiny_model_dir):
-    return StageRunner(tiny_model_dir("llama"), 1, 3, dtype=torch.float32,
+    return load_runner(tiny_model_dir("llama"), 1, 3, dtype=torch.float32,
                        kv_cache_bytes=1 << 20, block_size=BS)
 
 
@@ -83,7 +83,7 @@ def test_budget_sets_the_block_count(runner):
 
 def test_too_small_budget_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="holds no block"):
-        StageRunner(tiny_model_dir("llama"), 0, 4, kv_cache_bytes=100, block_size=BS)
+        load_runner(tiny_model_dir("llama"), 0, 4, dtype="float32", kv_cache_bytes=100, block_size=BS)
 
 
 def test_slots_are_written_where_the_block_table_says(runner):
@@ -132,7 +132,7 @@ def test_bad_plans_raise_and_change_nothing(runner, bad, message):
 
 
 def test_a_last_sampled_step_computes_the_token_sampled_before(runner, tiny_model_dir):
-    explicit = StageRunner(tiny_model_dir("llama"), 0, 4, dtype=torch.float32,
+    explicit = load_runner(tiny_model_dir("llama"), 0, 4, dtype=torch.float32,
                            kv_cache_bytes=1 << 20, block_size=BS)
     _, (t1,) = runner.step([admit(1, [5, 6, 7], [2])], [], None)
     _, (e1,) = explicit.step([admit(1, [5, 6, 7], [2])], [], None)
@@ -173,7 +173,7 @@ def test_duplicate_sequences_and_stage_inputs_are_checked(runner, middle):
 
 
 def test_beyond_max_position_is_refused(tiny_model_dir):
-    runner = StageRunner(tiny_model_dir("llama"), 0, 4, kv_cache_bytes=1 << 20, block_size=BS)
+    runner = load_runner(tiny_model_dir("llama"), 0, 4, dtype="float32", kv_cache_bytes=1 << 20, block_size=BS)
     assert runner.max_position == 512
     with pytest.raises(ValueError, match="beyond"):
         runner.step([admit(1, [1], list(range(129)), start=512)], [], None)

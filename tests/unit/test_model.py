@@ -8,7 +8,7 @@ import torch
 
 from shardline.models.attention import AttentionMetadata
 from shardline.protocol.plan import SamplingConfig, SeqStep
-from shardline.worker.runner import StageRunner
+from shardline.worker.build import load_runner
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -110,11 +110,11 @@ def reference(default_model_dir, prompt_ids):
 
 @pytest.fixture(scope="module")
 def runner(default_model_dir):
-    return StageRunner(default_model_dir, 0, 30, dtype=torch.float32, kv_cache_bytes=64 << 20)
+    return load_runner(default_model_dir, 0, 30, dtype=torch.float32, kv_cache_bytes=64 << 20)
 
 
 def split_runners(model_dir, bounds):
-    return [StageRunner(model_dir, a, b, dtype=torch.float32, kv_cache_bytes=8 << 20)
+    return [load_runner(model_dir, a, b, dtype=torch.float32, kv_cache_bytes=8 << 20)
             for a, b in zip(bounds, bounds[1:])]
 
 
@@ -157,7 +157,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(runner, prompt_ids):
 
 
 def test_bfloat16_stays_close_to_float32(default_model_dir, runner, prompt_ids, reference):
-    bf16 = StageRunner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20)
+    bf16 = load_runner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20)
     assert bf16.dtype_name == "bfloat16"
     out = Driver([bf16]).run(prompt_ids, 6, chunk=5, stagger=1)
     agree = sum(a == b for o, r in zip(out, reference) for a, b in zip(o, r[:6]))
@@ -181,7 +181,7 @@ def test_tiny_families_match_hf_logits(tiny_model_dir, family):
     from transformers import AutoModelForCausalLM
     path = tiny_model_dir(family)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    runner = StageRunner(path, 0, 4, dtype=torch.float32, kv_cache_bytes=1 << 20, block_size=4)
+    runner = load_runner(path, 0, 4, dtype=torch.float32, kv_cache_bytes=1 << 20, block_size=4)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 128, (90,), generator=g).tolist()   # beyond 64: llama3 scaling kicks in
     blocks = [5, 2, 7, 1, 0, 3, 4, 6, 9, 8, 11, 10, 13, 12, 15, 14, 17, 16, 19, 18, 21, 20, 23]
@@ -206,7 +206,7 @@ def test_admission_after_a_cached_prefix_reuses_its_blocks(tiny_model_dir):
     path = tiny_model_dir("llama")
     a_prompt, b_prompt = list(range(1, 15)), list(range(1, 9)) + [50, 51, 52, 53, 54]
     reference = hf_greedy(path, [b_prompt], 10)[0]
-    r = StageRunner(path, 0, 4, dtype=torch.float32, kv_cache_bytes=1 << 20, block_size=4)
+    r = load_runner(path, 0, 4, dtype=torch.float32, kv_cache_bytes=1 << 20, block_size=4)
     r.step([SeqStep(1, a_prompt, 0, [3, 7, 1, 9], True, admit=True)], [], None)
     _, out = r.step([SeqStep(2, b_prompt[8:], 8, [3, 7, 4, 5], True, admit=True)], [1], None)
     tokens = [out[0].token_id]

@@ -9,7 +9,7 @@ import torch
 from shardline.tools.optimize import optimize, read_recipe
 from shardline.tools.perplexity import perplexity
 from shardline.transforms.quantize import weight_bytes
-from shardline.worker.runner import StageRunner
+from shardline.worker.build import load_runner
 from tests.unit.test_model import Driver
 
 
@@ -22,9 +22,9 @@ def test_optimized_checkpoint_reloads_identically(tiny_model_dir, tmp_path, fami
     out = optimize(src, tmp_path / "opt", "float32", quantize, 32, head, prune)
     recipe = read_recipe(out)
     assert recipe["quantize"] == quantize and recipe["prune"] == prune
-    online = StageRunner(src, 0, 4, kv_cache_bytes=1 << 20, quantize=quantize,
+    online = load_runner(src, 0, 4, dtype="float32", kv_cache_bytes=1 << 20, quantize=quantize,
                          quantize_head=head, prune=prune)
-    offline = StageRunner(out, 0, 4, kv_cache_bytes=1 << 20)
+    offline = load_runner(out, 0, 4, dtype="float32", kv_cache_bytes=1 << 20)
     assert offline.quantization == quantize
     assert weight_bytes(offline.model) == weight_bytes(online.model)
     ids = list(range(1, 40, 3))
@@ -33,7 +33,7 @@ def test_optimized_checkpoint_reloads_identically(tiny_model_dir, tmp_path, fami
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
     assert Driver([offline]).run(prompts, 6) == Driver([online]).run(prompts, 6)
     # a two-stage split of the optimized checkpoint agrees too
-    split = [StageRunner(out, 0, 2, kv_cache_bytes=1 << 20), StageRunner(out, 2, 4, kv_cache_bytes=1 << 20)]
+    split = [load_runner(out, 0, 2, dtype="float32", kv_cache_bytes=1 << 20), load_runner(out, 2, 4, dtype="float32", kv_cache_bytes=1 << 20)]
     assert Driver(split).run(prompts, 6) == Driver([online]).run(prompts, 6)
 
 
@@ -43,7 +43,7 @@ def _window_logits(runner, ids):
 
 
 def test_perplexity_sliding_window(tiny_model_dir):
-    r = StageRunner(tiny_model_dir("llama"), 0, 4, kv_cache_bytes=1 << 20)
+    r = load_runner(tiny_model_dir("llama"), 0, 4, dtype="float32", kv_cache_bytes=1 << 20)
     ids = [(5 * i + 3) % 128 for i in range(100)]
     whole = perplexity(r, ids, window=100, stride=100)
     logits = _window_logits(r, ids)
@@ -61,7 +61,7 @@ def test_quantized_perplexity_within_the_bounds(default_model_dir):
     ids = corpus_token_ids(default_model_dir, 384)
     ppl = {}
     for mode in ("none", "int8", "int4"):
-        r = StageRunner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20,
+        r = load_runner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20,
                         quantize=mode, quantize_head=True)
         ppl[mode] = decode_perplexity(r, ids)
     assert 5 < ppl["none"] < 40, ppl                     # the model reads English

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from shardline.transforms import prune as P
-from shardline.worker.runner import StageRunner
+from shardline.worker.build import load_runner
 from tests.unit.test_model import Driver
 
 
@@ -42,14 +42,14 @@ def test_calibration_changes_scores():
 
 @pytest.mark.parametrize("spec", ["0.5", "2:4"])
 def test_pruned_stage(tiny_model_dir, monkeypatch, spec):
-    import shardline.tools.perplexity as ppl
+    import shardline.transforms.calibration as calibration
     # the tiny model has no tokenizer: calibrate on fixed token ids
-    monkeypatch.setattr(ppl, "corpus_token_ids", lambda d, n: [(7 * i) % 128 for i in range(n)])
+    monkeypatch.setattr(calibration, "corpus_token_ids", lambda d, n: [(7 * i) % 128 for i in range(n)])
     path = tiny_model_dir("llama")
-    r = StageRunner(path, 0, 4, kv_cache_bytes=1 << 20, fuse=False, prune=spec,
+    r = load_runner(path, 0, 4, dtype="float32", kv_cache_bytes=1 << 20, fuse=False, prune=spec,
                     prune_calibration=True)
     assert P.sparsity(r.model) == pytest.approx(0.5)
-    fused = StageRunner(path, 0, 4, kv_cache_bytes=1 << 20, prune=spec,
+    fused = load_runner(path, 0, 4, dtype="float32", kv_cache_bytes=1 << 20, prune=spec,
                         prune_calibration=True)
     prompts = [[1, 2, 3, 4, 5]]
     assert Driver([r]).run(prompts, 6) == Driver([fused]).run(prompts, 6)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from shardline.transforms import quantize as Q
-from shardline.worker.runner import StageRunner
+from shardline.worker.build import load_runner
 from tests.unit.test_model import Driver
 
 
@@ -52,13 +52,13 @@ def test_fp8_needs_capable_gpu():
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_stage_replaces_linears(tiny_model_dir, mode):
     path = tiny_model_dir("llama")
-    base = StageRunner(path, 0, 4, kv_cache_bytes=1 << 20)
-    r = StageRunner(path, 0, 4, kv_cache_bytes=1 << 20, quantize=mode, quantize_head=True)
+    base = load_runner(path, 0, 4, dtype="float32", kv_cache_bytes=1 << 20)
+    r = load_runner(path, 0, 4, dtype="float32", kv_cache_bytes=1 << 20, quantize=mode, quantize_head=True)
     kinds = {type(m).__name__ for m in r.model.modules()}
     assert {"Int8Linear" if mode == "int8" else "Int4Linear"} <= kinds
     assert not any(isinstance(m, nn.Linear) for m in r.model.modules())
     assert Q.weight_bytes(r.model) < Q.weight_bytes(base.model)
-    assert r.stage_info("m", r.quantization).quantization == mode
+    assert r.quantization == mode
     out = Driver([r]).run([[1, 2, 3, 4, 5]], 4)
     assert len(out[0]) == 4
 
@@ -69,7 +69,7 @@ def test_int8_greedy_close_on_real_model(default_model_dir):
     first near-tie (bf16 implementations alone disagree on this set's first prompt, whose top
     two logits are 0.26 apart in float32), which says nothing about the other positions."""
     prompts = [[1, 504, 3458, 282, 260], [504, 1116, 314, 2132, 30], [9519, 28, 253, 1164]]
-    runners = {mode: StageRunner(default_model_dir, 0, 30, dtype="bfloat16",
+    runners = {mode: load_runner(default_model_dir, 0, 30, dtype="bfloat16",
                                  kv_cache_bytes=16 << 20, quantize=mode)
                for mode in ("none", "int8")}
     greedy = Driver([runners["none"]]).run(prompts, 8)

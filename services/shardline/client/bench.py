@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from shardline.client.client import build_request
+from shardline.common.model_source import DEFAULT_MODEL, resolve_model
 from shardline.common.server import CHANNEL_OPTIONS
 from shardline.v1 import generate_pb2, generate_pb2_grpc
 
@@ -117,7 +118,6 @@ class HFBaseline:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from shardline.common.model_source import resolve_model
         if threads:
             torch.set_num_threads(threads)
         self.torch, self.device, self.prompt_len = torch, device, prompt_len
@@ -190,7 +190,6 @@ def main(argv: list[str]) -> int:
     res["shardline"].update(model=info.model, dtype=info.dtype, device=info.device,
                             stages=info.num_stages, replicas=info.num_replicas)
     if a.baseline == "hf":
-        from shardline.common.model_source import DEFAULT_MODEL
         hf = hf_baseline(a.hf_model or info.model or DEFAULT_MODEL, a.prompt_tokens, a.max_tokens,
                          a.concurrency, a.hf_dtype, a.hf_device, a.seed)
         res["hf"] = hf

@@ -14,6 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shardline.common.telemetry import TracingInterceptor, shutdown_tracing
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -108,7 +110,6 @@ class Service:
     def __init__(self, name: str, port: int, host: str = "0.0.0.0", grace_s: float = 5.0):
         self.name = name
         self.grace_s = grace_s
-        from shardline.common.telemetry import TracingInterceptor
         self.server = grpc.aio.server(interceptors=[TracingInterceptor(), ErrorInterceptor()],
                                       options=CHANNEL_OPTIONS)
         self.health = health.aio.HealthServicer()
@@ -159,7 +160,6 @@ class Service:
             res = fn()
             if asyncio.iscoroutine(res):
                 await res
-        from shardline.common.telemetry import shutdown_tracing
         shutdown_tracing()
         log.info("%s: stopped", self.name)
 

@@ -87,3 +87,9 @@ class StageModel(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # x: [S, hidden] (the rows that sample) -> [S, vocab] float32
         return self.lm_head(self.norm(x)).float()
+
+
+def layer_linears(model: StageModel) -> list[nn.Linear]:
+    """The dense Linear modules of the stage's decoder layers (not the embedding or head)."""
+    return [mod for layer in model.layers for mod in layer.modules()
+            if isinstance(mod, nn.Linear)]

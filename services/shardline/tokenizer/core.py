@@ -25,6 +25,7 @@ from typing import Mapping, Optional, Sequence
 import jinja2
 from transformers import AutoTokenizer
 
+from shardline.common.model_source import resolve_model
 from shardline.common.server import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,7 @@ class TokenizerCore:
 
     @classmethod
     def load(cls, model: str, cache_dir: Optional[str] = None) -> "TokenizerCore":
-        """Resolve `model` (dir, hub id, .gguf or alias) with the worker's loader and load it."""
-        from shardline.common.model_source import resolve_model
+        """Resolve `model` (dir, hub id, .gguf or alias) (common/model_source.py) and load it."""
         return cls.from_dir(resolve_model(model, cache_dir), name=model)
 
     @classmethod

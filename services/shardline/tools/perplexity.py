@@ -7,10 +7,10 @@ Sliding window: windows of --window tokens (default 512) every --stride tokens (
 all but its first token), so every token after the first is predicted once with at least
 window - stride tokens of context (except in the first window).
 
-It runs through StageRunner (one stage holding the whole model), with the same weight
+It runs through a StageRunner (one stage holding the whole model), with the same weight
 transforms as the worker (--fuse, --quantize, --prune), in float32 by default.
 --decode scores the tokens one decode step at a time instead (one window of --tokens): the
-path a served decode step takes, the CPU kernels of bf16 stages included (cpu_path.py), whose
+path a served decode step takes, the CPU kernels of bf16 stages included (backends/cpu_kernels), whose
 int4 GEMV quantizes activations to int8 per block of 32.
 The last line printed is `perplexity: X`.
 """
@@ -24,26 +24,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-
-def corpus_token_ids(model_dir, num_tokens: int) -> list[int]:
-    """The first num_tokens tokens of the pydoc topics corpus, with model_dir's tokenizer."""
-    from pydoc_data.topics import topics
-    from tokenizers import Tokenizer
-    import pathlib
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    tok = Tokenizer.from_file(str(pathlib.Path(model_dir) / "tokenizer.json"))
-    ids = tok.encode(text, add_special_tokens=False).ids
-    if len(ids) < num_tokens:
-        raise ValueError(f"the corpus has only {len(ids)} tokens")
-    return ids[:num_tokens]
+from shardline.common.model_source import DEFAULT_MODEL, resolve_model
+from shardline.models.attention import AttentionMetadata
+from shardline.models.config import ModelConfig
+from shardline.transforms.calibration import corpus_token_ids
+from shardline.worker.build import load_runner
+from shardline.worker.config import add_weight_args
 
 
 @torch.inference_mode()
 def window_logits(runner, ids: list[int]) -> torch.Tensor:
-    """Logits [len(ids), vocab] (float32) of one prefill from position 0 on a fresh cache."""
-    from shardline.models.attention import AttentionMetadata
-
+    """Logits [len(ids), vocab] (float32) of one prefill from position 0 on a fresh cache,
+    through the stage's PyTorch modules."""
     n = len(ids)
     blocks = list(range(-(-n // runner.block_size)))
     meta = AttentionMetadata.build([0], [n], [blocks], runner.block_size, runner.device)
@@ -74,29 +66,22 @@ def perplexity(runner, ids: list[int], window: int = 512, stride: int = 256) -> 
 @torch.inference_mode()
 def decode_perplexity(runner, ids: list[int]) -> float:
     """exp(mean NLL) of ids[1:], each predicted by a one-token decode step after all earlier
-    ones (teacher forcing), through the runner's serving path."""
-    from shardline.models.attention import AttentionMetadata
-
+    ones (teacher forcing), through the runner's serving path (its backend)."""
     if not runner.is_first or not runner.is_last:
         raise ValueError("perplexity needs a stage holding the whole model")
-    path = runner.fast if runner.fast is not None else runner.model
+    backend = runner.backend
     blocks = list(range(-(-len(ids) // runner.block_size)))
     nll = 0.0
     for pos in range(len(ids) - 1):
-        meta = AttentionMetadata.build([pos], [1], [blocks], runner.block_size, runner.device)
-        x = runner.model.embed(torch.tensor([ids[pos]], device=runner.device))
-        logits = path.logits(path.forward(x, meta, runner.kv_cache.layers))     # [1, vocab]
+        meta = backend.build_metadata([pos], [1], [blocks], runner.block_size)
+        x = backend.embed([ids[pos]])
+        logits = backend.logits(backend.forward(x, meta, runner.kv_cache))   # [1, vocab]
         target = torch.tensor([ids[pos + 1]], device=logits.device)
         nll += F.cross_entropy(logits, target, reduction="sum").item()
     return math.exp(nll / (len(ids) - 1))
 
 
 def main(argv: list[str]) -> int:
-    from shardline.worker.config import add_weight_args
-    from shardline.common.model_source import DEFAULT_MODEL, resolve_model
-    from shardline.models.config import ModelConfig
-    from shardline.worker.runner import StageRunner
-
     p = argparse.ArgumentParser(prog="shardline perplexity", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", default="cpu")
@@ -115,9 +100,9 @@ def main(argv: list[str]) -> int:
     cfg = ModelConfig.from_dir(model_dir)
     t0 = time.perf_counter()
     window = a.tokens if a.decode else a.window
-    runner = StageRunner(model_dir, 0, cfg.num_layers, device=a.device, dtype=a.dtype,
+    runner = load_runner(model_dir, 0, cfg.num_layers, device=a.device, dtype=a.dtype,
                          kv_cache_bytes=_kv_bytes(cfg, window, a.dtype), fuse=a.fuse,
-                         use_cpu_kernels=a.cpu_kernels, **weight_kwargs(a))
+                         cpu_kernels=a.cpu_kernels, **weight_kwargs(a))
     ids = corpus_token_ids(model_dir, a.tokens)
     if a.decode:
         ppl = decode_perplexity(runner, ids)
@@ -132,7 +117,7 @@ def main(argv: list[str]) -> int:
 
 
 def weight_kwargs(a: argparse.Namespace) -> dict:
-    """StageRunner's weight-transform arguments from add_weight_args' flags."""
+    """load_runner's weight-transform arguments from add_weight_args' flags."""
     kw = dict(quantize=a.quantize, group_size=a.group_size, quantize_head=a.quantize_head,
               torch_compile=a.torch_compile)
     for name in ("prune", "prune_calibration"):

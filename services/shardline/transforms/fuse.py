@@ -3,7 +3,6 @@
     q_proj, k_proj, v_proj  -> qkv_proj  [(H + 2 KV) * head_dim, hidden]   (biases kept)
     gate_proj, up_proj      -> gate_up_proj [2 * intermediate, hidden]
     x + attn; norm(...)     -> add_rms_norm (in-place residual adds)
-    --compile               -> each layer's norms and MLP through torch.compile (compile_stage)
 
 The model code keeps the paper's names; a fused module is used when present (see
 Attention.forward, MLP.forward, DecoderLayer.forward). Fuse before quantizing: per-row
@@ -49,26 +48,4 @@ def fuse_stage(model: nn.Module) -> nn.Module:
         mlp.gate_up_proj = concat_linears([mlp.gate_proj, mlp.up_proj])
         del mlp.gate_proj, mlp.up_proj
         layer.fused = True
-    return model
-
-
-
-def compile_stage(model: nn.Module) -> nn.Module:
-    """torch.compile (dynamic shapes) the dense parts of each decoder layer in place: the
-    input RMSNorm and, after attention, the residual add, RMSNorm, SwiGLU MLP and residual add
-    (DecoderLayer.post_attention), and the last stage's final norm. Inductor fuses their
-    elementwise work (SiLU * up, the norms, the adds) around the matmuls. Attention stays
-    eager: its paged addressing changes with every step's plan. Every layer runs the same
-    code, so the layers share their compiled graphs (parameters are graph inputs); each
-    distinct shape class (one row, several rows) compiles once (StageRunner warms both up at
-    start). Unfused layers compile their norms and MLP as modules."""
-    for layer in model.layers:
-        layer.input_layernorm.compile(dynamic=True)
-        if layer.fused:
-            layer.post_attention = torch.compile(layer.post_attention, dynamic=True)
-        else:
-            layer.post_attention_layernorm.compile(dynamic=True)
-            layer.mlp.compile(dynamic=True)
-    if model.norm is not None:
-        model.norm.compile(dynamic=True)
     return model

@@ -19,6 +19,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from shardline.models.decoder import layer_linears
+from shardline.transforms.calibration import calibration_norms
+
 log = logging.getLogger(__name__)
 
 PruneSpec = Union[float, tuple[int, int]]
@@ -68,46 +71,6 @@ def prune_linear(m: nn.Linear, spec: PruneSpec,
     w.mul_(prune_mask(score, spec).to(w.dtype))
 
 
-def stage_linears(model: nn.Module) -> list[nn.Linear]:
-    return [mod for layer in model.layers for mod in layer.modules()
-            if isinstance(mod, nn.Linear)]
-
-
-@torch.inference_mode()
-def calibration_norms(model: nn.Module, model_dir, batches: int = 4, window: int = 256
-                      ) -> dict[nn.Module, torch.Tensor]:
-    """Per Linear of the stage: the L2 norm of each input channel over `batches` windows of
-    the built-in corpus (the stage must be the first: it embeds the tokens)."""
-    from shardline.models.attention import AttentionMetadata
-    from shardline.models.kv_cache import KVCache
-    from shardline.tools.perplexity import corpus_token_ids
-
-    if not model.is_first:
-        raise ValueError("--prune-calibration needs the first stage (it embeds the corpus)")
-    cfg, param = model.config, next(model.parameters())
-    bs = 16
-    kv = KVCache(len(model.layers), -(-window // bs), bs, cfg.num_kv_heads, cfg.head_dim,
-                 param.dtype, param.device)
-    sums: dict[nn.Module, torch.Tensor] = {}
-
-    def hook(mod, inputs, output):
-        x = inputs[0].float()
-        sums[mod] = sums.get(mod, 0) + (x * x).sum(0)
-
-    handles = [m.register_forward_hook(hook) for m in stage_linears(model)]
-    ids = corpus_token_ids(model_dir, batches * window)
-    try:
-        for b in range(batches):
-            chunk = ids[b * window:(b + 1) * window]
-            meta = AttentionMetadata.build([0], [window], [list(range(kv.num_blocks))], bs,
-                                           param.device)
-            model(model.embed(torch.tensor(chunk, device=param.device)), meta, kv.layers)
-    finally:
-        for h in handles:
-            h.remove()
-    return {m: s.sqrt() for m, s in sums.items()}
-
-
 def prune_stage(model: nn.Module, spec: Union[str, PruneSpec, None],
                 calibration_dir=None) -> nn.Module:
     """Prune the Linear modules of a StageModel's layers in place (the LM head and embedding
@@ -118,7 +81,7 @@ def prune_stage(model: nn.Module, spec: Union[str, PruneSpec, None],
     if spec is None:
         return model
     norms = calibration_norms(model, calibration_dir) if calibration_dir else {}
-    for m in stage_linears(model):
+    for m in layer_linears(model):
         prune_linear(m, spec, norms.get(m))
     return model
 
@@ -128,7 +91,7 @@ def accelerate_semi_structured(model: nn.Module) -> int:
     returns how many were converted (0 where unsupported)."""
     from torch.sparse import to_sparse_semi_structured
     converted = 0
-    for m in stage_linears(model):
+    for m in layer_linears(model):
         w = m.weight
         if not w.is_cuda or w.dtype not in (torch.bfloat16, torch.float16):
             continue
@@ -144,7 +107,7 @@ def accelerate_semi_structured(model: nn.Module) -> int:
 def sparsity(model: nn.Module) -> float:
     """Fraction of zero weights in the stage's layer Linear modules (dense weights)."""
     zeros = total = 0
-    for m in stage_linears(model):
+    for m in layer_linears(model):
         zeros += (m.weight == 0).sum().item()
         total += m.weight.numel()
     return zeros / max(total, 1)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardline.transforms import triton_int8      # imports Triton only when first used on CUDA
+
 MODES = ("none", "int8", "int4", "fp8")
 
 
@@ -71,7 +73,6 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.shape[0] <= 16:
-            from shardline.transforms import triton_int8          # Triton only on CUDA
             if triton_int8.available():
                 y = triton_int8.int8_linear(x, self.qweight, self.scale)
                 return y if self.bias is None else y + self.bias.to(x.dtype)

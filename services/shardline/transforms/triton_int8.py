@@ -3,8 +3,8 @@
     y[m, n] = sum_k x[m, k] * q[n, k] * scale[n]       x bf16/fp16 [M <= 16, K], q int8 [N, K]
 
 Each program computes BLOCK_N outputs for all (up to 16) rows, streaming the int8 weight once
-and converting it in registers, so the step reads 1 byte per weight instead of 2. Imported
-only on CUDA (Int8Linear.forward); off unless ENABLED is set (benchmarks/weights.py
+and converting it in registers, so the step reads 1 byte per weight instead of 2. Used
+on CUDA only (Int8Linear.forward, at up to 16 rows); off unless ENABLED is set (benchmarks/weights.py
 --variants int8-triton). Untested on a GPU in this repository's CI.
 """
 from __future__ import annotations

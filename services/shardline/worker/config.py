@@ -9,6 +9,8 @@ from typing import Optional
 from shardline.common.units import parse_bytes
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20     # KV cache budget on the CPU
+DEFAULT_CUDA_KV_CACHE_FRACTION = 0.8       # CUDA: fraction of free memory after the weights
 
 
 @dataclass

@@ -63,7 +63,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor],
 
 
 @dataclass
-class _SeqState:
+class SeqSamplingState:
     config: SamplingConfig
     seen: Optional[torch.Tensor] = None   # [V] bool, tokens of the sequence (for the penalty)
 
@@ -74,7 +74,7 @@ class Sampler:
     def __init__(self, vocab_size: int, device: torch.device, argmax=None):
         self.vocab_size = vocab_size
         self.device = torch.device(device)
-        self.seqs: dict[int, _SeqState] = {}
+        self.seqs: dict[int, SeqSamplingState] = {}
         # argmax over a row-major float32 [N, V] -> [N] int64 (torch.argmax's rules); the CPU
         # kernels' argmax_rows where they run (ATen's took 1 ms for 16 x 49152 logits)
         self._argmax = argmax or (lambda x: x.argmax(dim=-1))
@@ -85,7 +85,7 @@ class Sampler:
         seen = None
         if config.repetition_penalty != 1.0:
             seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-        self.seqs[seq_id] = _SeqState(config, seen)
+        self.seqs[seq_id] = SeqSamplingState(config, seen)
 
     def remove(self, seq_id: int) -> None:
         self.seqs.pop(seq_id, None)

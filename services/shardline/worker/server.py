@@ -6,10 +6,17 @@ import asyncio
 import logging
 import sys
 
+import torch
+
 from shardline.common import telemetry
+from shardline.common.model_source import resolve_model
 from shardline.common.server import Service, configure_logging
 from shardline.v1 import worker_pb2_grpc
+from shardline.models.config import ModelConfig
+from shardline.worker.build import load_runner
 from shardline.worker.config import WorkerConfig
+from shardline.worker.heap import keep_freed_memory
+from shardline.worker.runner import StageRunner
 from shardline.worker.servicer import StageWorkerServicer
 
 log = logging.getLogger(__name__)
@@ -17,26 +24,23 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def build_runner(cfg: WorkerConfig):
+def build_runner(cfg: WorkerConfig) -> StageRunner:
     """Resolve the model and load this stage's layers (slow: runs off the event loop)."""
-    import torch
-    from shardline.common.model_source import resolve_model
-    from shardline.models.config import ModelConfig
-    from shardline.worker.runner import StageRunner
-
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    if cfg.device == "cpu":
+        keep_freed_memory()              # steps reuse their activations' memory (heap.py)
     model_dir = resolve_model(cfg.model, cfg.cache_dir)
-    mcfg = ModelConfig.from_dir(model_dir)
-    start, end = cfg.layer_range(mcfg.num_layers)
+    start, end = cfg.layer_range(ModelConfig.from_dir(model_dir).num_layers)
     log.info("stage %d/%d: layers [%d, %d) of %s on %s in %s", cfg.stage_index, cfg.num_stages,
              start, end, cfg.model, cfg.device, cfg.dtype)
-    return StageRunner(model_dir, start, end, device=cfg.device, dtype=getattr(torch, cfg.dtype),
-                       kv_cache_bytes=cfg.kv_cache_bytes(), kv_cache_fraction=cfg.kv_cache_fraction,
-                       block_size=cfg.block_size, fuse=cfg.fuse, quantize=cfg.quantize,
+    return load_runner(model_dir, start, end, device=cfg.device, dtype=cfg.dtype,
+                       kv_cache_bytes=cfg.kv_cache_bytes(),
+                       kv_cache_fraction=cfg.kv_cache_fraction, block_size=cfg.block_size,
+                       cpu_kernels=cfg.cpu_kernels, fuse=cfg.fuse, quantize=cfg.quantize,
                        group_size=cfg.group_size, quantize_head=cfg.quantize_head,
                        prune=cfg.prune, prune_calibration=cfg.prune_calibration,
-                       use_cpu_kernels=cfg.cpu_kernels, torch_compile=cfg.torch_compile)
+                       torch_compile=cfg.torch_compile)
 
 
 async def serve(cfg: WorkerConfig) -> None:

@@ -28,10 +28,15 @@ from typing import Optional
 import torch
 from torch import nn
 
+from shardline.backends.base import StepBackend
 from shardline.backends.cpu_kernels import build as cpu_kernels
+from shardline.backends.cpu_kernels.layouts import (glu_layout, int4_kernel_layout,
+                                                    int8_kernel_layout, vnni_layout)
 from shardline.models.attention import AttentionMetadata
+from shardline.models.decoder import StageModel
+from shardline.models.kv_cache import KVCache
 from shardline.models.layers import Linear
-from shardline.transforms.quantize import Int4Linear, Int8Linear, unpack_int4
+from shardline.transforms.quantize import Int4Linear, Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -42,60 +47,6 @@ log = logging.getLogger(__name__)
 #   13.7), 512 rows 94 ms (129);
 #   2 AMD EPYC Zen 4 cores (no AMX): 1 row 7.0 ms, 16 rows 10.8, 128 rows 67; PyTorch's bf16
 #   F.linear with the head's 28 M more weights 19, 29, 102.
-
-
-def vnni_layout(w: torch.Tensor) -> torch.Tensor:
-    """bf16 [n, k] -> [n' / 16, k / 2, 16, 2] for linear_vnni (n' = n rounded up to 32, zero
-    rows): per block of 16 outputs, each pair of input channels' 16 x 2 values together, the
-    layout AMX takes as its B tile and the GEMV streams without horizontal sums."""
-    n, k = w.shape
-    padded = -(-n // 32) * 32
-    if padded != n:
-        w = torch.cat([w, w.new_zeros(padded - n, k)])
-    return w.reshape(padded // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
-
-
-def glu_layout(gate_up: torch.Tensor) -> torch.Tensor:
-    """A fused gate_up weight [2 I, k] (gate rows, then up rows) as linear_vnni(glu=True)
-    takes it: per 32 output rows, 16 gate rows and the 16 up rows of the same channels, so
-    each 32-output block it computes yields silu(gate) * up for 16 channels in its epilogue
-    (the [T, 2 I] intermediate and the separate silu_mul pass go away)."""
-    n, k = gate_up.shape
-    inter = n // 2
-    return gate_up.view(2, inter // 16, 16, k).transpose(0, 1).reshape(n, k)
-
-
-def int8_kernel_layout(m: Int8Linear) -> torch.Tensor:
-    """uint8 q + 128 (unsigned weights against signed int8 activations: VNNI's dpbusd
-    multiplies unsigned by signed bytes), tiled [n' / 16, k / 4, 16, 4] (n' = n rounded up to
-    16): per block of 16 outputs and quad of input channels, the 16 outputs' 4 bytes, one
-    64-byte vector that dpbusd takes whole."""
-    u = (m.qweight.to(torch.int16) + 128).to(torch.uint8)
-    n, k = u.shape
-    padded = -(-n // 16) * 16
-    if padded != n:
-        u = torch.cat([u, u.new_full((padded - n, k), 128)])
-    return u.reshape(padded // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
-
-
-def int4_kernel_layout(m: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weights uint8 [n' / 16, k / 8, 16, 4], scale and offset float16 [n' / 16, k / 32, 16])
-    for linear_int4 (n' = n rounded up to 16): per block of 16 outputs and octet of input
-    channels, output o's 4 bytes hold the octet's channels 0..3 in their low nibbles and 4..7 in
-    their high nibbles; w = q * scale + offset (offset = zero - 8 * scale)."""
-    q = unpack_int4(m.packed)                                          # [n, k] in [0, 15]
-    n, k = q.shape
-    scale, offset = m.scale.half(), (m.zero - 8 * m.scale).half()     # [n, k / 32]
-    padded = -(-n // 16) * 16
-    if padded != n:
-        q = torch.cat([q, q.new_zeros(padded - n, k)])
-        scale = torch.cat([scale, scale.new_zeros(padded - n, k // 32)])
-        offset = torch.cat([offset, offset.new_zeros(padded - n, k // 32)])
-    octets = q.view(padded, k // 8, 2, 4)
-    packed = (octets[:, :, 0] | (octets[:, :, 1] << 4))               # [n', k / 8, 4]
-    tiles = packed.view(padded // 16, 16, k // 8, 4).permute(0, 2, 1, 3).contiguous()
-    per_block = (lambda t: t.view(padded // 16, 16, k // 32).transpose(1, 2).contiguous())
-    return tiles, per_block(scale), per_block(offset)
 
 
 def _linear(kernels, m: nn.Module):
@@ -146,7 +97,7 @@ def _layer(kernels, layer) -> Optional[object]:
 
 
 class ReleasedProjection(nn.Module):
-    """Stands in for a projection whose weights were freed (CpuStepPath.release_module_weights):
+    """Stands in for a projection whose weights were freed (CpuKernelBackend.release_module_weights):
     the kernels hold their own copy, and the stage's PyTorch forward no longer runs."""
 
     def __init__(self, name: str, in_features: int, out_features: int):
@@ -159,12 +110,14 @@ class ReleasedProjection(nn.Module):
                            "the kernels only")
 
 
-class CpuStepPath:
-    """Built by `build` for a stage it can run; `forward` and `logits` mirror StageModel's."""
+class CpuKernelBackend(StepBackend):
+    """A bf16 CPU stage's steps on the kernels; built by `build` for a stage it can run."""
 
-    def __init__(self, kernels, model):
-        self.k = kernels
-        self.model = model
+    name = "cpu-kernels"
+
+    def __init__(self, kernels, model: StageModel):
+        super().__init__(model)
+        self.kernels = kernels
         self.layers = [_layer(kernels, layer) for layer in model.layers]
         rot = model.rotary
         self.cos = rot.cos.float().contiguous()                       # [max_pos, head_dim]
@@ -176,26 +129,27 @@ class CpuStepPath:
             self.head = _linear(kernels, model.lm_head)
 
     @classmethod
-    def build(cls, model) -> Optional["CpuStepPath"]:
-        """The path for `model` (a StageModel), or None where it does not apply."""
+    def build(cls, model: StageModel) -> Optional["CpuKernelBackend"]:
+        """The backend for `model`, or None where the kernels do not apply: another device or
+        dtype, an unfused stage, sizes the kernels do not tile, a CPU without AVX512-BF16."""
         p = next(model.parameters())
         if p.device.type != "cpu" or p.dtype != torch.bfloat16:
             return None
         cfg = model.config
         if cfg.hidden_size % 32 or cfg.head_dim % 32:
             return None
-        if any(layer.self_attn.qkv_proj is None or layer.mlp.gate_up_proj is None
-               for layer in model.layers):
-            return None                               # the path expects fused projections
+        if any(getattr(layer.self_attn, "qkv_proj", None) is None
+               or getattr(layer.mlp, "gate_up_proj", None) is None for layer in model.layers):
+            return None                               # the kernels take fused projections
         kernels = cpu_kernels.load()
         if kernels is None:
             return None
-        path = cls(kernels, model)
-        if any(layer is None for layer in path.layers):
+        backend = cls(kernels, model)
+        if any(layer is None for layer in backend.layers):
             return None
         log.info("steps run on the CPU kernels (AVX512-BF16 / VNNI%s)",
                  ", AMX" if kernels.amx_supported() else "")
-        return path
+        return backend
 
     def release_module_weights(self) -> None:
         """Replace the model's projections, whose weights the kernels hold in their own layout,
@@ -213,21 +167,26 @@ class CpuStepPath:
         if self.head is not None and not tied:
             self.model.lm_head = ReleasedProjection("lm_head", head.in_features, head.out_features)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata,
-                kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """x: [T, hidden] bf16 -> [T, hidden] (StageModel.forward). Each layer is one call;
-        attention takes every row against its own context (meta.per_row)."""
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
+        """x: [T, hidden] bf16 -> [T, hidden]. Each layer is one StepLayer call; attention
+        takes every row against its own context (meta.per_row)."""
         h, residual = x.contiguous(), None
         table, lengths = meta.per_row()
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_layers):
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_cache.layers):
             h, residual = layer.forward(h, residual, meta.positions, self.cos, self.sin,
                                         meta.slot_mapping, k_cache, v_cache, table, lengths,
                                         meta.block_size)
         return residual.add_(h)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [S, hidden] -> [S, vocab] float32 (StageModel.logits)."""
-        normed = self.k.rms_norm(x.contiguous(), None, self.norm, self.norm_eps)
+        """x: [S, hidden] -> [S, vocab] float32."""
+        normed = self.kernels.rms_norm(x.contiguous(), None, self.norm, self.norm_eps)
         if self.head is None:                    # a head the kernels do not take (fp8, ...)
             return self.model.lm_head(normed).float()
         return self.head(normed, True)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """argmax_rows (AVX512, torch.argmax's tie and NaN rules) for row-major float32."""
+        if logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] > 0:
+            return self.kernels.argmax_rows(logits.contiguous())
+        return logits.argmax(dim=-1)

@@ -1,0 +1,83 @@
+"""`build_stage`: load a stage's layers and apply the weight transforms, in one order.
+
+    load (safetensors, or an optimized checkpoint) -> prune -> fuse -> 2:4 sparse kernels
+    (CUDA) -> quantize -> compile
+
+Each transform is a plain function on the loaded StageModel (fuse.py, prune.py,
+quantize.py, compile.py); `StageTransforms` names which ones a stage gets. An optimized
+checkpoint (recipe.py) is already pruned and quantized: only fusing and compiling apply.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from shardline.models.config import ModelConfig
+from shardline.models.decoder import StageModel
+from shardline.models.weights import load_stage_model
+from shardline.transforms.compile import compile_stage
+from shardline.transforms.fuse import fuse_stage
+from shardline.transforms.prune import accelerate_semi_structured, parse_prune, prune_stage
+from shardline.transforms.quantize import MODES, quantize_stage
+from shardline.transforms.recipe import load_optimized_stage, read_recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageTransforms:
+    """Which transforms a stage's weights get (the worker's weight flags)."""
+    fuse: bool = True                   # fused qkv / gate_up / residual adds (fuse.py)
+    quantize: str = "none"              # none | int8 | int4 | fp8 weight-only (quantize.py)
+    group_size: int = 32                # int4 group size
+    quantize_head: bool = False         # also quantize the LM head
+    prune: Optional[str] = None         # "0.5" (unstructured ratio) or "2:4" (prune.py)
+    prune_calibration: bool = False     # activation-aware pruning scores (calibration.py)
+    torch_compile: bool = False         # torch.compile each layer's dense parts (compile.py)
+
+    def __post_init__(self):
+        if self.quantize not in MODES:
+            raise ValueError(f"quantize must be one of {MODES}, got {self.quantize!r}")
+        if self.group_size <= 0:
+            raise ValueError(f"group_size must be > 0, got {self.group_size}")
+        parse_prune(self.prune)
+
+
+@dataclass
+class BuiltStage:
+    """A loaded, transformed stage and what was done to it."""
+    model: StageModel
+    config: ModelConfig
+    quantization: str                   # none | int8 | int4 | fp8, as served
+    compiled: bool
+
+
+def build_stage(model_dir: Union[str, pathlib.Path], layer_start: int, layer_end: int,
+                device: Union[str, torch.device], dtype: torch.dtype,
+                transforms: StageTransforms = StageTransforms()) -> BuiltStage:
+    """Layers [layer_start, layer_end) of the checkpoint in model_dir, in dtype on device,
+    with `transforms` applied."""
+    config = ModelConfig.from_dir(model_dir)
+    recipe = read_recipe(model_dir)
+    t = transforms
+    if recipe is not None:              # an optimized checkpoint: already pruned / quantized
+        model = load_optimized_stage(model_dir, config, layer_start, layer_end, dtype, device,
+                                     recipe)
+        quantization, prune = recipe.get("quantize", "none"), None
+    else:
+        model = load_stage_model(model_dir, config, layer_start, layer_end, dtype, device)
+        quantization, prune = t.quantize, t.prune
+        prune_stage(model, prune, model_dir if t.prune_calibration else None)
+    if t.fuse:
+        fuse_stage(model)
+    if prune == "2:4" and quantization == "none" and torch.device(device).type == "cuda":
+        accelerate_semi_structured(model)
+    if recipe is None:
+        quantize_stage(model, t.quantize, t.group_size, t.quantize_head)
+    if t.torch_compile:
+        compile_stage(model)
+    return BuiltStage(model, config, quantization, t.torch_compile)

@@ -1,0 +1,90 @@
+"""Building a stage's runner: load + transforms (transforms.stage.build_stage), the backend
+(backends.select_backend), a KV cache sized from the memory budget, then StageRunner.
+
+    load_runner(model_dir, 0, 30, dtype="bfloat16", quantize="int8")
+
+Process-wide settings (torch threads, the heap's malloc tuning) are the worker process's
+(worker/server.py), not a runner's.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Optional, Union
+
+import torch
+
+from shardline.backends import select_backend
+from shardline.common.dtypes import DEFAULT_DTYPE, canonical_dtype
+from shardline.common.tensors import DTYPES
+from shardline.models.kv_cache import KVCache
+from shardline.transforms.stage import StageTransforms, build_stage
+from shardline.worker.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_CUDA_KV_CACHE_FRACTION
+from shardline.worker.runner import StageRunner
+
+log = logging.getLogger(__name__)
+
+
+def as_torch_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """A dtype name, alias or torch dtype -> the torch dtype (one of common.dtypes')."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
+        return dtype
+    return DTYPES[canonical_dtype(dtype)]
+
+
+def kv_cache_budget(device: torch.device, kv_cache_bytes: Optional[int],
+                    kv_cache_fraction: float) -> int:
+    """Bytes for the KV cache: the explicit budget, else a fraction of the free memory on
+    CUDA (measured after the weights are loaded), else the CPU default."""
+    if kv_cache_bytes is not None:
+        return kv_cache_bytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * kv_cache_fraction)
+    return DEFAULT_CPU_KV_CACHE_BYTES
+
+
+def load_runner(model_dir: Union[str, pathlib.Path], layer_start: int, layer_end: int, *,
+                device: Union[str, torch.device] = "cpu",
+                dtype: Union[str, torch.dtype] = DEFAULT_DTYPE,
+                kv_cache_bytes: Optional[int] = None,
+                kv_cache_fraction: float = DEFAULT_CUDA_KV_CACHE_FRACTION,
+                block_size: int = 16, cpu_kernels: bool = True,
+                **transforms) -> StageRunner:
+    """A runner for layers [layer_start, layer_end) of the checkpoint in model_dir.
+    transforms: the fields of transforms.stage.StageTransforms (fuse, quantize, group_size,
+    quantize_head, prune, prune_calibration, torch_compile). cpu_kernels: let bf16 CPU stages
+    run on the CPU-kernel backend where it applies."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be > 0, got {block_size}")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = as_torch_dtype(dtype)
+    stage = build_stage(model_dir, layer_start, layer_end, device, dtype,
+                        StageTransforms(**transforms))
+    backend = select_backend(stage.model, cpu_kernels=cpu_kernels, compiled=stage.compiled)
+    kv_cache = _kv_cache(stage.model, device, dtype, block_size,
+                         kv_cache_budget(device, kv_cache_bytes, kv_cache_fraction))
+    runner = StageRunner(backend, kv_cache, stage.quantization)
+    log.info("stage [%d, %d): %d KV blocks of %d tokens (%.0f MiB) on %s in %s, %s backend",
+             layer_start, layer_end, kv_cache.num_blocks, block_size, kv_cache.nbytes / 2**20,
+             device, runner.dtype_name, backend.name)
+    if backend.needs_warm_up:
+        runner.warm_up()
+    return runner
+
+
+def _kv_cache(model, device: torch.device, dtype: torch.dtype, block_size: int,
+              budget: int) -> KVCache:
+    cfg, num_local = model.config, len(model.layers)
+    num_blocks = KVCache.num_blocks_for_budget(budget, num_local, block_size, cfg.num_kv_heads,
+                                               cfg.head_dim, dtype)
+    if num_blocks < 1:
+        need = KVCache.bytes_per_block(num_local, block_size, cfg.num_kv_heads, cfg.head_dim,
+                                       dtype)
+        raise ValueError(f"KV cache budget of {budget} bytes holds no block ({need} bytes each)")
+    return KVCache(num_local, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
+                   device)
