@@ -31,10 +31,6 @@ class KVCache:
                                                                          self.v.unbind(0)))
 
     @property
-    def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
-
-    @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
