@@ -19,6 +19,7 @@ from shardline.common.model_source import DEFAULT_MODEL, resolve_model
 from shardline.models.config import ModelConfig
 from shardline.protocol.plan import SamplingConfig, SeqStep
 from shardline.worker.build import load_runner
+from shardline.worker.heap import keep_freed_memory
 
 
 def _timed(fn, steps: int, device: str) -> tuple[float, float]:
@@ -76,6 +77,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,16")
     p.add_argument("--hf", action="store_true", help="also time HF transformers' forward")
     a = p.parse_args()
+    keep_freed_memory()                  # as a worker process does (worker/heap.py)
     torch.set_num_threads(a.threads)
     model_dir = resolve_model(a.model)
     for name in a.dtypes.split(","):

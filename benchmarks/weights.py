@@ -28,6 +28,7 @@ import torch
 from shardline.protocol.plan import SamplingConfig, SeqStep
 from shardline.transforms.quantize import weight_bytes
 from shardline.worker.build import load_runner
+from shardline.worker.heap import keep_freed_memory
 
 VARIANTS = {
     "unfused": dict(fuse=False),
@@ -130,6 +131,7 @@ def main() -> None:
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None,
                    help="also time HF transformers (default: on with --shape)")
     a = p.parse_args()
+    keep_freed_memory()                  # as a worker process does (worker/heap.py)
     if a.threads:
         torch.set_num_threads(a.threads)
     cuda = a.device.startswith("cuda")
@@ -164,7 +166,8 @@ def main() -> None:
         del runner
         ppl = "-"
         if ppl_on:
-            from shardline.tools.perplexity import corpus_token_ids, perplexity
+            from shardline.tools.perplexity import perplexity
+            from shardline.transforms.calibration import corpus_token_ids
             from shardline.models.config import ModelConfig
             cfg = ModelConfig.from_dir(model_dir)
             pr = load_runner(model_dir, 0, num_layers, device=a.device, dtype=a.ppl_dtype,
