@@ -1,5 +1,5 @@
-"""The CPU decode kernels (csrc/cpu_kernels.cpp) against PyTorch references, and the decode
-path built on them (cpu_path.py) against StageModel's own bf16 forward on the real model.
+"""The CPU decode kernels (csrc/) against PyTorch references, and the decode path built on
+them (backend.py) against StageModel's own bf16 forward on the real model.
 
 They need a CPU with AVX512-BF16 and VNNI (the kernels are not used elsewhere): skipped, with
 the reason, on other CPUs."""
@@ -20,7 +20,7 @@ from shardline.models.layers import apply_rope
 from shardline.protocol.plan import SamplingConfig, SeqStep
 from shardline.transforms.quantize import (Int4Linear, Int8Linear, dequantize_int4,
                                        dequantize_int8, quantize_int8)
-from shardline.worker.runner import StageRunner
+from shardline.worker.build import load_runner
 
 # skipped where the CPU lacks the instructions; where it has them, a kernel that does not build
 # fails every test here (the worker would quietly fall back to PyTorch's ops)
@@ -31,7 +31,21 @@ pytestmark = pytest.mark.skipif(not CPU_HAS_THEM, reason="CPU kernels need AVX51
 
 
 def test_the_kernels_build_and_load_on_this_cpu():
-    assert K is not None, "csrc/cpu_kernels.cpp did not build: see the warning logged above"
+    assert K is not None, "the kernels in csrc/ did not build: see the warning logged above"
+
+
+def test_the_build_digest_covers_every_source_and_header(tmp_path, monkeypatch):
+    # the build directory and module name change with any file in csrc/, headers included
+    for name in ("a.cpp", "b.h"):
+        (tmp_path / name).write_text("// " + name)
+    monkeypatch.setattr(cpu_kernels, "CSRC", tmp_path)
+    assert cpu_kernels._sources() == [tmp_path / "a.cpp"]
+    digests = {cpu_kernels._digest()}
+    (tmp_path / "b.h").write_text("// changed")
+    digests.add(cpu_kernels._digest())
+    (tmp_path / "c.h").write_text("")
+    digests.add(cpu_kernels._digest())
+    assert len(digests) == 3
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -140,6 +154,30 @@ def test_quantized_weights_dequantize_into_the_vnni_layout(n):
     for m, w in cases:
         lin = cpu_path._linear(K, m)
         assert rel_err(lin(x), x.float() @ w.float().T) < 1e-2
+
+
+def test_step_linear_takes_a_weight_format():
+    assert list(K.WeightFormat.__members__) == ["BF16", "INT8", "INT4"]
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    lin = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    bf16 = K.StepLinear(K.WeightFormat.BF16, vnni_layout(lin.weight.detach()), None, None, None,
+                        48)
+    assert bf16.format == K.WeightFormat.BF16
+    assert rel_err(bf16(x, True), x.float() @ lin.weight.float().t()) < 1e-5
+    with pytest.raises(TypeError):                           # a plain int is no format
+        K.StepLinear(0, vnni_layout(lin.weight.detach()), None, None, None, 48)
+    q, s = quantize_int8(lin.weight.detach().float())
+    m8, m4 = Int8Linear(q, s, None), Int4Linear.from_linear(lin, 32)
+    with pytest.raises(RuntimeError, match="glu"):
+        K.StepLinear(K.WeightFormat.INT8, int8_kernel_layout(m8), s.float(), None, None, 48,
+                     glu=True)
+    # the backend's projections, each in its format
+    assert cpu_path._linear(K, lin).format == K.WeightFormat.BF16
+    assert cpu_path._linear(K, m8).format == K.WeightFormat.INT8
+    assert cpu_path._linear(K, m4).format == K.WeightFormat.INT4
+    gate_up = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    assert cpu_path._gate_up(K, gate_up).format == K.WeightFormat.BF16
 
 
 def test_rms_norm_with_and_without_residual():
@@ -290,14 +328,11 @@ def _decode(runner: StageRunner, prompts, steps: int):
     _, sampled = runner.step(plan, [], None)
     out = [[t.token_id] for t in sampled]
     logits = []
-    real_logits = runner.model.logits
-    fast_logits = runner.fast.logits if runner.fast is not None else None
+    backend = runner.backend
+    real_logits = backend.logits
     for k in range(steps):
         captured = []
-        if fast_logits is not None:
-            runner.fast.logits = lambda x: captured.append(fast_logits(x)) or captured[-1]
-        else:
-            runner.model.logits = lambda x: captured.append(real_logits(x)) or captured[-1]
+        backend.logits = lambda x: captured.append(real_logits(x)) or captured[-1]
         plan = [SeqStep(i, [out[i][-1]], len(p) + k, [], True, num_generated=k + 1)
                 for i, p in enumerate(prompts)]
         assert max(map(len, prompts)) + k < 8 * bs
@@ -305,9 +340,7 @@ def _decode(runner: StageRunner, prompts, steps: int):
         logits.append(captured[0])
         for i, t in enumerate(sampled):
             out[i].append(t.token_id)
-    runner.model.logits = real_logits
-    if fast_logits is not None:
-        runner.fast.logits = fast_logits
+    del backend.logits                                   # the class's method again
     runner.step([], list(range(len(prompts))), None)
     return out, logits
 
@@ -315,13 +348,13 @@ def _decode(runner: StageRunner, prompts, steps: int):
 @pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 def test_decode_path_matches_stage_model(default_model_dir, quantize):
     prompts = [[1, 504, 3458, 282, 4649, 314, 253], list(range(100, 130))]
-    eager = StageRunner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20,
-                        quantize=quantize, use_cpu_kernels=False)
-    fast = StageRunner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20,
+    eager = load_runner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20,
+                        quantize=quantize, cpu_kernels=False)
+    fast = load_runner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20,
                        quantize=quantize)
-    exact = StageRunner(default_model_dir, 0, 30, dtype="float32", kv_cache_bytes=16 << 20,
+    exact = load_runner(default_model_dir, 0, 30, dtype="float32", kv_cache_bytes=16 << 20,
                         quantize=quantize)
-    assert eager.fast is None and fast.fast is not None
+    assert eager.backend.name == "torch" and fast.backend.name == "cpu-kernels"
     tok_e, log_e = _decode(eager, prompts, 12)
     tok_f, log_f = _decode(fast, prompts, 12)
     _, log_x = _decode(exact, prompts, 1)
@@ -360,9 +393,9 @@ def test_releasing_module_weights_frees_them_and_changes_no_output(default_model
     import gc
     import weakref
     prompts = [[1, 504, 3458, 282, 4649, 314, 253], list(range(100, 130))]
-    runner = StageRunner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20,
+    runner = load_runner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20,
                          quantize=quantize)
-    assert runner.fast is not None
+    assert runner.backend.name == "cpu-kernels"
     before, _ = _decode(runner, prompts, 8)
     layer = runner.model.layers[0]
     projections = [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
@@ -391,7 +424,7 @@ def test_released_two_stage_pipeline_generates_the_same_tokens(default_model_dir
     prompts = [[1, 504, 3458, 282, 4649, 314, 253], list(range(100, 130))]
     out = []
     for release in (False, True):
-        stages = [StageRunner(default_model_dir, a, b, dtype="bfloat16", kv_cache_bytes=16 << 20)
+        stages = [load_runner(default_model_dir, a, b, dtype="bfloat16", kv_cache_bytes=16 << 20)
                   for a, b in ((0, 15), (15, 30))]
         if release:
             assert stages[0].release_module_weights() == 15 * 2 * (
@@ -412,9 +445,9 @@ def test_mixed_prefill_and_decode_steps_match_stage_model(default_model_dir):
     prompts = [tok(p).input_ids for p in PROMPTS]
     out = []
     for use in (False, True):
-        r = StageRunner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20,
-                        use_cpu_kernels=use)
-        assert (r.fast is not None) == use
+        r = load_runner(default_model_dir, 0, 30, dtype="bfloat16", kv_cache_bytes=16 << 20,
+                        cpu_kernels=use)
+        assert (r.backend.name == "cpu-kernels") == use
         out.append(Driver([r], seed=1).run(prompts, 12, chunk=6, stagger=3))
         assert r.seqs == {}
     # bf16 near-ties flip with rounding order: PyTorch's own bf16 ops, chunked vs whole

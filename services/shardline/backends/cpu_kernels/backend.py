@@ -1,24 +1,31 @@
-"""Steps of a bfloat16 CPU stage through the project's kernels (csrc/cpu_kernels.cpp).
+"""The CPU-kernel step backend: a bfloat16 CPU stage's steps on the project's kernels (csrc/).
 
 A decode step computes one token per sequence: a few rows against every weight, bound by
-memory bandwidth and per-op overhead. This path runs each layer as one call of the kernels'
+memory bandwidth and per-op overhead. This backend runs each layer as one call of the kernels'
 StepLayer, which chains
 
     rms_norm (+ residual add) -> qkv linear -> rope + KV store -> attention
     -> o linear -> rms_norm (+ residual add) -> gate_up linear + silu * up -> down linear
 
-with the residual carried beside the hidden state (its add fused into the next norm), and
-weights read as stored: bf16 (in the VNNI-blocked layout the GEMV and the AMX tiles share),
-int8 (per channel, as q + 128) or int4 (group 32, the kernel's nibble layout), converted once
-here; int8 and int4 kernels quantize the activations to int8 per block of 32 (VNNI).
-bf16 layers of more than 4 rows run on AMX tiles, or on AVX512-BF16 register tiles where the
-CPU has no AMX. int8 and int4 layers run VNNI tiles up to 16 rows (a 16-sequence decode step
-reads the quantized weights once); beyond, they dequantize to bf16 for a GEMM.
-Attention: one paged_attention call per layer for every row of the step, decode or prefill,
-each row against its own context in the cache (AttentionMetadata.per_row).
-It computes what StageModel.forward / .logits compute, within bf16 rounding
-(tests/unit/test_cpu_kernels.py). Other dtypes or devices, unfused stages and CPUs without
-AVX512-BF16 use StageModel's PyTorch ops.
+with the residual carried beside the hidden state (its add fused into the next norm). Weights
+are converted once, at build, into the layout their kernel streams (layouts.py), one
+StepLinear per projection, by weight format:
+
+  * bf16 (WeightFormat.BF16, linear_vnni at any row count): up to 4 rows an AVX512-BF16 GEMV;
+    more rows AMX tiles (blocks of 16 rows up to 16, of 32 beyond), or AVX512-BF16 register
+    tiles on CPUs without AMX. gate_up is interleaved (glu_layout) so that SiLU * up happens in
+    the projection's epilogue.
+  * int8 (q + 128, per-channel scale) and int4 (group 32): up to 16 rows (a decode step of up
+    to 16 sequences reads the weights once) VNNI tile kernels with the activations quantized
+    to int8 per group of 32; more rows dequantize the weights, for that call only, into
+    linear_vnni's layout and run it.
+
+Attention: one paged-attention call per layer for every row of the step, decode or prefill,
+each row against its own context in the cache (AttentionMetadata.per_row); runs of up to 16
+rows of one prefill chunk go on AMX tiles where the CPU has them. The backend computes what
+the PyTorch reference (models/decoder.py) computes, within bf16 rounding
+(tests/unit/test_cpu_kernels.py). Other dtypes or devices, unfused stages, sizes the kernels
+do not tile and CPUs without AVX512-BF16 run on the reference backend (backends/torch_ref.py).
 """
 from __future__ import annotations
 
@@ -40,33 +47,25 @@ from shardline.transforms.quantize import Int4Linear, Int8Linear
 
 log = logging.getLogger(__name__)
 
-# Up to StepLinear::QUANT_ROWS (16) rows the int8 and int4 tile kernels run; beyond, weights are
-# dequantized to bf16 for a GEMM. bf16 weights take linear_vnni at any row count (GEMV up to 4 rows, AMX or
-# AVX512-BF16 register tiles beyond). Measured for SmolLM2-135M's layer matmuls (no head):
-#   2 Sapphire Rapids cores: 1 row 9.5 ms (PyTorch 19), 16 rows 11.8 ms (oneDNN packed weights
-#   13.7), 512 rows 94 ms (129);
-#   2 AMD EPYC Zen 4 cores (no AMX): 1 row 7.0 ms, 16 rows 10.8, 128 rows 67; PyTorch's bf16
-#   F.linear with the head's 28 M more weights 19, 29, 102.
-
-
 def _linear(kernels, m: nn.Module):
     """m as a kernels.StepLinear (x [T, in] bf16 -> [T, out]; called with out_f32=True for
-    float32): the kernel for m's weight format, quantized layers of more than 4 rows
-    dequantized for ATen's GEMM; None when no kernel fits m."""
+    float32) in the layout of m's weight format (bf16, int8 or int4); None when no kernel
+    fits m."""
     # the kernels' own copies of everything they read (never a view of the module's tensors,
     # which release_module_weights frees)
     bias = getattr(m, "bias", None)
     bias = None if bias is None else bias.detach().to(torch.float32, copy=True).contiguous()
     if type(m) in (Linear, nn.Linear) and m.weight.dtype == torch.bfloat16 \
             and m.in_features % 32 == 0:
-        return kernels.StepLinear(0, vnni_layout(m.weight.detach()), None, None, bias,
-                                  m.out_features)
+        return kernels.StepLinear(kernels.WeightFormat.BF16, vnni_layout(m.weight.detach()), None,
+                                  None, bias, m.out_features)
     if isinstance(m, Int8Linear) and m.in_features % 64 == 0:
-        return kernels.StepLinear(1, int8_kernel_layout(m),
+        return kernels.StepLinear(kernels.WeightFormat.INT8, int8_kernel_layout(m),
                                   m.scale.detach().to(torch.float32, copy=True).contiguous(), None,
                                   bias, m.out_features)
     if isinstance(m, Int4Linear) and m.group_size == 32 and m.in_features % 64 == 0:
-        return kernels.StepLinear(2, *int4_kernel_layout(m), bias, m.out_features)
+        return kernels.StepLinear(kernels.WeightFormat.INT4, *int4_kernel_layout(m), bias,
+                                  m.out_features)
     return None
 
 
@@ -77,7 +76,8 @@ def _gate_up(kernels, m: nn.Module):
         bias = getattr(m, "bias", None)
         if bias is not None:
             bias = glu_layout(bias.detach().float().view(-1, 1)).view(-1).contiguous()
-        return kernels.StepLinear(0, vnni_layout(glu_layout(m.weight.detach())), None, None,
+        return kernels.StepLinear(kernels.WeightFormat.BF16,
+                                  vnni_layout(glu_layout(m.weight.detach())), None, None,
                                   bias, m.out_features, glu=True)
     return _linear(kernels, m)
 

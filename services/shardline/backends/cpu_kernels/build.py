@@ -1,10 +1,13 @@
-"""The project's CPU decode kernels (csrc/cpu_kernels.cpp), built on first use.
+"""The project's CPU decode kernels (the C++ sources in csrc/), built on first use.
 
-`load()` compiles the extension once per source version with PyTorch's C++ extension
-builder (cached under $SHARDLINE_CACHE/torch_extensions, or ~/.cache/shardline/...; the set-up
-script builds it ahead), and returns the module, or None where it cannot be used: a CPU without
-AVX512-BF16 and VNNI, no compiler, or SHARDLINE_CPU_KERNELS=0. Callers fall back to PyTorch's
-own ops then.
+`load()` compiles every csrc/*.cpp into one extension module with PyTorch's C++ extension
+builder, once per version of the sources: the build directory and the module's name carry a
+digest of every source and header file in csrc/ (names and contents) and of the compiler flags.
+Builds are cached under $SHARDLINE_CACHE/torch_extensions/<digest>, or
+~/.cache/shardline/torch_extensions/<digest> (the set-up script builds ahead). It returns the
+module, or None where it cannot be used: a CPU without AVX512-BF16 and VNNI (or another
+instruction set the kernels need: the module's supported()), no compiler, or
+SHARDLINE_CPU_KERNELS=0. Callers fall back to PyTorch's own ops then.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+CSRC = pathlib.Path(__file__).parent / "csrc"
+CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
 _tried = False
@@ -31,6 +36,24 @@ def _build_dir(digest: str) -> pathlib.Path:
     path = pathlib.Path(root) / "torch_extensions" / digest
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _sources() -> list[pathlib.Path]:
+    """The translation units: every .cpp in csrc/."""
+    return sorted(CSRC.glob("*.cpp"))
+
+
+def _digest() -> str:
+    """12 hex digits of SHA-256 over every source and header file in csrc/ (each file's name
+    and contents, in name order) and the flags: any edit, added or removed file, or flag change
+    gives a new build directory and module name."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h")):
+        data = path.read_bytes()
+        h.update(f"{path.name}\0{len(data)}\0".encode())
+        h.update(data)
+    h.update("\0".join(CFLAGS + ["--"] + LDFLAGS).encode())
+    return h.hexdigest()[:12]
 
 
 def load() -> Optional[ModuleType]:
@@ -49,12 +72,13 @@ def load() -> Optional[ModuleType]:
         try:
             _ninja_on_path()
             from torch.utils import cpp_extension
-            digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+            digest = _digest()
             build = _build_dir(digest)
             with _build_lock(build):
                 mod = cpp_extension.load(
-                    name=f"shardline_cpu_kernels_{digest}", sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                    name=f"shardline_cpu_kernels_{digest}",
+                    sources=[str(p) for p in _sources()],
+                    extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                     build_directory=str(build), verbose=False)
         except Exception as e:                       # no compiler, no ninja, ...
             log.warning("CPU kernels unavailable (%s); using PyTorch ops", e)
