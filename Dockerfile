@@ -31,6 +31,8 @@ RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
+# requirements.txt: the pinned runtime dependencies only; the test tools (requirements-dev.txt)
+# never enter the image (.dockerignore keeps that file out of the context).
 COPY requirements.txt ./
 # torch first, from TORCH_INDEX, at the version requirements.txt pins (a CPU or CUDA build); the
 # rest of requirements.txt then finds its torch pin satisfied (2.13.0+cpu matches torch==2.13.0).
@@ -38,7 +40,9 @@ RUN pip install --index-url "${TORCH_INDEX}" "$(grep '^torch==' requirements.txt
     && pip install -r requirements.txt
 COPY pyproject.toml README.md ./
 COPY services ./services
+# pip check: requirements.txt covers every dependency pyproject.toml declares
 RUN pip install --no-deps . \
+    && pip check \
     && shardline --help >/dev/null
 
 # ---- runtime base: the virtualenv, a non-root user, writable paths --------------------------------
