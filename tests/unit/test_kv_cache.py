@@ -177,3 +177,18 @@ def test_beyond_max_position_is_refused(tiny_model_dir):
     assert runner.max_position == 512
     with pytest.raises(ValueError, match="beyond"):
         runner.step([admit(1, [1], list(range(129)), start=512)], [], None)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=float("nan")), "top_p"), (dict(top_k=-2), "top_k"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(top_logprobs=10_000), "top_logprobs"),
+])
+def test_sampling_parameters_out_of_range_are_refused_on_admission(runner, bad, match):
+    """The worker checks what the scheduler already validated: its port may be reached by
+    other callers, and a bad admission must change nothing."""
+    with pytest.raises(ValueError, match=match):
+        runner.step([SeqStep(1, [1, 2], 0, [0], True, admit=True,
+                             sampling=SamplingConfig(**bad))], [], None)
+    assert runner.seqs == {} and runner.sampler.seqs == {}

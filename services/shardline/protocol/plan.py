@@ -4,9 +4,11 @@ The servicer converts protobuf <-> these; the runner and model only see these.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from shardline.protocol.limits import MAX_TOP_LOGPROBS
 from shardline.v1 import common_pb2, worker_pb2
 
 
@@ -24,6 +26,22 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def check(self) -> None:
+        """ValueError naming the first parameter out of range (a worker checks every
+        admission: its port may be reached by more than the scheduler that validated it)."""
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:                      # NaN fails too
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be finite and > 0, got "
+                             f"{self.repetition_penalty}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
+                             f"{self.top_logprobs}")
 
     @classmethod
     def from_pb(cls, pb: common_pb2.SamplingParams) -> "SamplingConfig":

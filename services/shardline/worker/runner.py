@@ -246,6 +246,8 @@ class StageRunner:
                                  f"{self.max_position} positions")
             if self.is_first and (min(s.token_ids) < 0 or max(s.token_ids) >= self.vocab_size):
                 raise ValueError(f"seq {s.seq_id}: token id outside [0, {self.vocab_size})")
+            if s.admit and self.is_last:
+                (s.sampling or SamplingConfig()).check()
             if self.is_last and not s.admit and s.seq_id not in self.sampler.seqs:
                 raise ValueError(f"seq {s.seq_id} has no sampling state on the last stage")
             total += n
