@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from shardline.common.spawn import spawn
+
 
 def _free_port() -> int:
     from shardline.launcher import free_port      # outside the ephemeral port range
@@ -24,8 +26,8 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 5.0) -> None:
-        self.proc = subprocess.Popen(
+    def start(self, timeout_s: float = 60.0) -> None:
+        self.proc = spawn(       # dies with the test run, even a killed one
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s

@@ -1,8 +1,9 @@
 """`shardline up`: tokenizer, scheduler and S stage workers as local processes over gRPC.
 
 Every child is a separate process started as a container would start it (`python -m
-shardline <service> ...`); its log lines are forwarded with its name. SIGINT/SIGTERM stop
-every child (SIGTERM, then SIGKILL after a grace period).
+shardline <service> ...`, through common/spawn.py: it gets SIGTERM if this process dies);
+its log lines are forwarded with its name. SIGINT/SIGTERM stop every child (SIGTERM, then
+SIGKILL after a grace period). The services' flags are their config dataclasses' fields.
 """
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ from typing import Optional
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shardline.client import Client
+from shardline.common.config_args import add_config_args, config_argv
+from shardline.common.model_source import resolve_model
+from shardline.common.spawn import spawn_shardline
+from shardline.scheduler.config import SchedulerConfig
+from shardline.tokenizer.config import TokenizerConfig
+from shardline.worker.config import WEIGHT_FIELDS, WorkerConfig
 
 
 _given_ports: set[int] = set()
@@ -73,16 +82,6 @@ def wait_serving(address: str, timeout_s: float, alive=lambda: True) -> bool:
     return False
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the launching process dies, even by SIGKILL, so that a
-    killed `shardline up` or test run leaves no services behind (Linux; elsewhere a no-op)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 @dataclass
 class Child:
     name: str
@@ -101,16 +100,17 @@ class Stack:
         self.children = children
         self.scheduler_address = scheduler_address
         self.quiet = quiet
+        self.env: Optional[dict] = None       # the children's environment (None: ours)
 
     def start(self, env: Optional[dict] = None) -> None:
+        """Start every child (from the thread that should outlive them: common/spawn.py)."""
+        self.env = env
         for c in self.children:
-            self._spawn(c, env)
+            self._spawn(c)
 
-    def _spawn(self, c: Child, env: Optional[dict] = None) -> None:
-        c.proc = subprocess.Popen([sys.executable, "-m", "shardline", *c.argv],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  env=env, start_new_session=True, text=True, bufsize=1,
-                                  preexec_fn=_die_with_parent)
+    def _spawn(self, c: Child) -> None:
+        c.proc = spawn_shardline(c.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 env=self.env, start_new_session=True, text=True, bufsize=1)
         c.thread = threading.Thread(target=self._forward, args=(c,), daemon=True)
         c.thread.start()
 
@@ -119,7 +119,8 @@ class Stack:
         return c
 
     def restart(self, name: str, grace_s: float = 10.0) -> None:
-        """Stop one child (SIGTERM) and start it again with the same command line."""
+        """Stop one child (SIGTERM) and start it again with the same command line and
+        environment."""
         c = self.child(name)
         if c.proc.poll() is None:
             c.proc.send_signal(signal.SIGTERM)
@@ -210,7 +211,6 @@ DEMO_MESSAGES = [{"role": "user", "content": "In two sentences, what is pipeline
 
 
 def run_demo(address: str) -> None:
-    from shardline.client import Client
     with Client(address) as c:
         print(f"\n>>> {DEMO_MESSAGES[0]['content']}\n", flush=True)
         last = None
@@ -225,35 +225,50 @@ def run_demo(address: str) -> None:
                   flush=True)
 
 
-def main(argv: list[str]) -> int:
-    from shardline.worker.config import add_weight_args, weight_argv
-    from shardline.common.model_source import DEFAULT_MODEL, resolve_model
-    p = argparse.ArgumentParser(prog="shardline up", description=__doc__)
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--stages", type=int, default=1)
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--kv-cache-memory", default=None)
-    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: cores / workers)")
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--redis-url", default=None, help="Redis for prefix-cache metadata (optional)")
-    p.add_argument("--log-level", default="INFO")
-    add_weight_args(p)
+# flags of `shardline up` that are the services' own (their fields, defaults and help)
+UP_SCHEDULER_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
+                       "async_scheduling", "routing", "redis_url")
+UP_WORKER_FIELDS = ("kv_cache_fraction", "block_size", *WEIGHT_FIELDS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`shardline up`'s flags: its own, then the services' (from their config dataclasses)."""
+    p = argparse.ArgumentParser(prog="shardline up", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(TokenizerConfig, p, ["model"])
+    p.add_argument("--stages", type=int, default=1,
+                   help="pipeline stages per replica, one worker process each (default: %(default)s)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="pipeline replicas behind the scheduler (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per worker (default: cores / workers)")
+    add_config_args(TokenizerConfig, p, ["log_level"])
     p.add_argument("--demo", action="store_true", help="run a demo generation once ready")
-    p.add_argument("--exit-after-demo", action="store_true")
+    p.add_argument("--exit-after-demo", action="store_true",
+                   help="with --demo: stop the stack after the demo")
+    sched = p.add_argument_group("scheduler", "passed on to `shardline scheduler`")
+    add_config_args(SchedulerConfig, sched, ["port", *UP_SCHEDULER_FIELDS])
+    workers = p.add_argument_group("workers", "passed on to every `shardline worker`")
+    add_config_args(WorkerConfig, workers, ["device", "dtype", "kv_cache_memory", *UP_WORKER_FIELDS])
+    return p
+
+
+def stack_from_args(a: argparse.Namespace, model_dir: str) -> Stack:
+    """The stack build_parser's flags describe, for the model resolved into model_dir."""
+    return build_stack(model_dir, a.model, a.stages, a.port, a.device, a.dtype,
+                       a.kv_cache_memory, a.threads,
+                       config_argv(SchedulerConfig, a, UP_SCHEDULER_FIELDS), a.replicas,
+                       a.log_level, metrics=True,
+                       worker_extra=config_argv(WorkerConfig, a, UP_WORKER_FIELDS))
+
+
+def main(argv: list[str]) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.stages < 1 or a.replicas < 1:
         p.error("--stages and --replicas must be >= 1")
     print(f"shardline up: resolving model {a.model}", file=sys.stderr, flush=True)
-    model_dir = str(resolve_model(a.model, os.environ.get("SHARDLINE_CACHE")))
-    extra = ["--max-num-seqs", str(a.max_num_seqs)] if a.max_num_seqs else []
-    if a.redis_url:
-        extra += ["--redis-url", a.redis_url]
-    stack = build_stack(model_dir, a.model, a.stages, a.port, a.device, a.dtype,
-                        a.kv_cache_memory, a.threads, extra, a.replicas, a.log_level,
-                        metrics=True, worker_extra=weight_argv(a))
+    stack = stack_from_args(a, str(resolve_model(a.model)))
     stopping = threading.Event()
 
     def on_signal(signum, frame):

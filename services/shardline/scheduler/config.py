@@ -1,102 +1,90 @@
-"""Configuration of the scheduler service."""
+"""Configuration of the scheduler service; its fields are `shardline scheduler`'s flags
+(common.config_args)."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from shardline.common.config_args import (add_config_args, config_from_args, log_level_option,
+                                          option)
+
+DISCOVERIES = ("static", "kubernetes")
+ROUTINGS = ("cache-aware", "random")
+
+
+def _pipeline(text: str) -> list[str]:
+    return text.split(",")
 
 
 @dataclass
 class SchedulerConfig:
-    tokenizer: str                                   # tokenizer service address
-    pipelines: list[list[str]] = field(default_factory=list)  # stage addresses per replica
-    port: int = 50051
-    host: str = "0.0.0.0"
-    model: str = ""                                  # name reported by GetModelInfo
-    max_tokens_cap: int = 4096                       # largest accepted max_tokens
-    default_max_tokens: int = 256                    # when a request leaves it unset
-    max_context: int = 0                             # 0 = the model's max positions
-    max_num_seqs: int = 64                           # running sequences per replica
-    max_num_batched_tokens: int = 512                # token budget per step (chunked prefill)
-    connect_timeout_s: float = 600.0                 # wait for workers to load their model
-    step_timeout_s: float = 120.0                    # a step slower than this breaks the replica
-    rpc_timeout_s: float = 30.0                      # deadline of tokenizer calls
-    unavailable_timeout_s: float = 10.0              # how long a request waits for a live replica
-    discovery: str = "static"                       # static (--pipeline) or kubernetes (pod watch)
-    k8s_namespace: str = "default"
-    k8s_selector: str = ""                           # label selector of the worker pods
-    worker_port: int = 50061                         # workers' gRPC port (kubernetes discovery)
-    enable_prefix_caching: bool = True
-    async_scheduling: bool = True                    # single-stage replicas: plan N + 1 during N
-    routing: str = "cache-aware"                     # or "random" (a baseline for benchmarks)
-    redis_url: str = ""                              # prefix-cache metadata; "" = in memory only
-    redis_prefix: str = "shardline:"
-    redis_ttl_s: int = 3600
-    log_level: str = "INFO"
-    metrics_port: int = 0                            # Prometheus /metrics; 0 = off
+    tokenizer: str = option(help="tokenizer service address host:port")
+    pipelines: list[list[str]] = option(
+        default_factory=list, flag="--pipeline", parse=_pipeline, metavar="ADDR0,ADDR1,...",
+        help="stage addresses of one pipeline replica, stage 0 first, comma separated; "
+             "repeat per replica")
+    port: int = option(50051, help="gRPC port of the public Generate API")
+    host: str = option("0.0.0.0", help="address to listen on")
+    model: str = option("", help="model name reported by GetModelInfo")
+    max_tokens_cap: int = option(4096, help="largest accepted max_tokens")
+    default_max_tokens: int = option(256, help="max_tokens of a request that leaves it unset")
+    max_context: int = option(0, help="largest prompt + output in tokens; 0 = the model's "
+                                      "max positions")
+    max_num_seqs: int = option(64, help="running sequences per replica")
+    max_num_batched_tokens: int = option(512, help="token budget of one step (chunked prefill)")
+    connect_timeout_s: float = option(600.0, flag="--connect-timeout",
+                                      help="seconds to wait for the workers to load their model")
+    step_timeout_s: float = option(120.0, flag="--step-timeout",
+                                   help="seconds without a step result before a replica counts "
+                                        "as dead")
+    rpc_timeout_s: float = option(30.0, flag="--rpc-timeout",
+                                  help="deadline of tokenizer calls, seconds")
+    unavailable_timeout_s: float = option(10.0, flag="--unavailable-timeout",
+                                          help="seconds a request waits for a live replica "
+                                               "before UNAVAILABLE")
+    discovery: str = option("static", choices=DISCOVERIES,
+                            help="static: the --pipeline lists; kubernetes: watch worker pods by "
+                                 "label")
+    k8s_namespace: str = option("default", help="namespace of the worker pods (kubernetes "
+                                                "discovery)")
+    k8s_selector: str = option("", help="label selector of the worker pods, e.g. "
+                                        "app.kubernetes.io/component=worker")
+    worker_port: int = option(50061, help="the workers' gRPC port (kubernetes discovery)")
+    enable_prefix_caching: bool = option(True, flag="--prefix-caching",
+                                         help="automatic prefix caching (off: a benchmark "
+                                              "baseline)")
+    async_scheduling: bool = option(True, help="single-stage replicas: plan step N + 1 while "
+                                               "step N runs")
+    routing: str = option("cache-aware", choices=ROUTINGS,
+                          help="how requests pick a replica (random: a benchmark baseline)")
+    redis_url: str = option("", help="Redis for prefix-cache metadata, e.g. "
+                                     "redis://host:6379/0; empty = in memory only")
+    redis_prefix: str = option("shardline:", help="prefix of the Redis keys")
+    redis_ttl_s: int = option(3600, flag="--redis-ttl",
+                              help="seconds a prefix entry lives in Redis; refreshed while cached")
+    log_level: str = log_level_option()
+    metrics_port: int = option(0, help="serve Prometheus metrics on this port (0 = off)")
 
     def __post_init__(self):
         if not self.tokenizer:
             raise ValueError("--tokenizer address is required")
-        if self.discovery not in ("static", "kubernetes"):
+        if self.discovery not in DISCOVERIES:
             raise ValueError(f"discovery must be static or kubernetes, got {self.discovery!r}")
         if self.discovery == "static" and (not self.pipelines or any(not p for p in self.pipelines)):
             raise ValueError("at least one pipeline (--pipeline addr0,addr1,...) is required")
         if self.discovery == "kubernetes" and not self.k8s_selector:
             raise ValueError("--k8s-selector is required with --discovery kubernetes")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         for name in ("max_tokens_cap", "default_max_tokens", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens_cap)
 
-    @staticmethod
-    def add_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--tokenizer", required=True, help="tokenizer service address host:port")
-        p.add_argument("--pipeline", action="append", default=[],
-                       help="stage addresses of one pipeline replica, stage 0 first, comma separated; repeat per replica")
-        p.add_argument("--port", type=int, default=50051)
-        p.add_argument("--host", default="0.0.0.0")
-        p.add_argument("--model", default="")
-        p.add_argument("--max-tokens-cap", type=int, default=4096)
-        p.add_argument("--default-max-tokens", type=int, default=256)
-        p.add_argument("--max-context", type=int, default=0)
-        p.add_argument("--max-num-seqs", type=int, default=64)
-        p.add_argument("--max-num-batched-tokens", type=int, default=512)
-        p.add_argument("--connect-timeout", type=float, default=600.0)
-        p.add_argument("--step-timeout", type=float, default=120.0,
-                       help="seconds without a step result before a replica counts as dead")
-        p.add_argument("--unavailable-timeout", type=float, default=10.0,
-                       help="seconds a request waits for a live replica before UNAVAILABLE")
-        p.add_argument("--discovery", choices=["static", "kubernetes"], default="static",
-                       help="static: the --pipeline lists; kubernetes: watch worker pods by label")
-        p.add_argument("--k8s-namespace", default="default")
-        p.add_argument("--k8s-selector", default="",
-                       help="label selector of worker pods, e.g. app.kubernetes.io/component=worker")
-        p.add_argument("--worker-port", type=int, default=50061)
-        p.add_argument("--metrics-port", type=int, default=0,
-                       help="serve Prometheus metrics on this port (0 = off)")
-        p.add_argument("--no-prefix-caching", action="store_true",
-                       help="disable automatic prefix caching (benchmark baseline)")
-        p.add_argument("--no-async-scheduling", action="store_true",
-                       help="plan each step after the previous one's result (by default a "
-                            "single-stage replica's next step is planned while one runs)")
-        p.add_argument("--routing", choices=["cache-aware", "random"], default="cache-aware")
-        p.add_argument("--redis-url", default="",
-                       help="Redis for prefix-cache metadata, e.g. redis://host:6379/0 (optional)")
-        p.add_argument("--redis-prefix", default="shardline:")
-        p.add_argument("--redis-ttl", type=int, default=3600, help="seconds; refreshed while cached")
-        p.add_argument("--log-level", default="INFO")
+    @classmethod
+    def add_args(cls, p: argparse.ArgumentParser) -> None:
+        add_config_args(cls, p)
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "SchedulerConfig":
-        return cls(tokenizer=ns.tokenizer, pipelines=[p.split(",") for p in ns.pipeline],
-                   port=ns.port, host=ns.host, model=ns.model, max_tokens_cap=ns.max_tokens_cap,
-                   default_max_tokens=ns.default_max_tokens, max_context=ns.max_context,
-                   max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-                   connect_timeout_s=ns.connect_timeout, step_timeout_s=ns.step_timeout,
-                   unavailable_timeout_s=ns.unavailable_timeout,
-                   discovery=ns.discovery, k8s_namespace=ns.k8s_namespace,
-                   k8s_selector=ns.k8s_selector, worker_port=ns.worker_port, metrics_port=ns.metrics_port,
-                   enable_prefix_caching=not ns.no_prefix_caching,
-                   async_scheduling=not ns.no_async_scheduling, routing=ns.routing,
-                   redis_url=ns.redis_url, redis_prefix=ns.redis_prefix,
-                   redis_ttl_s=ns.redis_ttl, log_level=ns.log_level)
+        return config_from_args(cls, ns)

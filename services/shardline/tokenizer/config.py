@@ -1,24 +1,30 @@
-"""Configuration of the tokenizer service."""
+"""Configuration of the tokenizer service; its fields are `shardline tokenizer`'s flags
+(common.config_args)."""
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 from dataclasses import dataclass
 from typing import Optional
 
+from shardline.common.config_args import (LOG_LEVELS, add_config_args, config_from_args,
+                                          log_level_option, option)
+from shardline.common.model_source import DEFAULT_MODEL
+
 DEFAULT_PORT = 50052
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass
 class TokenizerConfig:
-    model: str                      # model dir, hub id, .gguf, or the default alias (resolve_model)
-    port: int = DEFAULT_PORT        # 0 picks a free port
-    host: str = "0.0.0.0"
-    log_level: str = "INFO"
-    metrics_port: int = 0           # Prometheus /metrics; 0 = off
-    cache_dir: Optional[str] = None # where resolve_model keeps converted models ($SHARDLINE_CACHE)
+    model: str = option(DEFAULT_MODEL, help="model dir, hub id, .gguf, or the default alias")
+    port: int = option(DEFAULT_PORT, help="gRPC port; 0 picks a free port")
+    host: str = option("0.0.0.0", help="address to listen on")
+    log_level: str = log_level_option()
+    metrics_port: int = option(0, help="serve Prometheus metrics on this port (0 = off)")
+    cache_dir: Optional[str] = option(
+        None, env="SHARDLINE_CACHE",
+        help="where converted models are kept (default: $SHARDLINE_CACHE, else "
+             "~/.cache/shardline/models)")
 
     def __post_init__(self):
         if not self.model:
@@ -31,18 +37,10 @@ class TokenizerConfig:
         if self.log_level not in LOG_LEVELS or not isinstance(logging.getLevelName(self.log_level), int):
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
 
-    @staticmethod
-    def add_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default=None,
-                       help="model dir, hub id, .gguf, or the default alias (default: the default model)")
-        p.add_argument("--port", type=int, default=DEFAULT_PORT)
-        p.add_argument("--host", default="0.0.0.0")
-        p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
-        p.add_argument("--metrics-port", type=int, default=0,
-                       help="serve Prometheus metrics on this port (0 = off)")
+    @classmethod
+    def add_args(cls, p: argparse.ArgumentParser) -> None:
+        add_config_args(cls, p)
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "TokenizerConfig":
-        from shardline.common.model_source import DEFAULT_MODEL
-        return cls(model=ns.model or DEFAULT_MODEL, port=ns.port, host=ns.host, log_level=ns.log_level,
-                   metrics_port=ns.metrics_port, cache_dir=os.environ.get("SHARDLINE_CACHE"))
+        return config_from_args(cls, ns)

@@ -21,6 +21,7 @@ from typing import Optional, Union
 
 from safetensors.torch import save_file
 
+from shardline.common.dtypes import DEFAULT_DTYPE, DTYPE_NAMES
 from shardline.common.model_source import resolve_model
 from shardline.common.tensors import DTYPES
 from shardline.models.config import ModelConfig
@@ -56,8 +57,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="shardline optimize", description=__doc__.split("\n")[0])
     p.add_argument("src", help="model dir, hub id, .gguf, or the default alias")
     p.add_argument("out", help="output directory")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the dense tensors")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_NAMES,
+                   help="dtype of the dense tensors (default: %(default)s)")
     add_weight_args(p)
     a = p.parse_args(argv)
     t0 = time.perf_counter()

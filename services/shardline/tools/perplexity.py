@@ -24,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from shardline.common.dtypes import DTYPE_NAMES
 from shardline.common.model_source import DEFAULT_MODEL, resolve_model
 from shardline.models.attention import AttentionMetadata
 from shardline.models.config import ModelConfig
@@ -83,13 +84,19 @@ def decode_perplexity(runner, ids: list[int]) -> float:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="shardline perplexity", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--stride", type=int, default=256)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model dir, hub id, .gguf, or the default alias (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
+                   help="dtype the model computes in (default: %(default)s, the reference)")
+    p.add_argument("--tokens", type=int, default=2048,
+                   help="tokens of the built-in corpus to score (default: %(default)s)")
+    p.add_argument("--window", type=int, default=512,
+                   help="tokens of one prefill window (default: %(default)s)")
+    p.add_argument("--stride", type=int, default=256,
+                   help="tokens between window starts (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads; 0 = torch's default")
     p.add_argument("--decode", action="store_true",
                    help="score one decode step per token (the serving path) over --tokens")
     add_weight_args(p)

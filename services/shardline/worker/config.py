@@ -1,57 +1,82 @@
-"""Configuration of one stage worker."""
+"""Configuration of one stage worker; its fields are `shardline worker`'s flags (common.config_args).
+
+No torch here: `shardline up` imports this module to compose the workers' command lines.
+"""
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from typing import Optional
 
+from shardline.common.config_args import (add_config_args, config_argv, config_from_args,
+                                          log_level_option, option)
+from shardline.common.dtypes import DEFAULT_DTYPE, DTYPE_NAMES, canonical_dtype
+from shardline.common.model_source import DEFAULT_MODEL
 from shardline.common.units import parse_bytes
 
-DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20     # KV cache budget on the CPU
 DEFAULT_CUDA_KV_CACHE_FRACTION = 0.8       # CUDA: fraction of free memory after the weights
+QUANTIZE_MODES = ("none", "int8", "int4", "fp8")   # transforms/quantize.py's MODES (no torch here)
+
+# the weight transforms: flags of `shardline worker`, `shardline up` and the tools
+WEIGHT_FIELDS = ("fuse", "quantize", "group_size", "quantize_head", "prune", "prune_calibration",
+                 "torch_compile", "cpu_kernels")
 
 
 @dataclass
 class WorkerConfig:
-    model: str
-    port: int = 50061
-    host: str = "0.0.0.0"
-    stage_index: int = 0
-    num_stages: int = 1
-    layers: Optional[str] = None          # "a:b" overrides the even split
-    device: str = "cpu"
-    dtype: Optional[str] = None           # default: bfloat16 (see docs/architecture.md)
-    kv_cache_memory: Optional[str] = None # bytes or "512MiB"; default 256MiB on CPU
-    kv_cache_fraction: float = 0.8        # CUDA: fraction of free memory after weights
-    block_size: int = 16
-    threads: int = 0                      # torch intra-op threads; 0 = torch default
-    cache_dir: Optional[str] = None
-    log_level: str = "INFO"
-    fuse: bool = True                     # fused qkv / gate_up / residual adds (transforms/fuse.py)
-    quantize: str = "none"                # none | int8 | int4 | fp8 (transforms/quantize.py)
-    group_size: int = 32                  # int4 group size
-    quantize_head: bool = False           # also quantize the LM head
-    prune: Optional[str] = None           # "0.5" or "2:4" (transforms/prune.py)
-    prune_calibration: bool = False       # activation-aware pruning scores
-    cpu_kernels: bool = True              # steps on csrc kernels (bf16 CPU, cpu_path.py)
-    torch_compile: bool = False           # torch.compile the layers' dense parts (fuse.py)
-    metrics_port: int = 0                 # Prometheus /metrics; 0 = off
+    model: str = option(DEFAULT_MODEL, help="model dir, hub id, .gguf, or the default alias")
+    port: int = option(50061, help="gRPC port of this stage")
+    host: str = option("0.0.0.0", help="address to listen on")
+    stage_index: int = option(0, help="this stage's position in the pipeline, 0 first")
+    num_stages: int = option(1, help="stages in the pipeline")
+    layers: Optional[str] = option(None, metavar="A:B",
+                                   help="layer range a:b of this stage (default: an even split)")
+    device: str = option("cpu", help="cpu, cuda or cuda:N")
+    dtype: str = option(DEFAULT_DTYPE, choices=DTYPE_NAMES, help="dtype the stage computes in")
+    kv_cache_memory: Optional[str] = option(
+        None, metavar="SIZE",
+        help=f"KV cache budget, bytes or e.g. 512MiB (default: {DEFAULT_CPU_KV_CACHE_BYTES >> 20}MiB "
+             "on the CPU; on CUDA a fraction of free memory, --kv-cache-fraction)")
+    kv_cache_fraction: float = option(
+        DEFAULT_CUDA_KV_CACHE_FRACTION,
+        help="CUDA without --kv-cache-memory: fraction of free memory after the weights for the "
+             "KV cache")
+    block_size: int = option(16, help="tokens per KV cache block")
+    threads: int = option(0, help="torch intra-op threads; 0 = torch's default")
+    cache_dir: Optional[str] = option(
+        None, env="SHARDLINE_CACHE",
+        help="where converted models are kept (default: $SHARDLINE_CACHE, else "
+             "~/.cache/shardline/models)")
+    log_level: str = log_level_option()
+    fuse: bool = option(True, help="fuse q/k/v and gate/up projections and residual adds "
+                                   "(transforms/fuse.py)")
+    quantize: str = option("none", choices=QUANTIZE_MODES,
+                           help="weight-only quantization of the stage's Linear layers")
+    group_size: int = option(32, help="int4 group size")
+    quantize_head: bool = option(False, help="also quantize the LM head")
+    prune: Optional[str] = option(None, help="prune weights: 0.5 (unstructured ratio) or 2:4 "
+                                             "(semi-structured); default: no pruning")
+    prune_calibration: bool = option(False, help="activation-aware pruning scores from the "
+                                                 "built-in corpus")
+    torch_compile: bool = option(False, flag="--compile",
+                                 help="torch.compile each layer's norms and MLP (steps then run "
+                                      "the PyTorch model, not the CPU kernels); graphs are "
+                                      "compiled at start-up")
+    cpu_kernels: bool = option(True, help="bf16 CPU stages: steps on the project's AVX512 "
+                                          "kernels where the CPU has AVX512-BF16")
+    metrics_port: int = option(0, help="serve Prometheus metrics on this port (0 = off)")
 
     def __post_init__(self):
         if not 0 <= self.stage_index < self.num_stages:
             raise ValueError(f"stage_index {self.stage_index} not in [0, {self.num_stages})")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
-        if self.dtype is None:
-            self.dtype = "bfloat16"
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        self.dtype = canonical_dtype(self.dtype)
         if self.block_size <= 0:
             raise ValueError("block_size must be > 0")
-        if self.quantize not in ("none", "int8", "int4", "fp8"):
-            raise ValueError(f"quantize must be none, int8, int4 or fp8, got {self.quantize!r}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
         if self.kv_cache_memory is not None:
             parse_bytes(self.kv_cache_memory)
 
@@ -68,69 +93,27 @@ class WorkerConfig:
         return bounds[self.stage_index], bounds[self.stage_index + 1]
 
     def kv_cache_bytes(self) -> Optional[int]:
+        """The explicit KV budget in bytes, or None: the runner's default for the device
+        (worker/build.py: DEFAULT_CPU_KV_CACHE_BYTES, or a fraction of free CUDA memory)."""
         if self.kv_cache_memory is not None:
             return parse_bytes(self.kv_cache_memory)
-        return None if self.device.startswith("cuda") else 256 << 20
+        return None
 
-    @staticmethod
-    def add_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default=None, help="model dir, hub id, .gguf, or the default alias")
-        p.add_argument("--port", type=int, default=50061)
-        p.add_argument("--host", default="0.0.0.0")
-        p.add_argument("--stage-index", type=int, default=0)
-        p.add_argument("--num-stages", type=int, default=1)
-        p.add_argument("--layers", default=None, help="layer range a:b (default: even split)")
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--dtype", default=None, choices=DTYPES)
-        p.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 512MiB")
-        p.add_argument("--kv-cache-fraction", type=float, default=0.8)
-        p.add_argument("--block-size", type=int, default=16)
-        p.add_argument("--threads", type=int, default=0)
-        p.add_argument("--log-level", default="INFO")
-        add_weight_args(p)
-        p.add_argument("--metrics-port", type=int, default=0,
-                       help="serve Prometheus metrics on this port (0 = off)")
+    @classmethod
+    def add_args(cls, p: argparse.ArgumentParser) -> None:
+        add_config_args(cls, p)
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "WorkerConfig":
-        from shardline.common.model_source import DEFAULT_MODEL
-        return cls(model=ns.model or DEFAULT_MODEL, port=ns.port, host=ns.host,
-                   stage_index=ns.stage_index, num_stages=ns.num_stages, layers=ns.layers,
-                   device=ns.device, dtype=ns.dtype, kv_cache_memory=ns.kv_cache_memory,
-                   kv_cache_fraction=ns.kv_cache_fraction, block_size=ns.block_size,
-                   threads=ns.threads, cache_dir=os.environ.get("SHARDLINE_CACHE"),
-                   log_level=ns.log_level, metrics_port=ns.metrics_port, fuse=ns.fuse,
-                   quantize=ns.quantize, group_size=ns.group_size,
-                   quantize_head=ns.quantize_head, prune=ns.prune,
-                   prune_calibration=ns.prune_calibration, cpu_kernels=ns.cpu_kernels,
-                   torch_compile=ns.torch_compile)
+        return config_from_args(cls, ns)
 
 
 def add_weight_args(p: argparse.ArgumentParser) -> None:
-    """Weight transforms, shared by `shardline worker` and `shardline up`."""
-    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
-                   help="fuse q/k/v and gate/up projections (default on)")
-    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "fp8"],
-                   help="weight-only quantization of the stage's Linear layers")
-    p.add_argument("--group-size", type=int, default=32, help="int4 group size")
-    p.add_argument("--quantize-head", action="store_true", help="also quantize the LM head")
-    p.add_argument("--prune", default=None, help="0.5 (unstructured ratio) or 2:4 (semi-structured)")
-    p.add_argument("--prune-calibration", action="store_true",
-                   help="activation-aware pruning scores from the built-in corpus")
-    p.add_argument("--compile", dest="torch_compile", action="store_true",
-                   help="torch.compile each layer's norms and MLP (steps then run the PyTorch "
-                        "model, not the CPU kernels); graphs are compiled at start-up")
-    p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 CPU stages: steps on the project's AVX512 kernels "
-                        "(default on where the CPU has AVX512-BF16)")
+    """The weight-transform flags (WEIGHT_FIELDS), shared by `shardline worker`, `shardline up`
+    and the tools."""
+    add_config_args(WorkerConfig, p, WEIGHT_FIELDS)
 
 
 def weight_argv(ns: argparse.Namespace) -> list[str]:
     """The flags of add_weight_args, to pass on to a worker's command line."""
-    argv = ["--fuse" if ns.fuse else "--no-fuse", "--quantize", ns.quantize,
-            "--group-size", str(ns.group_size)]
-    argv += ["--quantize-head"] if ns.quantize_head else []
-    argv += [] if ns.cpu_kernels else ["--no-cpu-kernels"]
-    argv += ["--compile"] if ns.torch_compile else []
-    argv += ["--prune", ns.prune] if ns.prune else []
-    return argv + (["--prune-calibration"] if ns.prune_calibration else [])
+    return config_argv(WorkerConfig, ns, WEIGHT_FIELDS)

@@ -21,8 +21,6 @@ from shardline.worker.servicer import StageWorkerServicer
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
 
 def build_runner(cfg: WorkerConfig) -> StageRunner:
     """Resolve the model and load this stage's layers (slow: runs off the event loop)."""
