@@ -16,18 +16,26 @@ def run_step(s: Scheduler, token=7):
     return batch, s.postprocess(batch, toks)
 
 
+def grow(bm: BlockManager, q: Sequence, n: int):
+    """allocate as the scheduler does: the new ids go to the end of q's table."""
+    new = bm.allocate(q, n)
+    if new is not None:
+        q.block_table.extend(new)
+    return new
+
+
 def test_block_manager_allocates_lowest_ids_and_frees():
     bm = BlockManager(num_blocks=8, block_size=4)
     a, b = seq(1, 6), seq(2, 4)
-    assert bm.allocate(a, 6) == [0, 1]
-    assert bm.allocate(b, 4) == [2]
+    assert grow(bm, a, 6) == [0, 1]
+    assert grow(bm, b, 4) == [2]
     a.num_computed_tokens = 6
-    assert bm.allocate(a, 2) == []          # 8 tokens still fit in 2 blocks
+    assert grow(bm, a, 2) == []             # 8 tokens still fit in 2 blocks
     a.num_computed_tokens = 8
-    assert bm.allocate(a, 1) == [3]
-    assert bm.num_free_blocks == 4
+    assert grow(bm, a, 1) == [3]
+    assert a.block_table == [0, 1, 3] and bm.num_free_blocks == 4
     bm.free(a)
-    assert a.block_table == [] and bm.num_free_blocks == 7
+    assert bm.num_free_blocks == 7
     assert bm.allocate(seq(3, 40), 40) is None   # needs 10 blocks: says no, changes nothing
     assert bm.num_free_blocks == 7
 
@@ -183,19 +191,21 @@ def test_prefix_cache_hits_exact_blocks_and_lru_eviction():
     assert st2.start_pos == 0 and c.num_cached_tokens == 0 and 0 not in st2.new_block_ids
     # Whole-prompt hits still compute the last token.
     d = Sequence(4, shared, max_tokens=1)
-    assert [bid for bid in bm.match_prefix(d)] == [0]
+    assert bm.match_prefix(d) == ([0], 4)
 
 
 def test_eviction_order_is_least_recently_freed_first():
     events = []
     bm = BlockManager(4, 2, listener=lambda ev, items: events.append((ev, items)))
     x = Sequence(1, [1, 2, 3, 4], max_tokens=1)
-    bm.allocate(x, 4)
+    grow(bm, x, 4)
     x.num_computed_tokens = 4
-    bm.commit_full_blocks(x)
-    assert events == [("stored", [(x.block_hashes[0], 0), (x.block_hashes[1], 1)])]
+    assert bm.commit_full_blocks(x) == 2
+    h0, h1 = x.full_block_hash(0, 2), x.full_block_hash(1, 2)
+    assert events == [("stored", [(h0, 0), (h1, 1)])]
     bm.free(x)                                           # tail block 1 first in eviction order
     y = Sequence(2, [7, 7, 7, 7, 7, 7], max_tokens=1)
     assert bm.allocate(y, 6) == [2, 3, 1]                # unhashed first, then LRU cached
-    assert events[-1] == ("evicted", [(x.block_hashes[1], 1)])
-    assert bm.num_cached_blocks == 1 and bm.match_prefix(Sequence(3, [1, 2, 3, 4, 5], 1)) == [0]
+    assert events[-1] == ("evicted", [(h1, 1)])
+    assert bm.num_cached_blocks == 1
+    assert bm.match_prefix(Sequence(3, [1, 2, 3, 4, 5], 1)) == ([0], 2)

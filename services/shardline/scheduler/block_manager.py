@@ -1,227 +1,133 @@
-"""Paged KV block allocation for one pipeline replica, with automatic prefix caching.
+"""Paged KV blocks for the sequences of one pipeline replica, with automatic prefix caching.
 
 Block ids are the same on every stage of a pipeline, so one block table per sequence serves
-them all. The scheduler is the only writer.
+them all. The manager answers with values (block ids, token counts); the scheduler writes
+them into the Sequence (`block_table`, `num_computed_tokens`, `num_committed_blocks`). Under
+it, the BlockPool (block_pool.py) holds the blocks, ref counts, free queue and hash map.
 
     seq.block_table = [7, 2, 9]        block_size = 4
     tokens          = [a b c d|e f g h|i j]     -> slot of token j = 9 * 4 + 1
 
 Prefix caching: once a block is full and computed it gets a chained hash
 h_i = H(h_{i-1}, tokens of block i, tenant salt) and is kept, reference-counted, after its
-sequence ends. A free block keeps its hash until it is reused (least recently freed first),
-so a later request whose prompt starts with the same blocks takes them instead of recomputing.
-
-    free (LRU) queue:  [3] [8] [5:h_a] [6:h_b]   <- allocation pops from the left,
-                        ^ evicted first            evicting h_a's mapping if it had one
+sequence ends; a later request whose prompt starts with the same blocks takes them instead
+of recomputing, until allocation evicts them (least recently freed first).
 """
 from __future__ import annotations
 
-import hashlib
-from array import array
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
+from shardline.scheduler.block_pool import BlockPool, CacheListener
 from shardline.scheduler.request import Sequence
-
-ROOT_HASH = ""
-
-
-def block_hash(parent: str, token_ids: list[int], salt: str) -> str:
-    """Chained content hash of one full block."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(parent.encode())
-    h.update(b"\x00")
-    h.update(salt.encode())
-    h.update(b"\x00")
-    h.update(array("i", token_ids).tobytes())
-    return h.hexdigest()
-
-
-@dataclass
-class Block:
-    block_id: int
-    ref_count: int = 0
-    hash: Optional[str] = None
-    token_ids: Optional[tuple[int, ...]] = None   # checked on a hash hit
-
-
-# (event, [(hash, block_id)]) with event "stored" or "evicted"; feeds the Redis prefix index.
-CacheListener = Callable[[str, list[tuple[str, int]]], None]
 
 
 class BlockManager:
-    """Verbs: match_prefix, can_allocate, allocate, commit_full_blocks, free."""
+    """Verbs: match_prefix, allocate, commit_full_blocks, free, restore."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  listener: Optional[CacheListener] = None):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be > 0")
-        self.num_blocks = num_blocks
+        self.pool = BlockPool(num_blocks, listener)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.listener = listener
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self._cached: dict[str, int] = {}
-        self.hits = 0          # prompt tokens served from cache
-        self.queries = 0       # prompt tokens looked up
+        self.hits = 0          # prompt tokens served from cache (first admissions)
+        self.queries = 0       # prompt tokens looked up (first admissions)
 
     # -- accounting --------------------------------------------------------------------
     @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
     def num_free_blocks(self) -> int:
         """Blocks no sequence holds (some may still hold cached content)."""
-        return len(self._free)
+        return self.pool.num_free_blocks
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        """Blocks some sequence holds."""
+        return self.pool.num_blocks - self.pool.num_free_blocks
 
     @property
     def num_cached_blocks(self) -> int:
-        return len(self._cached)
+        """Blocks, held or free, holding a hashed, reusable prefix."""
+        return self.pool.num_cached_blocks
 
-    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        """Blocks to add to seq's table so that num_new_tokens more tokens fit."""
-        total = seq.num_computed_tokens + num_new_tokens
-        return max(0, -(-total // self.block_size) - len(seq.block_table))
+    # -- prefix cache ------------------------------------------------------------------
+    def match_prefix(self, seq: Sequence) -> tuple[list[int], int]:
+        """seq's longest cached prefix: (its block ids, the number of tokens they hold), each
+        block's tokens checked against seq's. At least one token is always left to compute,
+        since sampling needs its logits.
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_new_tokens) <= len(self._free)
-
-    # -- prefix cache ----------------------------------------------------------------------
-    def prefix_hashes(self, seq: Sequence, num_blocks: int) -> list[str]:
-        """Chained hashes of seq's first num_blocks full blocks (cached on the sequence)."""
-        hashes = seq.block_hashes
-        bs = self.block_size
-        while len(hashes) < num_blocks:
-            i = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else ROOT_HASH,
-                                     seq.token_ids(i * bs, (i + 1) * bs), seq.cache_salt))
-        return hashes[:num_blocks]
-
-    def match_prefix(self, seq: Sequence) -> list[int]:
-        """Block ids holding seq's longest cached prefix (verified token by token). At least one
-        token is always left to compute, since sampling needs its logits."""
+        Writes nothing (routing calls it to price every replica): no ref counts, no free-queue
+        order, no counters. allocate(seq, n, prefix=blocks) takes the blocks."""
         if not self.enable_prefix_caching:
-            return []
+            return [], 0
         bs = self.block_size
-        max_blocks = (seq.num_tokens - 1) // bs
         hit: list[int] = []
-        for i, h in enumerate(self.prefix_hashes(seq, max_blocks)):
-            bid = self._cached.get(h)
+        for i in range((seq.num_tokens - 1) // bs):
+            bid = self.pool.lookup(seq.full_block_hash(i, bs),
+                                   tuple(seq.token_ids(i * bs, (i + 1) * bs)))
             if bid is None:
                 break
-            tokens = tuple(seq.token_ids(i * bs, (i + 1) * bs))
-            block = self.blocks[bid]
-            if block.token_ids is None:           # restored from Redis: the hash vouches
-                block.token_ids = tokens
-            elif block.token_ids != tokens:
-                break
             hit.append(bid)
-        return hit
+        return hit, len(hit) * bs
 
-    def take_prefix(self, seq: Sequence, hit: list[int]) -> None:
-        """Give a fresh sequence the cached blocks `hit` (from match_prefix) as its first blocks."""
-        assert not seq.block_table and seq.num_computed_tokens == 0
-        for bid in hit:
-            self._ref(bid)
-        seq.block_table = list(hit)
-        seq.num_computed_tokens = len(hit) * self.block_size
-        if seq.num_preemptions == 0:               # usage reports the first admission's hits
-            seq.num_cached_tokens = seq.num_computed_tokens
-            self.queries += seq.num_tokens
-            self.hits += seq.num_computed_tokens
-
-    def free_blocks_after(self, hit: list[int]) -> int:
-        """Free blocks left for new allocations once the cached blocks `hit` are taken."""
-        return len(self._free) - sum(1 for b in hit if self.blocks[b].ref_count == 0)
-
-    def commit_full_blocks(self, seq: Sequence) -> None:
-        """Hash and cache seq's blocks that are now full and computed."""
+    def commit_full_blocks(self, seq: Sequence) -> int:
+        """Hash and cache seq's blocks that are now full and computed (the pool reports them
+        "stored"). Returns the number of leading blocks of seq's table now committed, for
+        seq.num_committed_blocks."""
+        done = seq.num_committed_blocks
         if not self.enable_prefix_caching:
-            return
+            return done
         bs = self.block_size
         full = min(seq.num_computed_tokens // bs, len(seq.block_table))
-        if full <= seq.num_committed_blocks:
-            return
-        stored = []
-        hashes = self.prefix_hashes(seq, full)
-        for i in range(seq.num_committed_blocks, full):
-            block = self.blocks[seq.block_table[i]]
-            if block.hash is not None:            # taken from the cache already
-                continue
-            if hashes[i] in self._cached:         # computed twice concurrently: keep the first
-                continue
-            block.hash = hashes[i]
-            block.token_ids = tuple(seq.token_ids(i * bs, (i + 1) * bs))
-            self._cached[block.hash] = block.block_id
-            stored.append((block.hash, block.block_id))
-        seq.num_committed_blocks = full
-        if stored and self.listener:
-            self.listener("stored", stored)
+        if full <= done:
+            return done
+        self.pool.cache((seq.block_table[i], seq.full_block_hash(i, bs),
+                         tuple(seq.token_ids(i * bs, (i + 1) * bs))) for i in range(done, full))
+        return full
 
-    # -- allocation --------------------------------------------------------------------------
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> Optional[list[int]]:
-        """Extend seq's block table for num_new_tokens; the new ids, or None if they don't fit."""
-        n = self.blocks_needed(seq, num_new_tokens)
-        if n > len(self._free):
+    # -- allocation --------------------------------------------------------------------
+    def allocate(self, seq: Sequence, num_new_tokens: int,
+                 prefix: Optional[list[int]] = None) -> Optional[list[int]]:
+        """The new block ids that extend seq's table so num_new_tokens more tokens fit after
+        its computed ones, or None (nothing changed) if the pool has too few free blocks.
+
+        On admission, prefix is the hit from match_prefix (maybe []): those blocks are taken
+        first, as seq's leading blocks, and their tokens count as computed. The caller sets
+        block_table = prefix + new and num_computed_tokens = len(prefix) * block_size.
+
+            block_size 4, prompt of 14 tokens, prefix = [5, 2] (tokens 0..7), n = 6:
+              tokens   [0 . . .|4 . . .|8 . . .|12 13]
+              blocks   [   5   |   2   |  new  | new ]    -> allocate returns [0, 3]
+            room: 2 new blocks <= free blocks - those of [5, 2] that are free now (taking
+            them removes them from the free queue, so they can never be evicted for the new)
+        """
+        bs = self.block_size
+        admission = prefix is not None
+        assert not (admission and seq.block_table), "a prefix is taken by a fresh sequence only"
+        prefix = prefix or []
+        cached = len(prefix) * bs
+        total = seq.num_computed_tokens + cached + num_new_tokens
+        need = max(0, -(-total // bs) - len(seq.block_table) - len(prefix))
+        if need > self.pool.num_free_blocks - self.pool.num_free_among(prefix):
             return None
-        new = [self._pop_free() for _ in range(n)]
-        seq.block_table.extend(new)
+        self.pool.touch(prefix)
+        new = self.pool.allocate(need)
+        if admission and seq.num_preemptions == 0:
+            self.queries += seq.num_tokens       # usage reports the first admission's hits
+            self.hits += cached
         return new
 
     def free(self, seq: Sequence) -> None:
-        """Release seq's blocks; cached ones stay reusable until evicted. Tail blocks go to the
-        front of the eviction order (they are the least likely to be shared)."""
-        for bid in reversed(seq.block_table):
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[bid] = None
-                if block.hash is None:             # nothing worth keeping: reuse it first
-                    self._free.move_to_end(bid, last=False)
-        seq.block_table = []
-        seq.num_committed_blocks = 0
+        """Release seq's blocks (the caller then empties its table); cached ones stay reusable
+        until evicted. Tail blocks are released first, so a sequence's prefix is evicted
+        after its tail."""
+        self.pool.free(reversed(seq.block_table))
 
     def restore(self, entries: list[tuple[str, int]]) -> int:
-        """Re-register cached blocks known from the prefix index (scheduler restart, workers
-        unchanged); only blocks free and unhashed here are taken. Returns how many."""
-        n = 0
-        for h, bid in entries:
-            if not 0 <= bid < self.num_blocks or h in self._cached:
-                continue
-            block = self.blocks[bid]
-            if block.ref_count or block.hash is not None:
-                continue
-            block.hash, block.token_ids = h, None
-            self._cached[h] = bid
-            self._free.move_to_end(bid)
-            n += 1
-        return n
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached hash (e.g. after the workers lost their KV)."""
-        evicted = [(h, b) for h, b in self._cached.items()]
-        for h, b in evicted:
-            self.blocks[b].hash = self.blocks[b].token_ids = None
-        self._cached.clear()
-        if evicted and self.listener:
-            self.listener("evicted", evicted)
-
-    def _ref(self, bid: int) -> None:
-        block = self.blocks[bid]
-        if block.ref_count == 0:
-            del self._free[bid]
-        block.ref_count += 1
-
-    def _pop_free(self) -> int:
-        bid, _ = self._free.popitem(last=False)
-        block = self.blocks[bid]
-        if block.hash is not None:
-            del self._cached[block.hash]
-            if self.listener:
-                self.listener("evicted", [(block.hash, bid)])
-            block.hash = block.token_ids = None
-        block.ref_count = 1
-        return bid
+        """Re-register cached (hash, block id) entries known from the prefix index after a
+        scheduler restart (workers unchanged). Returns how many were taken."""
+        return self.pool.restore(entries)

@@ -24,6 +24,9 @@ from shardline.protocol.plan import SampledToken
 
 log = logging.getLogger(__name__)
 
+# Steps planned ahead of the one running, with async scheduling (Scheduler.lookahead).
+LOOKAHEAD_STEPS = 1
+
 
 class PipelineEngine:
     """One replica's scheduler and step loop. When the replica breaks, its unfinished
@@ -42,11 +45,12 @@ class PipelineEngine:
         lookahead = async_scheduling and pipeline.num_stages == 1
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
                                    lookahead=lookahead)
-        self.max_in_flight = pipeline.num_stages + (1 if lookahead else 0)
+        self.max_in_flight = pipeline.num_stages + (LOOKAHEAD_STEPS if lookahead else 0)
         self.step_timeout_s = step_timeout_s
         self.on_failure = on_failure
         self._queues: dict[int, asyncio.Queue] = {}
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()          # set: there may be work to schedule
+        self._progress = asyncio.Event()      # set: a sequence finished or left, or we failed
         self._task: asyncio.Task | None = None
         self.failed: BaseException | None = None
         self.draining = False
@@ -77,6 +81,7 @@ class PipelineEngine:
         self._queues.pop(seq.seq_id, None)
         self.scheduler.abort(seq, reason)
         self._wake.set()
+        self._progress.set()
 
     @property
     def accepting(self) -> bool:
@@ -86,10 +91,11 @@ class PipelineEngine:
     def idle(self) -> bool:
         return self.scheduler.num_unfinished == 0
 
-    def routing_cost(self, seq: Sequence, tokens_per_queued_seq: int = 256) -> int:
-        """Prompt tokens seq would compute here plus a price per sequence already here."""
-        cached = len(self.blocks.match_prefix(seq)) * self.blocks.block_size
-        return seq.num_tokens - cached + tokens_per_queued_seq * self.scheduler.num_unfinished
+    async def wait_idle(self) -> None:
+        """Return once no sequence is left here, or the replica has failed."""
+        while not self.idle and self.failed is None:
+            self._progress.clear()
+            await self._progress.wait()
 
     # -- the loop -------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -149,6 +155,7 @@ class PipelineEngine:
         else:
             for _, q in moved:
                 q.put_nowait(exc)
+        self._progress.set()
 
     def _deliver(self, events: list[TokenEvent]) -> None:
         for ev in events:
@@ -157,6 +164,8 @@ class PipelineEngine:
                 q.put_nowait(ev)
                 if ev.finish_reason is not None:
                     del self._queues[ev.seq.seq_id]
+            if ev.finish_reason is not None:
+                self._progress.set()
 
     def _step_span(self, batch: StepBatch, pb: worker_pb2.StepRequest):
         """A span per step (its own trace), linked to the requests it serves; the stages'

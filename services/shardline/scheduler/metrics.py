@@ -12,6 +12,7 @@ from prometheus_client.registry import REGISTRY
 
 _LATENCY_BUCKETS = (.005, .01, .025, .05, .075, .1, .15, .2, .3, .5, .75, 1, 1.5, 2, 3, 5, 10,
                     20, 60)
+_TPOT_BUCKETS = (.001, .0025, .005, .01, .02, .03, .05, .075, .1, .15, .2, .3, .5, 1, 2.5)
 
 REQUESTS = Counter("shardline_requests", "Generate requests by final gRPC status "
                    "(OK, CANCELLED, INVALID_ARGUMENT, ...)", ["status"])
@@ -19,7 +20,7 @@ TTFT = Histogram("shardline_time_to_first_token_seconds",
                  "Arrival (after tokenization) to the first generated token", buckets=_LATENCY_BUCKETS)
 TPOT = Histogram("shardline_time_per_output_token_seconds",
                  "Mean time between generated tokens after the first, per request",
-                 buckets=(.001, .0025, .005, .01, .02, .03, .05, .075, .1, .15, .2, .3, .5, 1, 2.5))
+                 buckets=_TPOT_BUCKETS)
 E2E = Histogram("shardline_request_duration_seconds", "Arrival to the last token",
                 buckets=_LATENCY_BUCKETS)
 PROMPT_TOKENS = Counter("shardline_prompt_tokens", "Prompt tokens of finished requests")

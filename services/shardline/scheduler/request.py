@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from shardline.protocol.plan import SamplingConfig
+from shardline.scheduler.block_pool import ROOT_HASH, block_hash
 
 
 class SeqStatus(enum.Enum):
@@ -39,7 +40,8 @@ class Sequence:
     finish_reason: Optional[str] = None
     num_cached_tokens: int = 0    # prompt tokens served from the prefix cache
     cache_salt: str = ""          # tenant: hashes of different tenants never match
-    block_hashes: list[str] = field(default_factory=list)   # chained hashes of full blocks
+    block_hashes: list[str] = field(default_factory=list)   # memo of full_block_hash
+    hash_block_size: int = 0      # the block size block_hashes were computed for
     num_committed_blocks: int = 0 # leading blocks of block_table already hashed into the cache
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
@@ -53,10 +55,6 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
     def token_ids(self, start: int, end: int) -> list[int]:
         """Token ids in [start, end) of prompt + output."""
         p = len(self.prompt_token_ids)
@@ -65,6 +63,20 @@ class Sequence:
         if start >= p:
             return self.output_token_ids[start - p:end - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
+    def full_block_hash(self, i: int, block_size: int) -> str:
+        """Chained hash of full block i (tokens [i * block_size, (i + 1) * block_size)) under
+        this tenant's salt. Memoized here: a full block's tokens never change. A sequence moved
+        to a replica with another block size starts a new memo."""
+        if block_size != self.hash_block_size:
+            self.block_hashes, self.hash_block_size = [], block_size
+        hashes = self.block_hashes
+        while len(hashes) <= i:
+            j = len(hashes)
+            hashes.append(block_hash(hashes[-1] if hashes else ROOT_HASH,
+                                     self.token_ids(j * block_size, (j + 1) * block_size),
+                                     self.cache_salt))
+        return hashes[i]
 
     @property
     def is_finished(self) -> bool:

@@ -23,18 +23,37 @@ from shardline.scheduler.request import Sequence
 
 log = logging.getLogger(__name__)
 
+# The price, in prompt tokens to compute, of one sequence already on a replica: how much a
+# cached prefix must save to route a request to a busier replica.
+TOKENS_PER_QUEUED_SEQ = 256
+# How often orphaned sequences (no live replica) retry placement and check their deadline.
+ORPHAN_POLL_INTERVAL_S = 0.2
+# wait_for_replica's shortest wait, so that a deadline just reached still yields once.
+MIN_WAIT_S = 0.01
+
 # (pipeline, on_failure, cache listener) -> engine
 EngineFactory = Callable[[PipelineClient, Callable, Optional[Callable]], PipelineEngine]
+# (replica id, stage addresses) -> an unconnected pipeline client
+PipelineFactory = Callable[[str, list[str]], PipelineClient]
+
+
+def routing_cost(engine: PipelineEngine, seq: Sequence) -> int:
+    """Prompt tokens seq would compute on engine's replica (those past its longest cached
+    prefix there) plus TOKENS_PER_QUEUED_SEQ per sequence already there. Writes nothing."""
+    _, cached = engine.blocks.match_prefix(seq)
+    return seq.num_tokens - cached + TOKENS_PER_QUEUED_SEQ * engine.scheduler.num_unfinished
 
 
 class Router:
     def __init__(self, make_engine: EngineFactory, connect_timeout_s: float,
                  unavailable_timeout_s: float = 10.0, reconnect_interval_s: float = 2.0,
-                 index: Optional[PrefixIndex] = None, routing: str = "cache-aware"):
+                 index: Optional[PrefixIndex] = None, routing: str = "cache-aware",
+                 make_pipeline: PipelineFactory = PipelineClient):
         if routing not in ("cache-aware", "random"):
             raise ValueError(f"routing must be cache-aware or random, got {routing!r}")
         self.routing = routing
         self.make_engine = make_engine
+        self.make_pipeline = make_pipeline
         self.index = index
         self.connect_timeout_s = connect_timeout_s
         self.unavailable_timeout_s = unavailable_timeout_s
@@ -52,7 +71,7 @@ class Router:
                            retry: bool = True) -> Optional[PipelineEngine]:
         """Connect to a replica's stages and start serving on it."""
         self._addresses[replica_id] = addresses
-        pipeline = PipelineClient(replica_id, addresses)
+        pipeline = self.make_pipeline(replica_id, addresses)
         try:
             await pipeline.connect(self.connect_timeout_s)
         except Exception as exc:  # noqa: BLE001
@@ -86,8 +105,7 @@ class Router:
             return
         engine.draining = True
         if drain:
-            while not engine.idle and engine.failed is None:
-                await asyncio.sleep(0.1)
+            await engine.wait_idle()
         else:
             engine.fail(Unavailable(f"replica {replica_id} removed"))
         if self.engines.get(replica_id) is engine:
@@ -116,7 +134,8 @@ class Router:
         while not self.live and time.monotonic() < deadline:
             self._changed.clear()
             try:
-                await asyncio.wait_for(self._changed.wait(), max(0.01, deadline - time.monotonic()))
+                await asyncio.wait_for(self._changed.wait(),
+                                       max(MIN_WAIT_S, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 break
         return self.live[0] if self.live else None
@@ -130,7 +149,7 @@ class Router:
             addrs = self._addresses.get(replica_id)
             if addrs is None:
                 return
-            pipeline = PipelineClient(replica_id, addrs)
+            pipeline = self.make_pipeline(replica_id, addrs)
             try:
                 await pipeline.connect(self.reconnect_interval_s)
             except Exception:  # noqa: BLE001 - still down
@@ -179,7 +198,7 @@ class Router:
 
     async def _expire_orphans(self) -> None:
         while self._orphans and not self._closed:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(ORPHAN_POLL_INTERVAL_S)
             self._adopt_orphans()
             now = time.monotonic()
             keep = []
@@ -208,7 +227,7 @@ class Router:
         if self.routing == "random":             # baseline for benchmarks
             engine = random.choice(live)
         else:
-            engine = min(live, key=lambda e: e.routing_cost(seq))
+            engine = min(live, key=lambda e: routing_cost(e, seq))
         self._where[seq.seq_id] = engine
         engine.add(seq, q)
 

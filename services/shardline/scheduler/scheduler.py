@@ -44,6 +44,9 @@ class TokenEvent:
 
 
 class Scheduler:
+    """The batching policy of one replica. It owns the Sequences' counts and block tables,
+    setting them from what the BlockManager returns."""
+
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, lookahead: bool = False):
         self.blocks = block_manager
@@ -107,6 +110,7 @@ class Scheduler:
             if new_blocks is None:      # nothing to preempt: seq itself waits for recompute
                 self._preempt(seq)
                 continue
+            seq.block_table.extend(new_blocks)
             items.append((seq, step := self._step_for(seq, n, new_blocks)))
             self._mark_in_flight(seq, step)
             budget -= n
@@ -114,15 +118,16 @@ class Scheduler:
         # Then admit waiting sequences while budget, slots and blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hit = self.blocks.match_prefix(seq)
-            cached = len(hit) * self.blocks.block_size
+            prefix, cached = self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - cached, budget)
-            need = -(-(cached + n) // self.blocks.block_size) - len(hit)
-            if need > self.blocks.free_blocks_after(hit):
+            new_blocks = self.blocks.allocate(seq, n, prefix=prefix)
+            if new_blocks is None:
                 break
-            self.blocks.take_prefix(seq, hit)
-            new_blocks = self.blocks.allocate(seq, n)
             self.waiting.popleft()
+            seq.block_table = prefix + new_blocks
+            seq.num_computed_tokens = cached
+            if seq.num_preemptions == 0:         # usage reports the first admission's hits
+                seq.num_cached_tokens = cached
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             items.append((seq, step := self._step_for(seq, n, new_blocks)))
@@ -160,6 +165,7 @@ class Scheduler:
         new_blocks = self.blocks.allocate(seq, seq.in_flight_tokens + 1)
         if new_blocks is None:
             return None
+        seq.block_table.extend(new_blocks)
         return SeqStep(seq_id=seq.seq_id, token_ids=[], start_pos=seq.num_tokens,
                        new_block_ids=new_blocks, sample=True,
                        num_generated=len(seq.output_token_ids) + 1, last_sampled=True)
@@ -178,7 +184,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Free seq's blocks; it returns to the front of the queue and is recomputed."""
-        self.blocks.free(seq)
+        self.blocks.free(seq)            # (reset_for_recompute empties its block table)
         self.running.remove(seq)
         if seq.admitted:
             self._pending_free.append(seq.seq_id)
@@ -198,7 +204,7 @@ class Scheduler:
             if seq.is_finished:
                 continue
             seq.num_computed_tokens += step.num_tokens
-            self.blocks.commit_full_blocks(seq)
+            seq.num_committed_blocks = self.blocks.commit_full_blocks(seq)
             by_id[seq.seq_id] = seq
         events = []
         for tok in tokens:
@@ -216,6 +222,8 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         self.blocks.free(seq)
+        seq.block_table = []
+        seq.num_committed_blocks = 0
         if seq in self.running:
             self.running.remove(seq)
         if seq.admitted:

@@ -18,7 +18,9 @@ from shardline.scheduler.router import Router
 from shardline.scheduler.request import Sequence
 from shardline.scheduler.scheduler import TokenEvent
 from shardline.scheduler.tokenizer_client import DetokenizeState, TokenizerClient
+from shardline.scheduler.stop_strings import StopStringFilter
 from shardline.v1 import generate_pb2, generate_pb2_grpc
+from shardline.protocol.limits import MAX_TOP_LOGPROBS
 from shardline.protocol.plan import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,9 @@ def validate_sampling(pb: generate_pb2.GenerateRequest) -> SamplingConfig:
         raise InvalidArgument(f"sampling.top_k must be >= 0, got {s.top_k}")
     if s.HasField("repetition_penalty") and not 0 < s.repetition_penalty < math.inf:
         raise InvalidArgument(f"sampling.repetition_penalty must be > 0, got {s.repetition_penalty}")
-    if s.top_logprobs > 20:
-        raise InvalidArgument(f"sampling.top_logprobs must be <= 20, got {s.top_logprobs}")
+    if s.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"sampling.top_logprobs must be <= {MAX_TOP_LOGPROBS}, "
+                              f"got {s.top_logprobs}")
     return SamplingConfig.from_pb(s)
 
 
@@ -241,29 +244,15 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
 
 
 class _TextStream:
-    """Incremental text with stop strings: holds back text that may begin a stop string."""
+    """A sequence's text deltas: incremental detokenization, then the stop-string filter."""
 
     def __init__(self, tokenizer: TokenizerClient, stops: list[str]):
         self.tokenizer = tokenizer
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
         self.state = DetokenizeState()
-        self.text = ""
-        self.emitted = 0
+        self.filter = StopStringFilter(stops)
 
     async def push(self, ids: list[int], final: bool) -> tuple[str, bool]:
         """New text to send, and whether a stop string ended the sequence."""
         with telemetry.span("detokenize"):
-            self.text += await self.tokenizer.detokenize(self.state, ids)
-        if self.stops:
-            search_from = max(0, self.emitted - self.hold)
-            hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
-            if hits:
-                cut = min(hits)
-                out = self.text[self.emitted:cut]
-                self.emitted = cut
-                return out, True
-        end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
-        out = self.text[self.emitted:end]
-        self.emitted = end
-        return out, False
+            delta = await self.tokenizer.detokenize(self.state, ids)
+        return self.filter.push(delta, final)
