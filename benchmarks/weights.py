@@ -28,6 +28,7 @@ import torch
 from shardline.protocol.plan import SamplingConfig, SeqStep
 from shardline.transforms.quantize import weight_bytes
 from shardline.worker.build import load_runner
+from shardline.worker.runner import StageRunner
 from shardline.worker.heap import keep_freed_memory
 
 VARIANTS = {
@@ -168,8 +169,6 @@ def main() -> None:
         if ppl_on:
             from shardline.tools.perplexity import perplexity
             from shardline.transforms.calibration import corpus_token_ids
-            from shardline.models.config import ModelConfig
-            cfg = ModelConfig.from_dir(model_dir)
             pr = load_runner(model_dir, 0, num_layers, device=a.device, dtype=a.ppl_dtype,
                              kv_cache_bytes=64 << 20, **kw)
             ppl = f"{perplexity(pr, corpus_token_ids(model_dir, a.ppl_tokens)):.3f}"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from shardline.backends.cpu_kernels import build as cpu_kernels
 from shardline.models.attention import AttentionMetadata, paged_attention
-from shardline.backends.cpu_kernels import backend as cpu_path
+from shardline.backends.cpu_kernels import backend as cpu_backend
 from shardline.backends.cpu_kernels.backend import (glu_layout, int4_kernel_layout, int8_kernel_layout,
                                        vnni_layout)
 from shardline.models.layers import apply_rope
@@ -21,6 +21,7 @@ from shardline.protocol.plan import SamplingConfig, SeqStep
 from shardline.transforms.quantize import (Int4Linear, Int8Linear, dequantize_int4,
                                        dequantize_int8, quantize_int8)
 from shardline.worker.build import load_runner
+from shardline.worker.runner import StageRunner
 
 # skipped where the CPU lacks the instructions; where it has them, a kernel that does not build
 # fails every test here (the worker would quietly fall back to PyTorch's ops)
@@ -152,7 +153,7 @@ def test_quantized_weights_dequantize_into_the_vnni_layout(n):
     # and the quantized StepLinear at prefill sizes against the dequantized matmul
     x = torch.randn(40, 576, dtype=torch.bfloat16)
     for m, w in cases:
-        lin = cpu_path._linear(K, m)
+        lin = cpu_backend._linear(K, m)
         assert rel_err(lin(x), x.float() @ w.float().T) < 1e-2
 
 
@@ -173,11 +174,11 @@ def test_step_linear_takes_a_weight_format():
         K.StepLinear(K.WeightFormat.INT8, int8_kernel_layout(m8), s.float(), None, None, 48,
                      glu=True)
     # the backend's projections, each in its format
-    assert cpu_path._linear(K, lin).format == K.WeightFormat.BF16
-    assert cpu_path._linear(K, m8).format == K.WeightFormat.INT8
-    assert cpu_path._linear(K, m4).format == K.WeightFormat.INT4
+    assert cpu_backend._linear(K, lin).format == K.WeightFormat.BF16
+    assert cpu_backend._linear(K, m8).format == K.WeightFormat.INT8
+    assert cpu_backend._linear(K, m4).format == K.WeightFormat.INT4
     gate_up = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
-    assert cpu_path._gate_up(K, gate_up).format == K.WeightFormat.BF16
+    assert cpu_backend._gate_up(K, gate_up).format == K.WeightFormat.BF16
 
 
 def test_rms_norm_with_and_without_residual():

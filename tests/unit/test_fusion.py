@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shardline.transforms.options import StageTransforms
 from shardline.worker.build import load_runner
+from shardline.worker.runner import StageRunner
 from tests.unit.test_model import Driver
 
 
@@ -44,19 +46,21 @@ def test_fused_bf16_close(tiny_model_dir):
 
 def test_weight_flags_reach_worker_config():
     import argparse
-    from shardline.worker.config import WorkerConfig, add_weight_args, weight_argv
+    from shardline.common.config_args import config_argv
+    from shardline.worker.config import WEIGHT_FIELDS, WorkerConfig, add_weight_args
     up = argparse.ArgumentParser()
     add_weight_args(up)
     ns = up.parse_args(["--no-fuse", "--quantize", "int4", "--group-size", "64", "--prune", "2:4",
                         "--prune-calibration", "--compile"])
     worker = argparse.ArgumentParser()
     WorkerConfig.add_args(worker)
-    cfg = WorkerConfig.from_args(worker.parse_args(["--model", "m", *weight_argv(ns)]))
+    cfg = WorkerConfig.from_args(worker.parse_args(["--model", "m", *config_argv(WorkerConfig, ns, WEIGHT_FIELDS)]))
     assert (cfg.fuse, cfg.quantize, cfg.group_size, cfg.prune, cfg.prune_calibration,
             cfg.torch_compile) == (False, "int4", 64, "2:4", True, True)
     default = WorkerConfig.from_args(worker.parse_args(["--model", "m"]))
     assert default.fuse and default.quantize == "none" and default.prune is None
     assert not default.torch_compile
+    assert default.transforms() == StageTransforms()          # one set of defaults
 
 
 def test_compiled_stage_matches_eager(tiny_model_dir):

@@ -9,6 +9,7 @@ import torch
 from shardline.models.attention import AttentionMetadata
 from shardline.protocol.plan import SamplingConfig, SeqStep
 from shardline.worker.build import load_runner
+from shardline.worker.runner import StageRunner
 
 PROMPTS = [
     "def fibonacci(n):",

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from shardline.backends.base import StepBackend
 from shardline.backends.cpu_kernels.backend import CpuKernelBackend
 from shardline.backends.torch_ref import TorchBackend
@@ -32,7 +30,6 @@ def select_backend(model: StageModel, *, cpu_kernels: bool = True,
         backend = CpuKernelBackend.build(model)
         if backend is not None:
             return backend
-    param = next(model.parameters())
-    if param.device.type == "cpu" and param.dtype == torch.bfloat16 and cpu_kernels and not compiled:
-        log.info("bf16 CPU stage runs on the PyTorch reference backend (no CPU kernels here)")
+        log.info("the CPU kernels do not apply to this stage (CpuKernelBackend.build); "
+                 "it runs on the PyTorch reference backend")
     return TorchBackend(model, compiled=compiled)

@@ -26,8 +26,8 @@ from shardline.models.kv_cache import KVCache
 
 
 class StepBackend(ABC):
-    """Executes steps of one stage's model. Subclasses set `name` (shown in logs and
-    StageInfo) and implement `forward` and `logits`."""
+    """Executes steps of one stage's model. Subclasses set `name` (shown in the worker's
+    logs) and implement `forward` and `logits`."""
 
     name: str = ""
     needs_warm_up = False             # compile graphs on a throwaway step before serving

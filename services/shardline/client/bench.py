@@ -11,10 +11,9 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import grpc
 

@@ -25,7 +25,7 @@ import types
 import typing
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL")   # logging's names
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, flag: Optional[str] = None,

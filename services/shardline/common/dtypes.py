@@ -1,7 +1,7 @@
 """Names of the dtypes a stage computes in: the one list every flag, config and message uses.
 
-No torch here (the scheduler and tokenizer import it); `common.tensors` maps the names to
-torch dtypes for the processes that have torch.
+No torch here (the scheduler and `shardline up` import it); `common.tensors` maps the names
+to torch dtypes for the processes that have torch.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from shardline.common.dtypes import DTYPE_NAMES as _NAMES
 from shardline.v1 import common_pb2
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in _NAMES}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+DTYPE_TO_NAME: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 if sys.byteorder != "little":  # pragma: no cover - every platform we run on is little-endian
     raise ImportError("shardline.common.tensors assumes a little-endian host")
@@ -24,7 +24,7 @@ if sys.byteorder != "little":  # pragma: no cover - every platform we run on is 
 
 def tensor_to_pb(t: torch.Tensor) -> common_pb2.Tensor:
     """Encode a float32 / bfloat16 / float16 tensor (any device) as raw bytes."""
-    name = DTYPE_NAMES.get(t.dtype)
+    name = DTYPE_TO_NAME.get(t.dtype)
     if name is None:
         raise ValueError(f"unsupported tensor dtype {t.dtype}; expected one of {list(DTYPES)}")
     flat = t.detach().reshape(-1)

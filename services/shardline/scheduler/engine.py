@@ -24,7 +24,8 @@ from shardline.protocol.plan import SampledToken
 
 log = logging.getLogger(__name__)
 
-# Steps planned ahead of the one running, with async scheduling (Scheduler.lookahead).
+# Steps planned ahead of the one running, with async scheduling: one (Scheduler's lookahead
+# plans a sequence's next step only while exactly one of its steps is in flight).
 LOOKAHEAD_STEPS = 1
 
 

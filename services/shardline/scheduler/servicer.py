@@ -16,7 +16,6 @@ from shardline.common.server import InvalidArgument, ResourceExhausted, Unavaila
 from shardline.scheduler import metrics
 from shardline.scheduler.router import Router
 from shardline.scheduler.request import Sequence
-from shardline.scheduler.scheduler import TokenEvent
 from shardline.scheduler.tokenizer_client import DetokenizeState, TokenizerClient
 from shardline.scheduler.stop_strings import StopStringFilter
 from shardline.v1 import generate_pb2, generate_pb2_grpc

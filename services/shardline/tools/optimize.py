@@ -21,13 +21,14 @@ from typing import Optional, Union
 
 from safetensors.torch import save_file
 
-from shardline.common.dtypes import DEFAULT_DTYPE, DTYPE_NAMES
+from shardline.common.dtypes import DEFAULT_DTYPE, DTYPE_NAMES, canonical_dtype
 from shardline.common.model_source import resolve_model
 from shardline.common.tensors import DTYPES
 from shardline.models.config import ModelConfig
 from shardline.transforms.recipe import RECIPE_FILE, read_recipe, stage_tensors
 from shardline.transforms.stage import StageTransforms, build_stage
 from shardline.worker.config import add_weight_args
+
 
 def optimize(src: Union[str, pathlib.Path], out: Union[str, pathlib.Path], dtype: str,
              quantize: str = "none", group_size: int = 32, quantize_head: bool = False,
@@ -38,7 +39,8 @@ def optimize(src: Union[str, pathlib.Path], out: Union[str, pathlib.Path], dtype
     transforms = StageTransforms(fuse=False, quantize=quantize, group_size=group_size,
                                  quantize_head=quantize_head, prune=prune,
                                  prune_calibration=prune_calibration)
-    stage = build_stage(src, 0, cfg.num_layers, "cpu", DTYPES[dtype], transforms)
+    stage = build_stage(src, 0, cfg.num_layers, "cpu", DTYPES[canonical_dtype(dtype)],
+                        transforms)
     out.mkdir(parents=True, exist_ok=True)
     tensors = stage_tensors(stage.model)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -59,7 +61,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_NAMES,
                    help="dtype of the dense tensors (default: %(default)s)")
-    add_weight_args(p)
+    # an optimized checkpoint is saved unfused and uncompiled: those are the loader's choice
+    add_weight_args(p, ("quantize", "group_size", "quantize_head", "prune", "prune_calibration"))
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     out = optimize(resolve_model(a.src), a.out, a.dtype, a.quantize, a.group_size,

@@ -17,6 +17,7 @@ The last line printed is `perplexity: X`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -29,8 +30,10 @@ from shardline.common.model_source import DEFAULT_MODEL, resolve_model
 from shardline.models.attention import AttentionMetadata
 from shardline.models.config import ModelConfig
 from shardline.transforms.calibration import corpus_token_ids
+from shardline.transforms.options import StageTransforms
 from shardline.worker.build import load_runner
 from shardline.worker.config import add_weight_args
+from shardline.worker.heap import keep_freed_memory
 
 
 @torch.inference_mode()
@@ -103,13 +106,15 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.device == "cpu":
+        keep_freed_memory()              # the heap a worker process runs with (worker/heap.py)
     model_dir = resolve_model(a.model)
     cfg = ModelConfig.from_dir(model_dir)
     t0 = time.perf_counter()
     window = a.tokens if a.decode else a.window
     runner = load_runner(model_dir, 0, cfg.num_layers, device=a.device, dtype=a.dtype,
-                         kv_cache_bytes=_kv_bytes(cfg, window, a.dtype), fuse=a.fuse,
-                         cpu_kernels=a.cpu_kernels, **weight_kwargs(a))
+                         kv_cache_bytes=_kv_bytes(cfg, window), cpu_kernels=a.cpu_kernels,
+                         **dataclasses.asdict(weight_transforms(a)))
     ids = corpus_token_ids(model_dir, a.tokens)
     if a.decode:
         ppl = decode_perplexity(runner, ids)
@@ -123,16 +128,13 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def weight_kwargs(a: argparse.Namespace) -> dict:
-    """load_runner's weight-transform arguments from add_weight_args' flags."""
-    kw = dict(quantize=a.quantize, group_size=a.group_size, quantize_head=a.quantize_head,
-              torch_compile=a.torch_compile)
-    for name in ("prune", "prune_calibration"):
-        if getattr(a, name, None):
-            kw[name] = getattr(a, name)
-    return kw
+def weight_transforms(a: argparse.Namespace) -> StageTransforms:
+    """The StageTransforms that add_weight_args' flags ask for."""
+    return StageTransforms(**{f.name: getattr(a, f.name)
+                              for f in dataclasses.fields(StageTransforms)})
 
 
-def _kv_bytes(cfg, window: int, dtype: str) -> int:
+def _kv_bytes(cfg, window: int) -> int:
+    """A KV budget for one window of the whole model (4 bytes a value: any dtype fits)."""
     per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
     return per_token * (window + 64) + (1 << 20)

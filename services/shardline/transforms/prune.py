@@ -20,28 +20,10 @@ import torch
 from torch import nn
 
 from shardline.models.decoder import layer_linears
+from shardline.transforms.options import PruneSpec, parse_prune
 from shardline.transforms.calibration import calibration_norms
 
 log = logging.getLogger(__name__)
-
-PruneSpec = Union[float, tuple[int, int]]
-
-
-def parse_prune(spec: Union[str, float, None]) -> Optional[PruneSpec]:
-    """"0.5" -> 0.5 (unstructured ratio); "2:4" -> (2, 4) (keep n of every m); None/"none"/"0"
-    -> None."""
-    if spec is None or spec in ("none", "0", 0):
-        return None
-    if isinstance(spec, str) and ":" in spec:
-        n, m = (int(v) for v in spec.split(":"))
-        if not 0 < n < m:
-            raise ValueError(f"--prune {spec}: need 0 < n < m in n:m")
-        return n, m
-    ratio = float(spec)
-    if not 0 <= ratio < 1:
-        raise ValueError(f"--prune ratio must be in [0, 1), got {spec}")
-    return ratio or None
-
 
 def prune_mask(score: torch.Tensor, spec: PruneSpec) -> torch.Tensor:
     """Boolean keep-mask [out, in] of the highest scores: per row (ratio) or per n:m group."""

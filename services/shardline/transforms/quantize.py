@@ -15,7 +15,7 @@ int4 uses `_weight_int4pack_mm_for_cpu` / `_weight_int4pack_mm` (CUDA, bf16).
 fp8 uses `torch._scaled_mm` with a per-row activation scale.
 
 The stored form (`state()`: int8 qweight, int4 uint8 [n, k/2] + scales/zeros) is what an
-optimized checkpoint holds (see optimize.py); modules are rebuilt from it by `from_state`.
+optimized checkpoint holds (transforms/recipe.py); modules are rebuilt from it by `from_state`.
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardline.transforms import triton_int8      # imports Triton only when first used on CUDA
+from shardline.transforms.options import QUANTIZE_MODES
 
-MODES = ("none", "int8", "int4", "fp8")
+MODES = QUANTIZE_MODES
 
 
 # ---- int8 ---------------------------------------------------------------------------------

@@ -4,15 +4,14 @@
     (CUDA) -> quantize -> compile
 
 Each transform is a plain function on the loaded StageModel (fuse.py, prune.py,
-quantize.py, compile.py); `StageTransforms` names which ones a stage gets. An optimized
+quantize.py, compile.py); `StageTransforms` (options.py) names which ones a stage gets. An optimized
 checkpoint (recipe.py) is already pruned and quantized: only fusing and compiling apply.
 """
 from __future__ import annotations
 
-import logging
 import pathlib
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
@@ -21,37 +20,16 @@ from shardline.models.decoder import StageModel
 from shardline.models.weights import load_stage_model
 from shardline.transforms.compile import compile_stage
 from shardline.transforms.fuse import fuse_stage
-from shardline.transforms.prune import accelerate_semi_structured, parse_prune, prune_stage
-from shardline.transforms.quantize import MODES, quantize_stage
+from shardline.transforms.options import StageTransforms
+from shardline.transforms.prune import accelerate_semi_structured, prune_stage
+from shardline.transforms.quantize import quantize_stage
 from shardline.transforms.recipe import load_optimized_stage, read_recipe
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StageTransforms:
-    """Which transforms a stage's weights get (the worker's weight flags)."""
-    fuse: bool = True                   # fused qkv / gate_up / residual adds (fuse.py)
-    quantize: str = "none"              # none | int8 | int4 | fp8 weight-only (quantize.py)
-    group_size: int = 32                # int4 group size
-    quantize_head: bool = False         # also quantize the LM head
-    prune: Optional[str] = None         # "0.5" (unstructured ratio) or "2:4" (prune.py)
-    prune_calibration: bool = False     # activation-aware pruning scores (calibration.py)
-    torch_compile: bool = False         # torch.compile each layer's dense parts (compile.py)
-
-    def __post_init__(self):
-        if self.quantize not in MODES:
-            raise ValueError(f"quantize must be one of {MODES}, got {self.quantize!r}")
-        if self.group_size <= 0:
-            raise ValueError(f"group_size must be > 0, got {self.group_size}")
-        parse_prune(self.prune)
 
 
 @dataclass
 class BuiltStage:
     """A loaded, transformed stage and what was done to it."""
     model: StageModel
-    config: ModelConfig
     quantization: str                   # none | int8 | int4 | fp8, as served
     compiled: bool
 
@@ -80,4 +58,4 @@ def build_stage(model_dir: Union[str, pathlib.Path], layer_start: int, layer_end
         quantize_stage(model, t.quantize, t.group_size, t.quantize_head)
     if t.torch_compile:
         compile_stage(model)
-    return BuiltStage(model, config, quantization, t.torch_compile)
+    return BuiltStage(model, quantization, t.torch_compile)

@@ -18,8 +18,10 @@ from shardline.backends import select_backend
 from shardline.common.dtypes import DEFAULT_DTYPE, canonical_dtype
 from shardline.common.tensors import DTYPES
 from shardline.models.kv_cache import KVCache
-from shardline.transforms.stage import StageTransforms, build_stage
-from shardline.worker.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_CUDA_KV_CACHE_FRACTION
+from shardline.transforms.options import StageTransforms
+from shardline.transforms.stage import build_stage
+from shardline.worker.config import (DEFAULT_BLOCK_SIZE, DEFAULT_CPU_KV_CACHE_BYTES,
+                                     DEFAULT_CUDA_KV_CACHE_FRACTION)
 from shardline.worker.runner import StageRunner
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ def kv_cache_budget(device: torch.device, kv_cache_bytes: Optional[int],
     if kv_cache_bytes is not None:
         return kv_cache_bytes
     if device.type == "cuda":
+        if not 0 < kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {kv_cache_fraction}")
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * kv_cache_fraction)
     return DEFAULT_CPU_KV_CACHE_BYTES
@@ -51,10 +55,10 @@ def load_runner(model_dir: Union[str, pathlib.Path], layer_start: int, layer_end
                 dtype: Union[str, torch.dtype] = DEFAULT_DTYPE,
                 kv_cache_bytes: Optional[int] = None,
                 kv_cache_fraction: float = DEFAULT_CUDA_KV_CACHE_FRACTION,
-                block_size: int = 16, cpu_kernels: bool = True,
+                block_size: int = DEFAULT_BLOCK_SIZE, cpu_kernels: bool = True,
                 **transforms) -> StageRunner:
     """A runner for layers [layer_start, layer_end) of the checkpoint in model_dir.
-    transforms: the fields of transforms.stage.StageTransforms (fuse, quantize, group_size,
+    transforms: the fields of transforms.options.StageTransforms (fuse, quantize, group_size,
     quantize_head, prune, prune_calibration, torch_compile). cpu_kernels: let bf16 CPU stages
     run on the CPU-kernel backend where it applies."""
     if block_size <= 0:

@@ -8,19 +8,21 @@ import argparse
 from dataclasses import dataclass
 from typing import Optional
 
-from shardline.common.config_args import (add_config_args, config_argv, config_from_args,
-                                          log_level_option, option)
+from shardline.common.config_args import (add_config_args, config_from_args, log_level_option,
+                                          option)
 from shardline.common.dtypes import DEFAULT_DTYPE, DTYPE_NAMES, canonical_dtype
 from shardline.common.model_source import DEFAULT_MODEL
 from shardline.common.units import parse_bytes
+from shardline.transforms.options import QUANTIZE_MODES, StageTransforms
 
 DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20     # KV cache budget on the CPU
 DEFAULT_CUDA_KV_CACHE_FRACTION = 0.8       # CUDA: fraction of free memory after the weights
-QUANTIZE_MODES = ("none", "int8", "int4", "fp8")   # transforms/quantize.py's MODES (no torch here)
 
 # the weight transforms: flags of `shardline worker`, `shardline up` and the tools
 WEIGHT_FIELDS = ("fuse", "quantize", "group_size", "quantize_head", "prune", "prune_calibration",
                  "torch_compile", "cpu_kernels")
+_T = StageTransforms()                     # the transforms' defaults, written once there
+DEFAULT_BLOCK_SIZE = 16                    # tokens per KV cache block
 
 
 @dataclass
@@ -42,24 +44,24 @@ class WorkerConfig:
         DEFAULT_CUDA_KV_CACHE_FRACTION,
         help="CUDA without --kv-cache-memory: fraction of free memory after the weights for the "
              "KV cache")
-    block_size: int = option(16, help="tokens per KV cache block")
+    block_size: int = option(DEFAULT_BLOCK_SIZE, help="tokens per KV cache block")
     threads: int = option(0, help="torch intra-op threads; 0 = torch's default")
     cache_dir: Optional[str] = option(
         None, env="SHARDLINE_CACHE",
         help="where converted models are kept (default: $SHARDLINE_CACHE, else "
              "~/.cache/shardline/models)")
     log_level: str = log_level_option()
-    fuse: bool = option(True, help="fuse q/k/v and gate/up projections and residual adds "
+    fuse: bool = option(_T.fuse, help="fuse q/k/v and gate/up projections and residual adds "
                                    "(transforms/fuse.py)")
-    quantize: str = option("none", choices=QUANTIZE_MODES,
+    quantize: str = option(_T.quantize, choices=QUANTIZE_MODES,
                            help="weight-only quantization of the stage's Linear layers")
-    group_size: int = option(32, help="int4 group size")
-    quantize_head: bool = option(False, help="also quantize the LM head")
-    prune: Optional[str] = option(None, help="prune weights: 0.5 (unstructured ratio) or 2:4 "
+    group_size: int = option(_T.group_size, help="int4 group size")
+    quantize_head: bool = option(_T.quantize_head, help="also quantize the LM head")
+    prune: Optional[str] = option(_T.prune, help="prune weights: 0.5 (unstructured ratio) or 2:4 "
                                              "(semi-structured); default: no pruning")
-    prune_calibration: bool = option(False, help="activation-aware pruning scores from the "
+    prune_calibration: bool = option(_T.prune_calibration, help="activation-aware pruning scores from the "
                                                  "built-in corpus")
-    torch_compile: bool = option(False, flag="--compile",
+    torch_compile: bool = option(_T.torch_compile, flag="--compile",
                                  help="torch.compile each layer's norms and MLP (steps then run "
                                       "the PyTorch model, not the CPU kernels); graphs are "
                                       "compiled at start-up")
@@ -75,8 +77,9 @@ class WorkerConfig:
         self.dtype = canonical_dtype(self.dtype)
         if self.block_size <= 0:
             raise ValueError("block_size must be > 0")
-        if self.quantize not in QUANTIZE_MODES:
-            raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
+        self.transforms()                  # validates quantize, group_size, prune
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.kv_cache_memory is not None:
             parse_bytes(self.kv_cache_memory)
 
@@ -99,6 +102,13 @@ class WorkerConfig:
             return parse_bytes(self.kv_cache_memory)
         return None
 
+    def transforms(self) -> StageTransforms:
+        """The weight transforms these flags ask for."""
+        return StageTransforms(fuse=self.fuse, quantize=self.quantize,
+                               group_size=self.group_size, quantize_head=self.quantize_head,
+                               prune=self.prune, prune_calibration=self.prune_calibration,
+                               torch_compile=self.torch_compile)
+
     @classmethod
     def add_args(cls, p: argparse.ArgumentParser) -> None:
         add_config_args(cls, p)
@@ -108,12 +118,8 @@ class WorkerConfig:
         return config_from_args(cls, ns)
 
 
-def add_weight_args(p: argparse.ArgumentParser) -> None:
-    """The weight-transform flags (WEIGHT_FIELDS), shared by `shardline worker`, `shardline up`
-    and the tools."""
-    add_config_args(WorkerConfig, p, WEIGHT_FIELDS)
+def add_weight_args(p: argparse.ArgumentParser, names: tuple[str, ...] = WEIGHT_FIELDS) -> None:
+    """The weight-transform flags (WEIGHT_FIELDS, or the given subset), shared by
+    `shardline worker`, `shardline up` and the tools."""
+    add_config_args(WorkerConfig, p, names)
 
-
-def weight_argv(ns: argparse.Namespace) -> list[str]:
-    """The flags of add_weight_args, to pass on to a worker's command line."""
-    return config_argv(WorkerConfig, ns, WEIGHT_FIELDS)

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from shardline.backends.base import StepBackend
-from shardline.common.tensors import DTYPE_NAMES
+from shardline.common.tensors import DTYPE_TO_NAME
 from shardline.models.kv_cache import KVCache
 from shardline.protocol.plan import SampledToken, SamplingConfig, SeqStep
 from shardline.worker.heap import return_free_memory
@@ -44,8 +44,8 @@ class SeqCacheState:
 
 class StageRunner:
     """One stage's model (its layers [layer_start, layer_end)), the backend that runs its
-    steps, and its paged KV cache. quantization: how the weights are stored, as reported in
-    StageInfo."""
+    steps, and its paged KV cache. quantization: how the weights are stored (the transform's,
+    or an optimized checkpoint's recipe), as GetInfo reports it."""
 
     def __init__(self, backend: StepBackend, kv_cache: KVCache, quantization: str = "none"):
         self.backend = backend
@@ -94,7 +94,7 @@ class StageRunner:
 
     @property
     def dtype_name(self) -> str:
-        return DTYPE_NAMES[self.dtype]
+        return DTYPE_TO_NAME[self.dtype]
 
     @property
     def device_name(self) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import logging
 import sys
@@ -35,16 +36,13 @@ def build_runner(cfg: WorkerConfig) -> StageRunner:
     return load_runner(model_dir, start, end, device=cfg.device, dtype=cfg.dtype,
                        kv_cache_bytes=cfg.kv_cache_bytes(),
                        kv_cache_fraction=cfg.kv_cache_fraction, block_size=cfg.block_size,
-                       cpu_kernels=cfg.cpu_kernels, fuse=cfg.fuse, quantize=cfg.quantize,
-                       group_size=cfg.group_size, quantize_head=cfg.quantize_head,
-                       prune=cfg.prune, prune_calibration=cfg.prune_calibration,
-                       torch_compile=cfg.torch_compile)
+                       cpu_kernels=cfg.cpu_kernels, **dataclasses.asdict(cfg.transforms()))
 
 
 async def serve(cfg: WorkerConfig) -> None:
     telemetry.setup("worker", cfg.metrics_port, **{"shardline.stage": cfg.stage_index})
     service = Service(f"worker-{cfg.stage_index}", cfg.port, cfg.host)
-    servicer = StageWorkerServicer(cfg.model, cfg.quantize)
+    servicer = StageWorkerServicer(cfg.model)
     servicer.stage_index = cfg.stage_index
     service.add(worker_pb2_grpc.add_StageWorkerServicer_to_server, servicer,
                 ["shardline.v1.StageWorker"])

@@ -35,9 +35,8 @@ STEP_TOKENS = Counter("shardline_stage_tokens_total", "Tokens computed by this s
 
 
 class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
-    def __init__(self, model_name: str, quantization: str = "none"):
+    def __init__(self, model_name: str):
         self.model_name = model_name
-        self.quantization = quantization
         self.runner = None                      # set once the model is loaded
         self.instance_id = uuid.uuid4().hex
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
@@ -85,7 +84,7 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
             num_layers=r.num_layers, is_first=r.is_first, is_last=r.is_last,
             num_blocks=r.num_blocks, block_size=r.block_size, max_position=r.max_position,
             vocab_size=r.vocab_size, dtype=r.dtype_name, device=r.device_name,
-            quantization=self.quantization, instance_id=self.instance_id)
+            quantization=r.quantization, instance_id=self.instance_id)
 
     def _compute(self, req: worker_pb2.StepRequest, forward: bool):
         """Runs on the compute thread: decode the plan, run layers, encode the output."""

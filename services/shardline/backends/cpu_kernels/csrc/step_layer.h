@@ -1,4 +1,4 @@
-// A whole decoder layer per call: the backend's CpuStepPath (backend.py) runs each layer as one
+// A whole decoder layer per call: the backend's CpuKernelBackend (backend.py) runs each layer as one
 // StepLayer::forward instead of ~9 Python calls of the ops, with one StepLinear per projection.
 #pragma once
 
