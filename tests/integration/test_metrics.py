@@ -23,6 +23,15 @@ def value(m: dict, name: str, **labels) -> float:
     return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def wait_for_scrape(port: int, cond, timeout_s: float = 60.0) -> dict:
+    """Scrape until cond(metrics) holds (a generous guard, not a timing)."""
+    deadline = time.monotonic() + timeout_s
+    while not cond(m := scrape(port)):
+        assert time.monotonic() < deadline, "metrics never moved"
+        time.sleep(0.05)
+    return m
+
+
 def test_metrics_move(model_dir):
     with RunningStack(model_dir, stages=2, metrics=True) as s:
         ports = s.stack.metrics_ports
@@ -32,8 +41,9 @@ def test_metrics_move(model_dir):
         with Client(s.address) as c:
             out = c.generate("Hello there", max_tokens=5, temperature=0, ignore_eos=True)
         assert out.usage.completion_tokens == 5
-        time.sleep(0.2)
-        after = scrape(sp)
+        # The request is counted in the servicer's finally, just after the last chunk is sent.
+        after = wait_for_scrape(sp, lambda m: value(m, "shardline_requests_total", status="OK")
+                                > value(before, "shardline_requests_total", status="OK"))
         assert value(after, "shardline_requests_total", status="OK") == \
             value(before, "shardline_requests_total", status="OK") + 1
         assert value(after, "shardline_time_to_first_token_seconds_count") == \

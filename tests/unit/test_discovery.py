@@ -75,7 +75,7 @@ class FakeCoreV1Api:
         self.last: FakeWatchResponse | None = None
 
     def list_namespaced_pod(self, namespace, label_selector=None, resource_version=None,
-                            watch=False, _preload_content=True, **kw) -> "V1PodList":
+                            watch=False, _preload_content=True, **kw):
         assert namespace == "llm" and label_selector == SELECTOR and not _preload_content
         self.requests.append(("watch" if watch else "list", resource_version))
         call = self.calls.pop(0) if self.calls else {"watch": []}
@@ -101,8 +101,9 @@ def run_discovery(calls: list[dict]) -> tuple[list, FakeCoreV1Api]:
         def played_all():
             while api.calls or api.last is None or not api.last.drained.wait(0.01):
                 pass
+        # The watch thread posts each event (call_soon_threadsafe) before it asks for the next
+        # line, so every event is queued on the loop ahead of played_all's own completion.
         await asyncio.wait_for(asyncio.to_thread(played_all), 30)   # a guard, not a timing
-        await asyncio.sleep(0.05)   # let the posted events reach the loop
         await d.close()
         return [e async for e in d]
     return asyncio.run(body()), api

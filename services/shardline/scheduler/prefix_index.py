@@ -1,14 +1,15 @@
 """Prefix-cache metadata: block hash -> (pipeline id, block id), in memory and mirrored to Redis.
 
-Each replica's BlockManager is the authority on which full blocks it keeps; it reports them
-here with publish()/remove(). The in-memory mirror answers at once and never fails; Redis
-lets a restarted scheduler (or, later, several schedulers) see the same picture. Redis is an
+Each replica's BlockManager is the authority on which full blocks it keeps (routing asks the
+managers themselves); it reports them here with publish()/remove(). The in-memory mirror is
+what Redis must hold; Redis lets a restarted scheduler adopt a pipeline's entries
+(load_pipeline) and lets readers outside this scheduler see the same picture. Redis is an
 accelerator, never a dependency: while it is away the mirror serves, and when it is back
 (or was restarted empty) the whole mirror is written again ("resync").
 
 Redis keys (every one with a TTL, refreshed while the entry lives):
 
-    {prefix}blk:{hash}            hash  pipeline_id -> block id     (lookup: HKEYS per block)
+    {prefix}blk:{hash}            hash  pipeline_id -> block id     (who caches a block)
     {prefix}pipe:{pipeline_id}    hash  block hash  -> block id     (restart: one HGETALL)
     {prefix}pipe-meta:{pipeline}  str   JSON of the pipeline's meta (e.g. worker instance ids)
 
@@ -21,7 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -39,7 +40,10 @@ class PrefixIndex:
 
     def __init__(self, redis_url: Optional[str], key_prefix: str = "shardline:", ttl_s: int = 3600,
                  op_timeout_s: float = 0.2, *, flush_interval_s: float = 0.01,
-                 heartbeat_s: float = 1.0, max_backoff_s: float = 2.0):
+                 heartbeat_s: float = 1.0, max_backoff_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic):
+        """clock decides when a heartbeat and a TTL refresh are due (tests inject a fake one);
+        the writer wakes at least every heartbeat_s of real time to consult it."""
         if ttl_s <= 0 or op_timeout_s <= 0:
             raise ValueError(f"ttl_s ({ttl_s}) and op_timeout_s ({op_timeout_s}) must be > 0")
         self.redis_url = redis_url
@@ -49,6 +53,7 @@ class PrefixIndex:
         self.flush_interval_s = flush_interval_s
         self.heartbeat_s = heartbeat_s
         self.max_backoff_s = max_backoff_s
+        self._clock = clock
         # The mirror: pipeline -> {hash: block}, and the same facts by hash for lookups.
         self._pipes: dict[str, dict[str, int]] = {}
         self._by_hash: dict[str, dict[str, int]] = {}
@@ -177,34 +182,7 @@ class PrefixIndex:
                     self._set_healthy(False, e)
             await asyncio.sleep(self.flush_interval_s)   # the writer reconnects and resyncs
 
-    # -- reads ------------------------------------------------------------------------------
-    async def lookup(self, hashes: list[str]) -> dict[str, int]:
-        """Per pipeline, how many LEADING hashes of the list it caches (pipelines with 0 left out).
-
-        While Redis is healthy: one pipelined round trip (HKEYS per hash), so pipelines that
-        other schedulers publish count too; our own pipelines are read from the mirror, which
-        is ahead of Redis by at most one flush. Otherwise, or when Redis is slower than
-        op_timeout_s: the mirror alone. Never raises for Redis trouble.
-        """
-        if not hashes:
-            return {}
-        if self._client is None or not self._healthy:
-            return self._lookup_memory(hashes)
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            for h in hashes:
-                pipe.hkeys(self.blk_key(h))
-            found = await asyncio.wait_for(pipe.execute(), self.op_timeout_s)
-        except REDIS_TROUBLE as e:
-            self._set_healthy(False, e)
-            return self._lookup_memory(hashes)
-        # Our own pipelines from the mirror (it is ahead of Redis by up to one flush).
-        return _leading([{p for p in where if p not in self._pipes} | set(self._by_hash.get(h, ()))
-                         for h, where in zip(hashes, found)])
-
-    def _lookup_memory(self, hashes: list[str]) -> dict[str, int]:
-        return _leading([set(self._by_hash.get(h, ())) for h in hashes])
-
+    # -- restart ----------------------------------------------------------------------------
     async def load_pipeline(self, pipeline_id: str, expect_meta: dict) -> list[tuple[str, int]]:
         """After a scheduler restart: adopt pipeline_id's entries from Redis if still valid.
 
@@ -240,8 +218,8 @@ class PrefixIndex:
     # -- background writer ------------------------------------------------------------------
     async def _run(self) -> None:
         backoff = self.flush_interval_s
-        next_beat = time.monotonic() + self.heartbeat_s
-        next_refresh = time.monotonic() + self.ttl_s / 3
+        next_beat = self._clock() + self.heartbeat_s
+        next_refresh = self._clock() + self.ttl_s / 3
         while not self._closing:
             try:
                 if not self._healthy:
@@ -258,7 +236,7 @@ class PrefixIndex:
                     break
                 if self._has_dirty():
                     await self._flush()
-                now = time.monotonic()
+                now = self._clock()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat_s
                     if await self._server_run_id() != self._run_id:
@@ -275,6 +253,8 @@ class PrefixIndex:
         if healthy == self._healthy:
             return
         self._healthy = healthy
+        if not healthy:
+            self._wake.set()   # the writer resyncs at its next turn, not at the next heartbeat
         if healthy:
             log.info("prefix index: Redis at %s is back (%s)", self.redis_url, why)
         else:
@@ -385,17 +365,3 @@ def _normal(meta: dict) -> dict:
     """meta as it reads back from JSON, so stored and expected metas compare equal."""
     return json.loads(json.dumps(meta, sort_keys=True))
 
-
-def _leading(found: list[set[str]]) -> dict[str, int]:
-    """found[i] = pipelines holding block i -> per pipeline, length of its run from block 0."""
-    if not found:
-        return {}
-    counts = {pid: 0 for pid in found[0]}
-    alive = set(found[0])
-    for where in found:
-        alive &= where
-        if not alive:
-            break
-        for pid in alive:
-            counts[pid] += 1
-    return counts
