@@ -171,7 +171,7 @@ def build_stack(model_dir: str, model_name: str, stages: int, port: int, device:
                 dtype: Optional[str], kv_cache_memory: Optional[str], threads: int,
                 extra_scheduler: list[str] = (), replicas: int = 1,
                 log_level: str = "INFO", quiet: bool = False, metrics: bool = False,
-                worker_extra: list[str] = ()) -> Stack:
+                worker_extra: list[str] = (), http_port: int = 0) -> Stack:
     tok_port = free_port()
     children = [Child("tokenizer", ["tokenizer", "--model", model_dir, "--port", str(tok_port),
                                     "--log-level", log_level])]
@@ -197,8 +197,11 @@ def build_stack(model_dir: str, model_name: str, stages: int, port: int, device:
              "--model", model_name, "--log-level", log_level, *extra_scheduler]
     for p in pipelines:
         sched += ["--pipeline", p]
+    if http_port:
+        sched += ["--http-port", str(http_port)]
     children.append(Child("scheduler", sched))
     stack = Stack(children, f"127.0.0.1:{port}", quiet=quiet)
+    stack.http_url = f"http://127.0.0.1:{http_port}" if http_port else None
     stack.metrics_ports = {}            # child name -> Prometheus port (metrics=True)
     if metrics:
         for c in children:
@@ -225,6 +228,8 @@ def run_demo(address: str) -> None:
                   flush=True)
 
 
+UP_HTTP_PORT = 8000   # `shardline up` serves the OpenAI API here (the scheduler alone: off)
+
 # flags of `shardline up` that are the services' own (their fields, defaults and help)
 UP_SCHEDULER_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
                        "async_scheduling", "routing", "redis_url")
@@ -248,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --demo: stop the stack after the demo")
     sched = p.add_argument_group("scheduler", "passed on to `shardline scheduler`")
     add_config_args(SchedulerConfig, sched, ["port", *UP_SCHEDULER_FIELDS])
+    sched.add_argument("--http-port", type=int, default=UP_HTTP_PORT,
+                       help="port of the OpenAI-compatible HTTP API (0 = off; default: "
+                            "%(default)s)")
     workers = p.add_argument_group("workers", "passed on to every `shardline worker`")
     add_config_args(WorkerConfig, workers, ["device", "dtype", "kv_cache_memory", *UP_WORKER_FIELDS])
     return p
@@ -259,7 +267,8 @@ def stack_from_args(a: argparse.Namespace, model_dir: str) -> Stack:
                        a.kv_cache_memory, a.threads,
                        config_argv(SchedulerConfig, a, UP_SCHEDULER_FIELDS), a.replicas,
                        a.log_level, metrics=True,
-                       worker_extra=config_argv(WorkerConfig, a, UP_WORKER_FIELDS))
+                       worker_extra=config_argv(WorkerConfig, a, UP_WORKER_FIELDS),
+                       http_port=a.http_port)
 
 
 def main(argv: list[str]) -> int:
@@ -283,8 +292,10 @@ def main(argv: list[str]) -> int:
                 print(f"shardline up: {c.name} exited with {c.proc.returncode}", file=sys.stderr)
             stack.stop()
             return 1
-    print(f"shardline up: ready on {stack.scheduler_address} after {time.monotonic() - t0:.1f}s "
-          f"({a.replicas} replica(s) x {a.stages} stage(s)); Ctrl-C stops", file=sys.stderr, flush=True)
+    http = f", OpenAI API on {stack.http_url}/v1" if stack.http_url else ""
+    print(f"shardline up: ready on {stack.scheduler_address}{http} after "
+          f"{time.monotonic() - t0:.1f}s ({a.replicas} replica(s) x {a.stages} stage(s)); "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
     print("shardline up: metrics " + ", ".join(f"{n} http://127.0.0.1:{p}/metrics"
                                                for n, p in stack.metrics_ports.items()),
           file=sys.stderr, flush=True)

@@ -21,7 +21,8 @@ class RunningStack:
                                  kw.pop("kv_cache_memory", "64MiB"), kw.pop("threads", 1),
                                  kw.pop("extra_scheduler", []), replicas=kw.pop("replicas", 1),
                                  quiet=not os.environ.get("SHARDLINE_TEST_LOGS"),
-                                 metrics=kw.pop("metrics", False))
+                                 metrics=kw.pop("metrics", False),
+                                 http_port=free_port() if kw.pop("http", False) else 0)
         self.env = kw.pop("env", None)
         self.address = f"127.0.0.1:{self.port}"
 
@@ -40,7 +41,7 @@ class RunningStack:
 
 @pytest.fixture(scope="session")
 def stack1(model_dir):
-    with RunningStack(model_dir, stages=1, threads=2) as s:
+    with RunningStack(model_dir, stages=1, threads=2, http=True) as s:
         yield s
 
 

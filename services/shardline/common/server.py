@@ -119,12 +119,18 @@ class Service:
         if self.port == 0:
             raise RuntimeError(f"{name}: cannot bind {host}:{port}")
         self._stopping = asyncio.Event()
+        self._on_drain: list[Callable] = []
         self._on_stop: list[Callable] = []
+        self.serving = False
 
     def add(self, add_fn: Callable, servicer, full_names: Iterable[str]) -> None:
         """Register a servicer (add_XServicer_to_server, servicer, [service full names])."""
         add_fn(servicer, self.server)
         self._service_names.extend(full_names)
+
+    def on_drain(self, fn: Callable) -> None:
+        """Await fn() while the gRPC server drains (another server of the process drains too)."""
+        self._on_drain.append(fn)
 
     def on_stop(self, fn: Callable) -> None:
         """Call fn (sync or async) after the server has drained."""
@@ -135,6 +141,7 @@ class Service:
         await self.server.start()
 
     async def set_serving(self, serving: bool = True) -> None:
+        self.serving = serving
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set("", status)
@@ -155,7 +162,7 @@ class Service:
         await self._stopping.wait()
         log.info("%s: stopping (grace %.1fs)", self.name, self.grace_s)
         await self.set_serving(False)
-        await self.server.stop(self.grace_s)
+        await asyncio.gather(self.server.stop(self.grace_s), *(fn() for fn in self._on_drain))
         for fn in self._on_stop:
             res = fn()
             if asyncio.iscoroutine(res):

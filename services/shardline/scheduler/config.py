@@ -25,6 +25,7 @@ class SchedulerConfig:
              "repeat per replica")
     port: int = option(50051, help="gRPC port of the public Generate API")
     host: str = option("0.0.0.0", help="address to listen on")
+    http_port: int = option(0, help="port of the OpenAI-compatible HTTP API (0 = off)")
     model: str = option("", help="model name reported by GetModelInfo")
     max_tokens_cap: int = option(4096, help="largest accepted max_tokens")
     default_max_tokens: int = option(256, help="max_tokens of a request that leaves it unset")

@@ -15,7 +15,10 @@ from shardline.scheduler.metrics import register_replicas
 from shardline.scheduler.pipeline import PipelineClient
 from shardline.scheduler.prefix_index import PrefixIndex
 from shardline.scheduler.router import Router
-from shardline.scheduler.servicer import GenerationServicer, Limits
+from shardline.scheduler.generation import Generation, Limits
+from shardline.scheduler.http_server import HttpServer
+from shardline.scheduler.openai_api import build_app
+from shardline.scheduler.servicer import GenerationServicer
 from shardline.scheduler.tokenizer_client import TokenizerClient
 from shardline.v1 import generate_pb2, generate_pb2_grpc
 
@@ -26,11 +29,17 @@ async def serve(cfg: SchedulerConfig) -> None:
     telemetry.setup("scheduler", cfg.metrics_port)
     service = Service("scheduler", cfg.port, cfg.host)
     tokenizer = TokenizerClient(cfg.tokenizer, cfg.rpc_timeout_s)
-    servicer = GenerationServicer(tokenizer)
-    service.add(generate_pb2_grpc.add_GenerationServicer_to_server, servicer,
+    generation = Generation(tokenizer)
+    service.add(generate_pb2_grpc.add_GenerationServicer_to_server, GenerationServicer(generation),
                 ["shardline.v1.Generation"])
     await service.start()           # health answers NOT_SERVING while stages load
     await service.set_serving(False)
+    if cfg.http_port:
+        app = build_app(generation, lambda: service.serving)
+        http = HttpServer(app, cfg.host, cfg.http_port, service.grace_s)
+        await http.start()
+        service.on_drain(http.stop)
+        log.info("OpenAI HTTP API on port %d", http.port)
     await tokenizer.connect(cfg.connect_timeout_s)
 
     def make_engine(pipeline: PipelineClient, on_failure, listener) -> PipelineEngine:
@@ -72,7 +81,7 @@ async def serve(cfg: SchedulerConfig) -> None:
         max_tokens_cap=cfg.max_tokens_cap, vocab_size=infos[-1].vocab_size,
         num_stages=len(infos), num_replicas=len(router.engines), block_size=first.block_size,
         num_blocks=first.num_blocks, dtype=infos[0].dtype, device=infos[0].device)
-    servicer.ready(router, limits, model_info)
+    generation.ready(router, limits, model_info)
 
     async def shutdown():
         if discovery is not None:

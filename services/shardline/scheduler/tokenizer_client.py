@@ -48,6 +48,14 @@ class TokenizerClient:
             timeout=self.timeout_s, metadata=telemetry.metadata())
         return list(res.results[0].ids)
 
+    async def token_texts(self, ids: list[int]) -> list[str]:
+        """Each id's own text (special tokens included), e.g. for logprobs."""
+        res = await self._stub.Detokenize(
+            tokenizer_pb2.DetokenizeRequest(items=[
+                tokenizer_pb2.DetokenizeItem(token_ids=[i], skip_special_tokens=False) for i in ids]),
+            timeout=self.timeout_s, metadata=telemetry.metadata())
+        return [r.text for r in res.results]
+
     async def detokenize(self, state: DetokenizeState, new_ids: list[int]) -> str:
         """Append new_ids to state and return the text they complete (maybe '')."""
         state.token_ids.extend(new_ids)
