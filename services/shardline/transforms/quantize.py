@@ -44,7 +44,24 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None]
 
 
-class Int8Linear(nn.Module):
+class _RowScaledLinear(nn.Module):
+    """A weight stored as qweight [out, in] with one scale per output row: its checkpoint
+    state and the fusion of several (rows concatenated) are the same for every such format."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.qweight, "scale": self.scale}
+
+    @classmethod
+    def from_state(cls, state: dict, bias, group_size: int, dtype):
+        return cls(state["qweight"], state["scale"], bias)
+
+    @classmethod
+    def concat(cls, mods: list):
+        return cls(torch.cat([m.qweight for m in mods]), torch.cat([m.scale for m in mods]),
+                   _cat_bias(mods))
+
+
+class Int8Linear(_RowScaledLinear):
     """y = x @ (q * scale)^T + bias; q int8 [out, in], scale float32 [out]."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor,
@@ -59,18 +76,6 @@ class Int8Linear(nn.Module):
     def from_linear(cls, m: nn.Linear) -> "Int8Linear":
         q, s = quantize_int8(m.weight.detach())
         return cls(q, s, None if m.bias is None else m.bias.detach())
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "scale": self.scale}
-
-    @classmethod
-    def from_state(cls, state: dict, bias, group_size: int, dtype) -> "Int8Linear":
-        return cls(state["qweight"], state["scale"], bias)
-
-    @classmethod
-    def concat(cls, mods: list["Int8Linear"]) -> "Int8Linear":
-        return cls(torch.cat([m.qweight for m in mods]), torch.cat([m.scale for m in mods]),
-                   _cat_bias(mods))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.shape[0] <= 16:
@@ -193,7 +198,7 @@ def fp8_supported(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) >= (8, 9))
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(_RowScaledLinear):
     """e4m3 weights with a per-output-channel scale; activations scaled per row."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor,
@@ -214,18 +219,6 @@ class Fp8Linear(nn.Module):
         scale = w.abs().amax(1).clamp(min=1e-12) / fmax
         q = (w / scale[:, None]).clamp(-fmax, fmax).to(torch.float8_e4m3fn)
         return cls(q, scale, None if m.bias is None else m.bias.detach())
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "scale": self.scale}
-
-    @classmethod
-    def from_state(cls, state: dict, bias, group_size: int, dtype) -> "Fp8Linear":
-        return cls(state["qweight"], state["scale"], bias)
-
-    @classmethod
-    def concat(cls, mods: list["Fp8Linear"]) -> "Fp8Linear":
-        return cls(torch.cat([m.qweight for m in mods]), torch.cat([m.scale for m in mods]),
-                   _cat_bias(mods))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmax = torch.finfo(torch.float8_e4m3fn).max
