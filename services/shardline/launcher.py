@@ -231,7 +231,8 @@ def run_demo(address: str) -> None:
 UP_HTTP_PORT = 8000   # `shardline up` serves the OpenAI API here (the scheduler alone: off)
 
 # flags of `shardline up` that are the services' own (their fields, defaults and help)
-UP_SCHEDULER_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
+UP_SCHEDULER_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests",
+                       "enable_prefix_caching",
                        "async_scheduling", "routing", "redis_url")
 UP_WORKER_FIELDS = ("kv_cache_fraction", "block_size", *WEIGHT_FIELDS)
 

@@ -1,13 +1,16 @@
 """Router over real PipelineEngines on FakePipelines (in-process stand-ins for the stage
 workers, see fake_pipeline.py): routing by longest cached prefix and load, failover, drain."""
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
-from shardline.common.server import Unavailable
+from shardline.common.server import ResourceExhausted, Unavailable
+from shardline.scheduler.generation import Generation, Limits
 from shardline.scheduler.engine import PipelineEngine
 from shardline.scheduler.request import Sequence
 from shardline.scheduler.router import TOKENS_PER_QUEUED_SEQ, Router, routing_cost
+from shardline.v1 import generate_pb2
 from tests.unit.fake_pipeline import STEP_TIMEOUT_S, FakePipeline, token_for
 
 BLOCK = 16
@@ -143,6 +146,33 @@ def test_drain_waits_for_the_replicas_sequences_then_removes_it():
         assert len(await finish(q)) == 3
         await asyncio.wait_for(removal, STEP_TIMEOUT_S)
         assert "a" not in router.engines and fa.closed
+        await router.close()
+
+    asyncio.run(body())
+
+
+def test_a_full_queue_refuses_new_requests_at_once():
+    async def body():
+        fa = FakePipeline("a")
+        router = await make_router(a=fa)
+        fa.gate.clear()
+        queued = [Sequence(i, [1, 2], max_tokens=1) for i in range(1, 6)]
+        for seq in queued:                   # no await between: none has started yet
+            router.submit(seq)
+        assert router.num_waiting() == 5
+        gen = Generation(SimpleNamespace(info=SimpleNamespace(eos_token_ids=[])))
+        gen.ready(router, Limits(max_context=64, max_tokens_cap=8, default_max_tokens=4,
+                                 vocab_size=100, capacity_tokens=lambda: 0, max_queued=5), None)
+        with pytest.raises(ResourceExhausted, match="5 requests are waiting"):
+            await gen.open(generate_pb2.GenerateRequest(
+                token_ids=generate_pb2.TokenIds(ids=[1, 2]), max_tokens=1), "")
+        assert router.num_waiting() == 5    # refused before anything was queued
+        gen.limits.max_queued = 6
+        stream = await gen.open(generate_pb2.GenerateRequest(
+            token_ids=generate_pb2.TokenIds(ids=[1, 2]), max_tokens=1), "")
+        assert router.num_waiting() == 6
+        stream.close()
+        fa.gate.set()
         await router.close()
 
     asyncio.run(body())

@@ -32,6 +32,9 @@ class SchedulerConfig:
     max_context: int = option(0, help="largest prompt + output in tokens; 0 = the model's "
                                       "max positions")
     max_num_seqs: int = option(64, help="running sequences per replica")
+    max_queued_requests: int = option(
+        4096, help="requests waiting to run (all replicas) beyond which new ones get "
+                   "RESOURCE_EXHAUSTED (HTTP 429) at once; 0 = no limit")
     max_num_batched_tokens: int = option(512, help="token budget of one step (chunked prefill)")
     connect_timeout_s: float = option(600.0, flag="--connect-timeout",
                                       help="seconds to wait for the workers to load their model")
@@ -77,6 +80,8 @@ class SchedulerConfig:
             raise ValueError("--k8s-selector is required with --discovery kubernetes")
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.max_queued_requests < 0:
+            raise ValueError("max_queued_requests must be >= 0")
         for name in ("max_tokens_cap", "default_max_tokens", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")

@@ -34,8 +34,9 @@ class Limits:
     """What a request may ask for, fixed once the pipelines are known."""
 
     def __init__(self, max_context: int, max_tokens_cap: int, default_max_tokens: int,
-                 vocab_size: int, capacity_tokens: Callable[[], int]):
+                 vocab_size: int, capacity_tokens: Callable[[], int], max_queued: int = 0):
         self.max_context = max_context
+        self.max_queued = max_queued        # waiting requests beyond which new ones are refused
         self.max_tokens_cap = max_tokens_cap
         self.default_max_tokens = default_max_tokens
         self.vocab_size = vocab_size
@@ -88,6 +89,10 @@ class Generation:
     async def _open(self, request: generate_pb2.GenerateRequest, tenant: str) -> "RequestStream":
         if self.limits is None:
             raise Unavailable("scheduler is still connecting to its workers")
+        waiting = self.router.num_waiting()
+        if self.limits.max_queued and waiting >= self.limits.max_queued:
+            raise ResourceExhausted(f"the server is overloaded: {waiting} requests are waiting "
+                                    f"(--max-queued-requests {self.limits.max_queued}); retry later")
         sampling = validate_sampling(request)
         max_tokens = self._max_tokens(request)
         stops = [s for s in request.stop if s]

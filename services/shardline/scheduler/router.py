@@ -214,6 +214,10 @@ class Router:
     def live(self) -> list[PipelineEngine]:
         return [e for e in self.engines.values() if e.accepting]
 
+    def num_waiting(self) -> int:
+        """Sequences queued and not yet running, on every replica or waiting for one."""
+        return sum(len(e.scheduler.waiting) for e in self.engines.values()) + len(self._orphans)
+
     def submit(self, seq: Sequence) -> asyncio.Queue:
         """Route seq to a replica; its TokenEvents (or an exception) arrive on the queue."""
         q: asyncio.Queue = asyncio.Queue()

@@ -75,7 +75,7 @@ async def serve(cfg: SchedulerConfig) -> None:
         max_context = min(max_context, cfg.max_context)
     limits = Limits(max_context=max_context, max_tokens_cap=cfg.max_tokens_cap,
                     default_max_tokens=cfg.default_max_tokens, vocab_size=infos[-1].vocab_size,
-                    capacity_tokens=router.capacity_tokens)
+                    capacity_tokens=router.capacity_tokens, max_queued=cfg.max_queued_requests)
     model_info = generate_pb2.ModelInfo(
         model=cfg.model or infos[0].model, max_context=max_context,
         max_tokens_cap=cfg.max_tokens_cap, vocab_size=infos[-1].vocab_size,
