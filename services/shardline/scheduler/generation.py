@@ -28,6 +28,7 @@ from shardline.scheduler.tokenizer_client import DetokenizeState, TokenizerClien
 from shardline.v1 import generate_pb2
 
 MAX_STOP_STRINGS = 16
+TENANT_KEY = "x-shardline-tenant"   # gRPC metadata / HTTP header naming the request's tenant
 
 
 class Limits:

@@ -21,10 +21,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from shardline.common.server import InvalidArgument, ResourceExhausted, Unavailable
-from shardline.scheduler.generation import Generation, RequestStream
+from shardline.scheduler.generation import TENANT_KEY, Generation, RequestStream
 from shardline.scheduler.openai_schemas import (ChatCompletionRequest, CompletionRequest,
                                                 UnsupportedField)
-from shardline.scheduler.servicer import TENANT_KEY
 from shardline.v1 import generate_pb2
 
 log = logging.getLogger(__name__)
@@ -75,23 +74,29 @@ def build_app(generation: Generation, serving: Callable[[], bool]) -> FastAPI:
     def model_name() -> str:
         return generation.model_info.model if generation.model_info else ""
 
+    def ready() -> bool:
+        return serving() and generation.model_info is not None
+
     def check(model: Optional[str]) -> None:
-        if not serving() or generation.model_info is None:
+        if not ready():
             raise Unavailable("the server is not serving (starting or draining)")
         if model is not None and model != model_name():
             raise ModelNotFound(model)
 
+    # A handler of its own (Starlette's handler for Exception logs a traceback after it answers).
+    @app.exception_handler(ModelNotFound)
+    async def unknown_model(request: Request, exc: ModelNotFound):
+        return JSONResponse(error_body(f"the model {exc.args[0]!r} does not exist; this "
+                                       f"server serves {model_name()!r}", 404,
+                                       "invalid_request_error", "model", "model_not_found"), 404)
+
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
-        if isinstance(exc, ModelNotFound):
-            return JSONResponse(error_body(f"the model {exc.args[0]!r} does not exist; this "
-                                           f"server serves {model_name()!r}", 404,
-                                           "invalid_request_error", "model", "model_not_found"), 404)
         return error_response(exc)
 
     @app.get("/health")
     async def health():
-        if not serving() or generation.model_info is None:
+        if not ready():
             return JSONResponse(error_body("not serving", 503, "service_unavailable"), 503)
         return {"status": "ok"}
 
@@ -277,8 +282,9 @@ class _Output:
 
     async def delta(self, i: int, resp: generate_pb2.GenerateResponse, usage: bool) -> dict:
         logprobs = await self.logprobs(i, resp)
-        delta = ({"content": resp.text} if resp.text or not resp.finish_reason else {}) \
-            if self.chat else resp.text
+        delta = resp.text
+        if self.chat:       # the last chunk of a chat choice carries an empty delta
+            delta = {"content": resp.text} if resp.text or not resp.finish_reason else {}
         return self.chunk(i, delta, logprobs, resp.finish_reason or None, usage)
 
     async def logprobs(self, i: int, resp: generate_pb2.GenerateResponse) -> Optional[dict]:

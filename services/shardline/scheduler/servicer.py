@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 from shardline.common.server import Unavailable
-from shardline.scheduler.generation import Generation
+from shardline.scheduler.generation import TENANT_KEY, Generation
 from shardline.v1 import generate_pb2, generate_pb2_grpc
-
-TENANT_KEY = "x-shardline-tenant"
 
 
 def tenant_of(context) -> str:
