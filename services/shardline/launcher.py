@@ -2,8 +2,12 @@
 
 Every child is a separate process started as a container would start it (`python -m
 shardline <service> ...`, through common/spawn.py: it gets SIGTERM if this process dies);
-its log lines are forwarded with its name. SIGINT/SIGTERM stop every child (SIGTERM, then
-SIGKILL after a grace period). The services' flags are their config dataclasses' fields.
+its log lines are forwarded with its name. A child that exits on its own is started again,
+as a kubelet restarts a container (`Supervisor`, `RestartPolicy`: backoff from 1 s doubling
+to 30 s; a child restarted 5 times within 60 s is crash-looping and stops the stack).
+SIGINT/SIGTERM stop the stack: the scheduler first (it drains its streams, which need the
+others), then the rest, each SIGKILLed if still there after its drain timeout plus a margin.
+The services' flags are their config dataclasses' fields.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import argparse
 import collections
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -18,13 +23,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.client import Client
-from shardline.common.config_args import add_config_args, config_argv
+from shardline.common.auth import TOKEN_ENV
+from shardline.common.config_args import DEFAULT_DRAIN_TIMEOUT_S, add_config_args, config_argv
 from shardline.common.model_source import resolve_model
 from shardline.common.spawn import spawn_shardline
 from shardline.scheduler.config import SchedulerConfig
@@ -93,11 +99,19 @@ class Child:
                                     repr=False)
 
 
+# Stack.stop: seconds past the children's drain timeout before they are SIGKILLed
+STOP_MARGIN_S = 10.0
+
+
 class Stack:
     """The local processes of one Shardline deployment."""
 
-    def __init__(self, children: list[Child], scheduler_address: str, quiet: bool = False):
+    def __init__(self, children: list[Child], scheduler_address: str, quiet: bool = False,
+                 cluster_token: Optional[str] = None,
+                 drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S):
         self.children = children
+        self.drain_timeout_s = drain_timeout_s    # the children's --drain-timeout-s
+        self.cluster_token = cluster_token    # handed to the children in $SHARDLINE_CLUSTER_TOKEN
         self.scheduler_address = scheduler_address
         self.quiet = quiet
         self.env: Optional[dict] = None       # the children's environment (None: ours)
@@ -109,8 +123,11 @@ class Stack:
             self._spawn(c)
 
     def _spawn(self, c: Child) -> None:
+        env = self.env
+        if self.cluster_token:
+            env = {**(os.environ if env is None else env), TOKEN_ENV: self.cluster_token}
         c.proc = spawn_shardline(c.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 env=self.env, start_new_session=True, text=True, bufsize=1)
+                                 env=env, start_new_session=True, text=True, bufsize=1)
         c.thread = threading.Thread(target=self._forward, args=(c,), daemon=True)
         c.thread.start()
 
@@ -118,14 +135,15 @@ class Stack:
         (c,) = [c for c in self.children if c.name == name]
         return c
 
-    def restart(self, name: str, grace_s: float = 10.0) -> None:
-        """Stop one child (SIGTERM) and start it again with the same command line and
-        environment."""
+    def restart(self, name: str, grace_s: Optional[float] = None) -> None:
+        """Stop one child (SIGTERM; SIGKILL after grace_s, default its drain timeout plus
+        STOP_MARGIN_S) unless it has exited, and start it again with the same command line
+        and environment."""
         c = self.child(name)
         if c.proc.poll() is None:
             c.proc.send_signal(signal.SIGTERM)
             try:
-                c.proc.wait(grace_s)
+                c.proc.wait(self._grace(grace_s))
             except subprocess.TimeoutExpired:
                 c.proc.kill()
                 c.proc.wait()
@@ -144,48 +162,136 @@ class Stack:
     def wait_ready(self, timeout_s: float) -> bool:
         return wait_serving(self.scheduler_address, timeout_s, alive=lambda: not self.dead())
 
-    def stop(self, grace_s: float = 10.0) -> int:
-        """SIGTERM every child, SIGKILL what is left after grace_s; the worst exit code."""
-        for c in reversed(self.children):
-            if c.proc and c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
+    def _grace(self, grace_s: Optional[float]) -> float:
+        return self.drain_timeout_s + STOP_MARGIN_S if grace_s is None else grace_s
+
+    def stop(self, grace_s: Optional[float] = None) -> int:
+        """SIGTERM the scheduler and wait for it (its drain needs the tokenizer and workers),
+        then SIGTERM the others; SIGKILL what is left of each after grace_s (default: the
+        drain timeout plus STOP_MARGIN_S). The worst exit code."""
         worst = 0
-        for c in self.children:
-            if not c.proc:
-                continue
-            try:
-                c.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                c.proc.kill()
-                c.proc.wait()
-            if c.thread:
-                c.thread.join(timeout=1.0)
-            rc = c.proc.returncode
-            if rc not in (0, -signal.SIGTERM):
-                worst = worst or rc or 1
+        first = [c for c in self.children if c.name == "scheduler"]
+        for group in (first, [c for c in self.children if c not in first]):
+            for c in group:
+                if c.proc and c.proc.poll() is None:
+                    c.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self._grace(grace_s)
+            for c in group:
+                if not c.proc:
+                    continue
+                try:
+                    c.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    c.proc.kill()
+                    c.proc.wait()
+                if c.thread:
+                    c.thread.join(timeout=1.0)
+                rc = c.proc.returncode
+                if rc not in (0, -signal.SIGTERM):
+                    worst = worst or rc or 1
         return worst
+
+
+class RestartPolicy:
+    """When a child that exited on its own starts again, as a kubelet restarts a container:
+    after a delay that doubles from initial_delay_s up to max_delay_s and falls back to
+    initial_delay_s once the child has stayed up reset_after_s; never once it has been
+    restarted max_restarts times within the last window_s (it crash-loops). clock: seconds,
+    monotonic (injected by tests)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 initial_delay_s: float = 1.0, max_delay_s: float = 30.0,
+                 reset_after_s: float = 60.0, max_restarts: int = 5, window_s: float = 60.0):
+        self.clock = clock
+        self.initial_delay_s = initial_delay_s
+        self.max_delay_s = max_delay_s
+        self.reset_after_s = reset_after_s
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.restarts = 0                                # restarts so far
+        self._recent: collections.deque[float] = collections.deque()   # when, within window_s
+        self._next_delay = initial_delay_s
+        self._started_at = clock()
+
+    def started(self) -> None:
+        """The child has just been (re)started."""
+        self._started_at = self.clock()
+
+    def on_exit(self) -> Optional[float]:
+        """The child has just exited: seconds to wait before starting it again, or None when
+        it crash-loops (already restarted max_restarts times within window_s)."""
+        now = self.clock()
+        if now - self._started_at >= self.reset_after_s:
+            self._next_delay = self.initial_delay_s
+        while self._recent and now - self._recent[0] > self.window_s:
+            self._recent.popleft()
+        if len(self._recent) >= self.max_restarts:
+            return None
+        delay = self._next_delay
+        self._next_delay = min(self.max_delay_s, delay * 2)
+        self._recent.append(now)
+        self.restarts += 1
+        return delay
+
+
+class Supervisor:
+    """Restarts the children of a started stack that exit on their own, each under its own
+    RestartPolicy. Call poll() from the thread that started the stack (common/spawn.py)."""
+
+    def __init__(self, stack: Stack, clock: Callable[[], float] = time.monotonic,
+                 policy: Callable[[Callable[[], float]], RestartPolicy] = RestartPolicy):
+        self.stack = stack
+        self.clock = clock
+        self.policies = {c.name: policy(clock) for c in stack.children}
+        self._due: dict[str, float] = {}     # child name -> when to start it again
+
+    def poll(self) -> Optional[str]:
+        """Start the children whose delay is over; schedule a restart of each child that has
+        exited. Returns why the stack must stop (a child crash-loops), else None."""
+        now = self.clock()
+        for c in self.stack.children:
+            if c.name in self._due:
+                if now >= self._due[c.name]:
+                    del self._due[c.name]
+                    self.stack.restart(c.name)
+                    self.policies[c.name].started()
+                continue
+            if c.proc is None or c.proc.poll() is None:
+                continue
+            policy = self.policies[c.name]
+            delay = policy.on_exit()
+            if delay is None:
+                return (f"{c.name} exited with {c.proc.returncode}: crash loop "
+                        f"({policy.max_restarts} restarts within {policy.window_s:.0f}s)")
+            self._due[c.name] = now + delay
+            print(f"shardline up: {c.name} exited with {c.proc.returncode}; restarting in "
+                  f"{delay:.1f}s (restart {policy.restarts})", file=sys.stderr, flush=True)
+        return None
 
 
 def build_stack(model_dir: str, model_name: str, stages: int, port: int, device: str,
                 dtype: Optional[str], kv_cache_memory: Optional[str], threads: int,
                 extra_scheduler: list[str] = (), replicas: int = 1,
                 log_level: str = "INFO", quiet: bool = False, metrics: bool = False,
-                worker_extra: list[str] = (), http_port: int = 0) -> Stack:
+                worker_extra: list[str] = (), http_port: int = 0,
+                drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> Stack:
+    # internal services listen on loopback only and take calls presenting the stack's
+    # generated cluster token (common/auth.py); the scheduler is the public door
     tok_port = free_port()
     children = [Child("tokenizer", ["tokenizer", "--model", model_dir, "--port", str(tok_port),
-                                    "--log-level", log_level])]
+                                    "--host", "127.0.0.1", "--log-level", log_level])]
     pipelines = []
     per_worker_threads = threads or max(1, (os.cpu_count() or 1) // (stages * replicas))
     for r in range(replicas):
-        addrs = []
-        for s in range(stages):
-            p = free_port()
-            addrs.append(f"127.0.0.1:{p}")
-            argv = ["worker", "--model", model_dir, "--port", str(p), "--stage-index", str(s),
-                    "--num-stages", str(stages), "--device", device,
+        addrs = [f"127.0.0.1:{free_port()}" for _ in range(stages)]
+        for s, addr in enumerate(addrs):
+            p = addr.rpartition(":")[2]
+            argv = ["worker", "--model", model_dir, "--port", p, "--host", "127.0.0.1",
+                    "--stage-index", str(s), "--num-stages", str(stages), "--device", device,
                     "--threads", str(per_worker_threads), "--log-level", log_level,
                     *worker_extra]
+            if s + 1 < stages:
+                argv += ["--next-stage", addrs[s + 1]]
             if dtype:
                 argv += ["--dtype", dtype]
             if kv_cache_memory:
@@ -200,7 +306,11 @@ def build_stack(model_dir: str, model_name: str, stages: int, port: int, device:
     if http_port:
         sched += ["--http-port", str(http_port)]
     children.append(Child("scheduler", sched))
-    stack = Stack(children, f"127.0.0.1:{port}", quiet=quiet)
+    if drain_timeout_s != DEFAULT_DRAIN_TIMEOUT_S:
+        for c in children:
+            c.argv += ["--drain-timeout-s", str(drain_timeout_s)]
+    stack = Stack(children, f"127.0.0.1:{port}", quiet=quiet,
+                  cluster_token=secrets.token_urlsafe(32), drain_timeout_s=drain_timeout_s)
     stack.http_url = f"http://127.0.0.1:{http_port}" if http_port else None
     stack.metrics_ports = {}            # child name -> Prometheus port (metrics=True)
     if metrics:
@@ -232,8 +342,8 @@ UP_HTTP_PORT = 8000   # `shardline up` serves the OpenAI API here (the scheduler
 
 # flags of `shardline up` that are the services' own (their fields, defaults and help)
 UP_SCHEDULER_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests",
-                       "enable_prefix_caching",
-                       "async_scheduling", "routing", "redis_url")
+                       "max_queue_wait_s", "priority_aging_s", "enable_prefix_caching",
+                       "async_scheduling", "routing", "redis_url", "api_keys_file")
 UP_WORKER_FIELDS = ("kv_cache_fraction", "block_size", *WEIGHT_FIELDS)
 
 
@@ -248,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline replicas behind the scheduler (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per worker (default: cores / workers)")
-    add_config_args(TokenizerConfig, p, ["log_level"])
+    add_config_args(TokenizerConfig, p, ["log_level", "drain_timeout_s"])
     p.add_argument("--demo", action="store_true", help="run a demo generation once ready")
     p.add_argument("--exit-after-demo", action="store_true",
                    help="with --demo: stop the stack after the demo")
@@ -264,12 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def stack_from_args(a: argparse.Namespace, model_dir: str) -> Stack:
     """The stack build_parser's flags describe, for the model resolved into model_dir."""
+    worker_extra = config_argv(WorkerConfig, a, UP_WORKER_FIELDS)
+    if a.max_num_batched_tokens > WorkerConfig.max_step_tokens:   # workers take such steps
+        worker_extra += ["--max-step-tokens", str(a.max_num_batched_tokens)]
     return build_stack(model_dir, a.model, a.stages, a.port, a.device, a.dtype,
                        a.kv_cache_memory, a.threads,
                        config_argv(SchedulerConfig, a, UP_SCHEDULER_FIELDS), a.replicas,
-                       a.log_level, metrics=True,
-                       worker_extra=config_argv(WorkerConfig, a, UP_WORKER_FIELDS),
-                       http_port=a.http_port)
+                       a.log_level, metrics=True, worker_extra=worker_extra,
+                       http_port=a.http_port, drain_timeout_s=a.drain_timeout_s)
 
 
 def main(argv: list[str]) -> int:
@@ -286,13 +398,13 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     stack.start()
+    supervisor = Supervisor(stack)
     t0 = time.monotonic()
     while not stack.wait_ready(1.0):
-        if stopping.is_set() or stack.dead():
-            for c in stack.dead():
-                print(f"shardline up: {c.name} exited with {c.proc.returncode}", file=sys.stderr)
-            stack.stop()
-            return 1
+        crash = supervisor.poll()
+        if stopping.is_set() or crash:
+            return _stop(stack, crash)
+        stopping.wait(0.25)
     http = f", OpenAI API on {stack.http_url}/v1" if stack.http_url else ""
     print(f"shardline up: ready on {stack.scheduler_address}{http} after "
           f"{time.monotonic() - t0:.1f}s ({a.replicas} replica(s) x {a.stages} stage(s)); "
@@ -310,13 +422,19 @@ def main(argv: list[str]) -> int:
         if a.exit_after_demo:
             stopping.set()
     while not stopping.is_set():
-        if stack.dead():
-            for c in stack.dead():
-                print(f"shardline up: {c.name} exited with {c.proc.returncode}; stopping",
-                      file=sys.stderr)
-            stack.stop()
-            return 1
-        stopping.wait(0.5)
+        crash = supervisor.poll()
+        if crash:
+            return _stop(stack, crash)
+        stopping.wait(0.25)
+    return _stop(stack, None)
+
+
+def _stop(stack: Stack, crash: Optional[str]) -> int:
+    """Stop the stack; non-zero when a child crash-looped (crash says which, and why)."""
+    if crash:
+        print(f"shardline up: {crash}; stopping", file=sys.stderr, flush=True)
+    print(f"shardline up: stopping (drain timeout {stack.drain_timeout_s:.0f}s)",
+          file=sys.stderr, flush=True)
     rc = stack.stop()
-    print("shardline up: stopped", file=sys.stderr)
-    return rc
+    print("shardline up: stopped", file=sys.stderr, flush=True)
+    return 1 if crash else rc

@@ -33,10 +33,11 @@ VALUE_SETS = {
     "gpu": HERE / "values-gpu.yaml",
     "observability": HERE / "values-observability.yaml",
     "dev": CHART / "values-dev.yaml",
+    "secure": HERE / "values-secure.yaml",
 }
 # (stages, replicas) each values set asks for
 SHAPES = {"default": (1, 1), "one-stage": (1, 1), "three-stages": (3, 2), "external-redis": (1, 1),
-          "gpu": (2, 1), "observability": (1, 1), "dev": (1, 1)}
+          "gpu": (2, 1), "observability": (1, 1), "dev": (1, 1), "secure": (2, 2)}
 SHARDLINE_COMPONENTS = ("scheduler", "tokenizer", "worker")
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest with schemas.
 KUBE_VERSIONS = ("1.27", kubernetes_validate.utils.latest_version())
@@ -254,9 +255,11 @@ def test_probes_are_grpc_health_checks(rendered, name):
         if component(w) == "redis":
             continue
         grpc_port = {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"]
+        # the kubelet's gRPC probe speaks no TLS: under mTLS internal services get TCP probes
+        kind = "tcpSocket" if name == "secure" and component(w) != "scheduler" else "grpc"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert set(c[probe]) & {"grpc", "exec", "httpGet", "tcpSocket"} == {"grpc"}
-            assert c[probe]["grpc"]["port"] == grpc_port
+            assert set(c[probe]) & {"grpc", "exec", "httpGet", "tcpSocket"} == {kind}
+            assert c[probe][kind]["port"] == grpc_port
         startup = c["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "model loading needs time"
 
@@ -277,7 +280,96 @@ def test_graceful_drain(rendered, name):
         pod = w["spec"]["template"]["spec"]
         pre_stop = container(w)["lifecycle"]["preStop"]["exec"]["command"]
         assert pre_stop[0] == "sleep" and int(pre_stop[1]) > 0
-        assert pod["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + 20
+        drain = float(flag(container(w)["args"], "--drain-timeout-s"))
+        assert drain > 0
+        assert pod["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + drain + 5
+
+
+def test_grace_is_derived_from_the_drain(helm):
+    """terminationGracePeriodSeconds = preStop sleep + drain timeout + margin, on every pod."""
+    manifests = render_set(helm, "drain.preStopSleepSeconds=7", "drain.timeoutSeconds=120",
+                           "drain.marginSeconds=13")
+    for w in workloads(manifests):
+        if component(w) == "redis":
+            continue
+        assert w["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 140
+        assert container(w)["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "7"]
+        assert flag(container(w)["args"], "--drain-timeout-s") == "120"
+
+
+# -- who may call what (common/auth.py) -----------------------------------------------------------
+
+def secret_mount(w, volume: str) -> tuple[str, str]:
+    """(mount path, Secret name) of a container's Secret volume."""
+    pod = w["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == volume]
+    (mount,) = [m for m in container(w)["volumeMounts"] if m["name"] == volume]
+    assert mount["readOnly"] is True
+    return mount["mountPath"], vol["secret"]["secretName"]
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_service_reads_the_cluster_token_from_the_secret(rendered, name):
+    manifests = docs(rendered, name)
+    secret = one(manifests, "Secret", f"{FULLNAME}-cluster-token")
+    assert len(secret["data"]["token"]) >= 48
+    for w in workloads(manifests):
+        if component(w) == "redis":
+            continue
+        path, secret_name = secret_mount(w, "cluster-token")
+        assert secret_name == f"{FULLNAME}-cluster-token"
+        assert flag(container(w)["args"], "--cluster-token-file") == f"{path}/token"
+        tls = "--tls-cert" in container(w)["args"]
+        assert tls is (name == "secure")
+        if tls:
+            path, secret_name = secret_mount(w, "tls")
+            assert secret_name == "shardline-internal-tls"
+            args = container(w)["args"]
+            assert [flag(args, f) for f in ("--tls-cert", "--tls-key", "--tls-ca")] == \
+                [f"{path}/tls.crt", f"{path}/tls.key", f"{path}/ca.crt"]
+            assert flag(args, "--tls-server-name") == "shardline-internal"
+
+
+def test_an_existing_cluster_token_secret(helm):
+    manifests = render_set(helm, "auth.clusterToken.existingSecret=my-token")
+    assert not [d for d in manifests if d["kind"] == "Secret" and "cluster-token" in
+                d["metadata"]["name"]]
+    for w in workloads(manifests):
+        if component(w) != "redis":
+            assert secret_mount(w, "cluster-token")[1] == "my-token"
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_a_stage_forwards_only_to_the_next_stage_service(rendered, name):
+    stages, _ = SHAPES[name]
+    for k in range(stages):
+        args = container(one(docs(rendered, name), "StatefulSet", f"{FULLNAME}-worker-{k}"))["args"]
+        if k + 1 < stages:
+            sts = f"{FULLNAME}-worker-{k + 1}"
+            assert flags(args)["--next-stage"] == [f"{sts}.{NAMESPACE}.svc.{DOMAIN}:50061"]
+            # the headless Service of that name lists stage k + 1's pods
+            svc = one(docs(rendered, name), "Service", sts)
+            assert svc["spec"]["clusterIP"] == "None"
+        else:
+            assert "--next-stage" not in args
+
+
+def test_api_keys_and_the_http_port(rendered):
+    for name in VALUE_SETS:
+        manifests = docs(rendered, name)
+        sched = one(manifests, "Deployment", f"{FULLNAME}-scheduler")
+        args = container(sched)["args"]
+        assert flag(args, "--http-port") == "8000"
+        assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in container(sched)["ports"]
+        svc = one(manifests, "Service", f"{FULLNAME}-scheduler")
+        assert {p["name"]: p["port"] for p in svc["spec"]["ports"]}["http"] == 8000
+        if name == "secure":
+            path, secret = secret_mount(sched, "api-keys")
+            assert flag(args, "--api-keys-file") == f"{path}/keys"
+            keys = one(manifests, "Secret", secret)["stringData"]["keys"]
+            assert keys.split("\n")[:2] == ["sk-team-a-0123 team-a", "sk-shared-4567"]
+        else:
+            assert "--api-keys-file" not in args
 
 
 # -- topology: the scheduler's pipelines, workers, services ---------------------------------------
@@ -491,7 +583,8 @@ def test_network_policies(rendered, name):
         covered.add(target)
         if target == "scheduler":
             (rule,) = [r for r in policy["spec"]["ingress"]
-                       if r["ports"] == [{"port": "grpc", "protocol": "TCP"}]]
+                       if r["ports"] == [{"port": "grpc", "protocol": "TCP"},
+                                         {"port": "http", "protocol": "TCP"}]]
             if name == "external-redis":       # networkPolicy.schedulerFrom is set
                 assert rule["from"] == [{"namespaceSelector": {"matchLabels": {
                     "kubernetes.io/metadata.name": "gateway"}}}]

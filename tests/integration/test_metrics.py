@@ -49,6 +49,11 @@ def test_metrics_move(model_dir):
         assert value(after, "shardline_time_to_first_token_seconds_count") == \
             value(before, "shardline_time_to_first_token_seconds_count") + 1
         assert value(after, "shardline_time_per_output_token_seconds_count") >= 1
+        assert value(after, "shardline_queue_time_seconds_count") == \
+            value(before, "shardline_queue_time_seconds_count") + 1
+        assert value(after, "shardline_tenant_requests_total", tenant="default", status="OK") == \
+            value(before, "shardline_tenant_requests_total", tenant="default", status="OK") + 1
+        assert ("shardline_rejected_requests_total", (("reason", "queue_wait"),)) in after
         assert value(after, "shardline_generation_tokens_total") >= 5
         assert value(after, "shardline_prompt_tokens_total") >= 1
         total = value(after, "shardline_kv_blocks_total", replica="0")

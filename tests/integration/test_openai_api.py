@@ -168,6 +168,18 @@ def test_errors_are_openai_error_objects(stack1, api):
     assert status == 200 and m["id"] == DEFAULT_MODEL and m["max_model_len"] > 0
 
 
+def test_request_ids_are_returned_and_priority_is_accepted(stack1):
+    body = {"model": DEFAULT_MODEL, "prompt": PROMPT, "max_tokens": 2, "priority": 5}
+    status, headers, out = raw(stack1, "POST", "/v1/completions", body,
+                               {"X-Request-Id": "client-id-1"})
+    assert status == 200 and headers["x-request-id"] == "client-id-1"
+    status, headers, out = raw(stack1, "POST", "/v1/completions", {**body, "stream": True})
+    assert status == 200 and headers["x-request-id"].startswith("cmpl-")
+    assert json.loads(out.decode().split("\n\n")[0][6:])["id"] == headers["x-request-id"]
+    status, _, out = raw(stack1, "POST", "/v1/completions", {**body, "priority": 10 ** 6})
+    assert status == 400 and json.loads(out)["error"]["param"] == "priority"
+
+
 def test_raw_sse_and_a_dropped_stream_frees_its_blocks(stack1):
     status, headers, body = raw(stack1, "POST", "/v1/chat/completions", {
         "messages": CHAT, "max_tokens": 5, "temperature": 0, "stream": True})

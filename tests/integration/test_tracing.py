@@ -85,3 +85,5 @@ def test_one_request_is_one_trace(model_dir, collector):
         assert any(sp.parent_span_id in sched_steps for sp in steps if sp.name == "stage0.forward")
         # the client's context is carried in: a client-side trace id would be honoured
         assert all(not sp.parent_span_id for sp in gen)
+        attrs = {a.key: a.value.string_value for a in gen[0].attributes}
+        assert len(attrs["shardline.request_id"]) == 32           # made by the server

@@ -7,6 +7,8 @@ import dataclasses
 from typing import Optional
 
 import pytest
+
+from shardline.common.auth import SecurityConfig
 import torch
 
 from shardline import launcher
@@ -42,7 +44,12 @@ def test_every_flag_has_help(make):
 @pytest.mark.parametrize("cls", CONFIGS)
 def test_every_field_is_a_flag(cls):
     dests = {a.dest for a in parser_of(cls)._actions}
-    assert {f.name for f in dataclasses.fields(cls)} <= dests
+    # `security` is a SecurityConfig whose own fields are the flags
+    fields = {f.name for f in dataclasses.fields(cls) if f.name != "security"}
+    assert fields | {f.name for f in dataclasses.fields(SecurityConfig)} <= dests
+    cfg = parse(cls, ["--cluster-token-file", "/t", "--tokenizer", "t:1", "--pipeline", "a:1"]
+                if cls is SchedulerConfig else ["--cluster-token-file", "/t"])
+    assert cfg.security == SecurityConfig(cluster_token_file="/t")
 
 
 def test_defaults_are_the_dataclasses(monkeypatch):
@@ -143,8 +150,12 @@ def test_up_forwards_its_flags_to_the_children():
         "--kv-cache-memory", "64MiB", "--kv-cache-fraction", "0.5", "--block-size", "32",
         "--no-fuse", "--quantize", "int4", "--group-size", "64", "--compile", "--no-cpu-kernels",
         "--max-num-seqs", "8", "--no-prefix-caching", "--routing", "random",
-        "--redis-url", "redis://r:6379/0"])
+        "--redis-url", "redis://r:6379/0", "--drain-timeout-s", "12"])
     stack = launcher.stack_from_args(a, "/models/m")
+    # every child drains as long, and the stack waits for that before SIGKILL
+    assert stack.drain_timeout_s == 12
+    for c in stack.children:
+        assert _child_config(stack, c.name).drain_timeout_s == 12, c.name
     tok = _child_config(stack, "tokenizer")
     assert (tok.model, tok.log_level) == ("/models/m", "DEBUG")
     for s in range(2):

@@ -198,33 +198,72 @@ seccompProfile:
 {{- define "shardline.commonArgs" -}}
 - --log-level
 - {{ .Values.logLevel }}
+- --drain-timeout-s
+- {{ .Values.drain.timeoutSeconds | quote }}
 {{- if .Values.metrics.enabled }}
 - --metrics-port
 - {{ .Values.metrics.port | quote }}
 {{- end }}
+- --cluster-token-file
+- /etc/shardline/cluster-token/token
+{{- if .Values.tls.enabled }}
+- --tls-cert
+- /etc/shardline/tls/tls.crt
+- --tls-key
+- /etc/shardline/tls/tls.key
+- --tls-ca
+- /etc/shardline/tls/ca.crt
+{{- with .Values.tls.serverName }}
+- --tls-server-name
+- {{ . | quote }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
-{{/* Native gRPC startup, readiness and liveness probes on grpc.health.v1; (dict "root" $ "port" P). */}}
+{{/* The Secret holding the cluster token (key `token`). */}}
+{{- define "shardline.clusterTokenSecret" -}}
+{{- .Values.auth.clusterToken.existingSecret | default (printf "%s-cluster-token" (include "shardline.fullname" .)) -}}
+{{- end -}}
+
+{{/* The Secret holding the public API keys (key `keys`), or "" when none are configured. */}}
+{{- define "shardline.apiKeysSecret" -}}
+{{- if .Values.auth.apiKeys.existingSecret -}}
+{{- .Values.auth.apiKeys.existingSecret -}}
+{{- else if .Values.auth.apiKeys.keys -}}
+{{- printf "%s-api-keys" (include "shardline.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Native gRPC startup, readiness and liveness probes on grpc.health.v1; (dict "root" $ "port" P).
+       Under mTLS (which the kubelet's gRPC probe cannot speak) they are TCP probes instead;
+       "public" ports (the scheduler's) keep gRPC, they serve plaintext. */}}
 {{- define "shardline.probes" -}}
 {{- $p := .root.Values.probes -}}
+{{- $kind := ternary "tcpSocket" "grpc" (and .root.Values.tls.enabled (not .public)) -}}
 startupProbe:
-  grpc:
+  {{ $kind }}:
     port: {{ .port }}
   periodSeconds: {{ $p.periodSeconds }}
   timeoutSeconds: {{ $p.timeoutSeconds }}
   failureThreshold: {{ max 1 (div (add $p.startupSeconds $p.periodSeconds -1) $p.periodSeconds) }}
 readinessProbe:
-  grpc:
+  {{ $kind }}:
     port: {{ .port }}
   periodSeconds: {{ $p.periodSeconds }}
   timeoutSeconds: {{ $p.timeoutSeconds }}
   failureThreshold: 2
 livenessProbe:
-  grpc:
+  {{ $kind }}:
     port: {{ .port }}
   periodSeconds: {{ mul $p.periodSeconds 2 }}
   timeoutSeconds: {{ $p.timeoutSeconds }}
   failureThreshold: {{ $p.livenessFailureThreshold }}
+{{- end -}}
+
+{{/* A Shardline pod's grace: the preStop sleep, then the drain, then a margin before SIGKILL. */}}
+{{- define "shardline.terminationGracePeriodSeconds" -}}
+{{- $d := .Values.drain -}}
+{{- add $d.preStopSleepSeconds $d.timeoutSeconds $d.marginSeconds -}}
 {{- end -}}
 
 {{/* preStop sleep: endpoints and DNS forget the pod before SIGTERM starts the drain. */}}
@@ -281,6 +320,14 @@ lifecycle:
   mountPath: /tmp
 - name: home
   mountPath: /home/shardline
+- name: cluster-token
+  mountPath: /etc/shardline/cluster-token
+  readOnly: true
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/shardline/tls
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "shardline.scratchVolumes" -}}
@@ -290,6 +337,16 @@ lifecycle:
 - name: home
   emptyDir:
     sizeLimit: {{ .Values.scratch.sizeLimit }}
+- name: cluster-token
+  secret:
+    secretName: {{ include "shardline.clusterTokenSecret" . }}
+    defaultMode: 0440
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ required "tls.enabled needs tls.secretName (e.g. a cert-manager Certificate's secret)" .Values.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
 {{- end -}}
 
 {{/* Cache and model mounts of the tokenizer and workers. */}}

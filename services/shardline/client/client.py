@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
@@ -89,19 +90,31 @@ def chunk_from_pb(pb: generate_pb2.GenerateResponse) -> Chunk:
                  finish_reason=pb.finish_reason or None, usage=usage)
 
 
+API_KEY_ENV = "SHARDLINE_API_KEY"
+
+
+def api_key_metadata(api_key: Optional[str] = None) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata presenting a public API key (default: $SHARDLINE_API_KEY), if any."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
 class Client:
     """Blocking client; one channel, reused. Usable as a context manager."""
 
     def __init__(self, address: str = "localhost:50051", timeout: Optional[float] = None,
-                 tenant: Optional[str] = None):
+                 tenant: Optional[str] = None, api_key: Optional[str] = None):
+        """api_key: the server's public API key (default: $SHARDLINE_API_KEY), if it wants one."""
         self.address = address
         self.timeout = timeout
         self.tenant = tenant
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = generate_pb2_grpc.GenerationStub(self._channel)
 
     def _metadata(self):
         md = [(TENANT_KEY, self.tenant)] if self.tenant else []
+        md.extend(api_key_metadata(self.api_key))
         carrier: dict = {}
         propagate.inject(carrier)       # the caller's trace context (W3C traceparent), if any
         md.extend(carrier.items())
@@ -129,11 +142,13 @@ class Client:
         return Completion("".join(text), ids, reason, usage, lps)
 
     def model_info(self) -> generate_pb2.ModelInfo:
-        return self._stub.GetModelInfo(generate_pb2.ModelInfoRequest(), timeout=self.timeout or 10)
+        return self._stub.GetModelInfo(generate_pb2.ModelInfoRequest(), timeout=self.timeout or 10,
+                                       metadata=api_key_metadata(self.api_key))
 
     def stats(self) -> generate_pb2.SchedulerStats:
         """Live scheduler state per replica (queues, KV blocks, step timing)."""
-        return self._stub.GetStats(generate_pb2.StatsRequest(), timeout=self.timeout or 10)
+        return self._stub.GetStats(generate_pb2.StatsRequest(), timeout=self.timeout or 10,
+                                   metadata=api_key_metadata(self.api_key))
 
     def close(self) -> None:
         self._channel.close()

@@ -44,6 +44,15 @@ def log_level_option(default: str = "INFO") -> Any:
     return option(default, help="log level", choices=LOG_LEVELS, parse=str.upper)
 
 
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+
+
+def drain_timeout_option(default: float = DEFAULT_DRAIN_TIMEOUT_S) -> Any:
+    """The --drain-timeout-s field every service has (common/server.py's drain)."""
+    return option(default, help="after SIGTERM: seconds calls in flight may go on (new ones "
+                                "are refused) before they are cancelled")
+
+
 def _cli_fields(cls, names: Optional[Iterable[str]] = None) -> list[dataclasses.Field]:
     fields = {f.name: f for f in dataclasses.fields(cls)
               if "help" in f.metadata and f.metadata.get("cli", True)}

@@ -11,16 +11,22 @@ environment at import time. Tracing follows the standard variables:
 With no exporter no SDK is installed: the API's no-op tracer is used, spans cost a function call,
 and nothing is injected into metadata. Trace context travels as W3C `traceparent` in gRPC metadata
 on unary calls, and inside StepRequest / SeqPlan (`trace_context`) on the worker stream.
+
+Also shared by every service: `rejected(reason)`, the counter of requests refused before any
+work, and the current request's id (`set_request_id`), which `RequestIdFilter` puts on every
+log line made while that request is handled.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 from typing import Iterable, Mapping, Optional
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +126,49 @@ def setup(service_name: str, metrics_port: int = 0, **attributes) -> None:
     """Tracing from OTEL_* plus the metrics endpoint: the one call each serve() makes."""
     setup_tracing(service_name, **attributes)
     start_metrics(metrics_port)
+
+
+# -- rejections -------------------------------------------------------------------------------
+# Reasons a request is refused before any work; counted from zero so dashboards see them all.
+REJECT_REASONS = ("queue_full", "queue_wait", "invalid_argument", "resource_exhausted",
+                  "unavailable", "unauthenticated", "draining")
+REJECTED = Counter("shardline_rejected_requests", "Requests refused before any work, by reason "
+                   "(" + ", ".join(REJECT_REASONS) + ")", ["reason"])
+for _reason in REJECT_REASONS:
+    REJECTED.labels(_reason)
+
+
+def rejected(reason: str) -> None:
+    """Count one request refused for reason (one of REJECT_REASONS: a fixed, small set)."""
+    REJECTED.labels(reason).inc()
+
+
+# -- the current request's id in log lines -----------------------------------------------------
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("shardline_request_id",
+                                                                  default="")
+
+
+def set_request_id(request_id: str) -> None:
+    """Name the request the current task handles (its log lines carry request_id=...)."""
+    _request_id.set(request_id)
+
+
+def current_request_id() -> str:
+    return _request_id.get()
+
+
+class RequestIdFilter(logging.Filter):
+    """Sets record.request_id (from `extra`, else the current request's, else "") and
+    record.request_tag (" request_id=<id>", or "" outside a request) for the log format. An
+    id that is not short printable ASCII (a client's, unchecked) is logged escaped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = str(getattr(record, "request_id", "") or _request_id.get())
+        if len(rid) > 128 or not all("!" <= c <= "~" for c in rid):
+            rid = ascii(rid[:128])
+        record.request_id = rid
+        record.request_tag = f" request_id={rid}" if rid else ""
+        return True
 
 
 # -- propagation ------------------------------------------------------------------------------

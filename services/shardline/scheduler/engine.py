@@ -19,6 +19,7 @@ from shardline.scheduler.block_manager import BlockManager
 from shardline.scheduler.pipeline import PipelineClient
 from shardline.scheduler.request import Sequence
 from shardline.scheduler.scheduler import Scheduler, StepBatch, TokenEvent
+from shardline.scheduler.waiting_queue import QueueWaitExceeded
 from shardline.v1 import worker_pb2
 from shardline.protocol.plan import SampledToken
 
@@ -35,7 +36,9 @@ class PipelineEngine:
 
     def __init__(self, pipeline: PipelineClient, max_num_seqs: int, max_num_batched_tokens: int,
                  step_timeout_s: float, listener=None, on_failure=None,
-                 enable_prefix_caching: bool = True, async_scheduling: bool = True):
+                 enable_prefix_caching: bool = True, async_scheduling: bool = True,
+                 max_queue_wait_s: float = 0.0, priority_aging_s: float = 0.0,
+                 clock=time.monotonic):
         self.pipeline = pipeline
         self.replica_id = pipeline.replica_id
         self.blocks = BlockManager(pipeline.num_blocks, pipeline.block_size,
@@ -45,7 +48,8 @@ class PipelineEngine:
         # never waits for the scheduler between steps
         lookahead = async_scheduling and pipeline.num_stages == 1
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
-                                   lookahead=lookahead)
+                                   lookahead=lookahead, max_queue_wait_s=max_queue_wait_s,
+                                   priority_aging_s=priority_aging_s, clock=clock)
         self.max_in_flight = pipeline.num_stages + (LOOKAHEAD_STEPS if lookahead else 0)
         self.step_timeout_s = step_timeout_s
         self.on_failure = on_failure
@@ -104,6 +108,7 @@ class PipelineEngine:
         spans: collections.deque = collections.deque()
         try:
             while True:
+                self._reject_expired()
                 while len(inflight) < self.max_in_flight:
                     t0 = time.perf_counter()
                     batch = self.scheduler.schedule()
@@ -157,6 +162,17 @@ class PipelineEngine:
             for _, q in moved:
                 q.put_nowait(exc)
         self._progress.set()
+
+    def _reject_expired(self) -> None:
+        """Tell the requests that waited too long for admission (RESOURCE_EXHAUSTED)."""
+        for seq in self.scheduler.expire_waiting():
+            q = self._queues.pop(seq.seq_id, None)
+            if q is not None:
+                q.put_nowait(QueueWaitExceeded(self.scheduler.max_queue_wait_s))
+            log.info("replica %s: seq %d rejected after %.1f s in the queue", self.replica_id,
+                     seq.seq_id, self.scheduler.clock() - seq.queued_at,
+                     extra={"request_id": seq.request_id})
+            self._progress.set()
 
     def _deliver(self, events: list[TokenEvent]) -> None:
         for ev in events:

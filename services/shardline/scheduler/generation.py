@@ -1,22 +1,28 @@
 """One request's admission and stream, for every front door (gRPC Generate, the OpenAI HTTP API).
 
 `Generation.open` checks a `GenerateRequest` (sampling, max_tokens, stop strings, prompt,
-lengths, capacity), tokenizes it and queues one sequence; everything it refuses is refused
-before any work is queued. The `RequestStream` it returns yields `GenerateResponse` chunks
-(text deltas, token ids, logprobs, finish reason and usage on the last) and, however it ends,
-frees the sequence and counts the request once by status.
+lengths, capacity, load), tokenizes it and queues one sequence; everything it refuses is
+refused before any work is queued (and counted by reason, `metrics.rejected`). The
+`RequestStream` it returns yields `GenerateResponse` chunks (text deltas, token ids, logprobs,
+finish reason and usage on the last) and, however it ends, frees the sequence and counts the
+request once by status and tenant. The request's id (its own, or one made here) is set for
+the task's log lines (`telemetry.set_request_id`) and put on its spans.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import time
+import uuid
 from typing import AsyncIterator, Callable, Optional
 
 from opentelemetry import trace
 
 from shardline.common import telemetry
+from shardline.common.request_limits import (MAX_CHAT_MESSAGES, MAX_STOP_STRING_CHARS,
+                                             MAX_STOP_STRINGS)
 from shardline.common.server import InvalidArgument, ResourceExhausted, Unavailable, status_for
 from shardline.protocol.limits import MAX_TOP_LOGPROBS
 from shardline.protocol.plan import SamplingConfig
@@ -25,19 +31,36 @@ from shardline.scheduler.request import Sequence
 from shardline.scheduler.router import Router
 from shardline.scheduler.stop_strings import StopStringFilter
 from shardline.scheduler.tokenizer_client import DetokenizeState, TokenizerClient
+from shardline.scheduler.waiting_queue import MAX_PRIORITY, QueueWaitExceeded
 from shardline.v1 import generate_pb2
 
-MAX_STOP_STRINGS = 16
+log = logging.getLogger(__name__)
+
 TENANT_KEY = "x-shardline-tenant"   # gRPC metadata / HTTP header naming the request's tenant
+REQUEST_ID_KEY = "x-shardline-request-id"   # response metadata returning the request's id
+MAX_REQUEST_ID_CHARS = 128
+
+
+def valid_request_id(request_id: str) -> bool:
+    """1 to 128 printable ASCII characters without spaces (safe in a log line)."""
+    return 0 < len(request_id) <= MAX_REQUEST_ID_CHARS and \
+        all("!" <= c <= "~" for c in request_id)
+
+
+class QueueFull(ResourceExhausted):
+    """--max-queued-requests requests are waiting already."""
 
 
 class Limits:
     """What a request may ask for, fixed once the pipelines are known."""
 
     def __init__(self, max_context: int, max_tokens_cap: int, default_max_tokens: int,
-                 vocab_size: int, capacity_tokens: Callable[[], int], max_queued: int = 0):
+                 vocab_size: int, capacity_tokens: Callable[[], int], max_queued: int = 0,
+                 max_queue_wait_s: float = 0.0, max_prompt_chars: int = 0):
         self.max_context = max_context
+        self.max_prompt_chars = max_prompt_chars   # 0: no limit before tokenizing
         self.max_queued = max_queued        # waiting requests beyond which new ones are refused
+        self.max_queue_wait_s = max_queue_wait_s   # refused while queues shed older requests
         self.max_tokens_cap = max_tokens_cap
         self.default_max_tokens = default_max_tokens
         self.vocab_size = vocab_size
@@ -60,6 +83,32 @@ def validate_sampling(pb: generate_pb2.GenerateRequest) -> SamplingConfig:
     return SamplingConfig.from_pb(s)
 
 
+def check_sizes(pb: generate_pb2.GenerateRequest, max_prompt_chars: int) -> list[str]:
+    """The request's stop strings, once they (count, length) and its prompt's characters are
+    checked: before it is tokenized, so an oversized prompt costs no tokenizer time."""
+    stops = [s for s in pb.stop if s]
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    longest = max(map(len, stops), default=0)
+    if longest > MAX_STOP_STRING_CHARS:
+        raise InvalidArgument(f"a stop string may have at most {MAX_STOP_STRING_CHARS} "
+                              f"characters, got one of {longest}")
+    kind = pb.WhichOneof("prompt")
+    if kind == "text":
+        chars = len(pb.text)
+    elif kind == "messages":
+        messages = pb.messages.messages
+        if len(messages) > MAX_CHAT_MESSAGES:
+            raise InvalidArgument(f"at most {MAX_CHAT_MESSAGES} messages, got {len(messages)}")
+        chars = sum(len(m.role) + len(m.content) for m in messages)
+    else:
+        chars = 0
+    if max_prompt_chars and chars > max_prompt_chars:
+        raise InvalidArgument(f"prompt has {chars} characters; at most {max_prompt_chars} are "
+                              "accepted")
+    return stops
+
+
 class Generation:
     """Admission and streaming shared by the front doors; ready() once the pipelines answer."""
 
@@ -78,27 +127,49 @@ class Generation:
         self.model_info = model_info
         self.eos_ids = frozenset(self.tokenizer.info.eos_token_ids)
 
-    async def open(self, request: generate_pb2.GenerateRequest, tenant: str) -> "RequestStream":
+    async def open(self, request: generate_pb2.GenerateRequest, tenant: str,
+                   cancelled_status: Optional[Callable[[], str]] = None) -> "RequestStream":
         """Check, tokenize and queue the request; raises InvalidArgument, ResourceExhausted or
-        Unavailable (counted) before anything is queued."""
+        Unavailable (counted) before anything is queued. cancelled_status() names how a call
+        cancelled meanwhile ended (default CANCELLED; gRPC's may say DEADLINE_EXCEEDED)."""
+        rid = request.request_id if valid_request_id(request.request_id) else uuid.uuid4().hex
+        telemetry.set_request_id(rid)
         try:
-            return await self._open(request, tenant)
+            return await self._open(request, tenant, rid)
         except BaseException as exc:
-            metrics.REQUESTS.labels(_status_name(exc)).inc()
+            status = _status_name(exc)
+            if status == "CANCELLED" and cancelled_status is not None:
+                status = cancelled_status()
+            reason = reject_reason(exc)
+            if reason is not None:
+                metrics.rejected(reason)
+                log.debug("refused (%s): %s", reason, exc)
+            metrics.request_ended(tenant, status)
             raise
 
-    async def _open(self, request: generate_pb2.GenerateRequest, tenant: str) -> "RequestStream":
-        if self.limits is None:
-            raise Unavailable("scheduler is still connecting to its workers")
+    def _check_load(self) -> None:
+        """Refuse at once while the queues are full or shedding (cheapest checks first)."""
         waiting = self.router.num_waiting()
         if self.limits.max_queued and waiting >= self.limits.max_queued:
-            raise ResourceExhausted(f"the server is overloaded: {waiting} requests are waiting "
-                                    f"(--max-queued-requests {self.limits.max_queued}); retry later")
+            raise QueueFull(f"the server is overloaded: {waiting} requests are waiting "
+                            f"(--max-queued-requests {self.limits.max_queued}); retry later")
+        if self.limits.max_queue_wait_s and self.router.overloaded():
+            raise QueueWaitExceeded(self.limits.max_queue_wait_s)
+
+    async def _open(self, request: generate_pb2.GenerateRequest, tenant: str,
+                    rid: str) -> "RequestStream":
+        if self.limits is None:
+            raise Unavailable("scheduler is still connecting to its workers")
+        self._check_load()
+        if request.request_id and request.request_id != rid:
+            raise InvalidArgument(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} printable "
+                                  "ASCII characters without spaces")
+        if abs(request.priority) > MAX_PRIORITY:
+            raise InvalidArgument(f"priority must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}], "
+                                  f"got {request.priority}")
         sampling = validate_sampling(request)
         max_tokens = self._max_tokens(request)
-        stops = [s for s in request.stop if s]
-        if len(stops) > MAX_STOP_STRINGS:
-            raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        stops = check_sizes(request, self.limits.max_prompt_chars)
         ids = await self._prompt_ids(request)
         lim = self.limits
         if len(ids) >= lim.max_context:
@@ -112,14 +183,19 @@ class Generation:
                                     f"cache capacity of {capacity} tokens per replica")
         seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, max_tokens=max_tokens,
                        sampling=sampling, eos_token_ids=self.eos_ids, ignore_eos=request.ignore_eos,
-                       max_context=lim.max_context, cache_salt=tenant)
+                       max_context=lim.max_context, cache_salt=tenant, tenant=tenant,
+                       priority=request.priority, request_id=rid)
         if telemetry.tracing_enabled():
-            seq.span_context = trace.get_current_span().get_span_context()
+            request_span = trace.get_current_span()
+            request_span.set_attribute("shardline.request_id", rid)
+            seq.span_context = request_span.get_span_context()
             seq.trace_context = telemetry.inject()
             seq.queue_span = telemetry.tracer.start_span(
-                "queue", attributes={"shardline.seq_id": seq.seq_id,
+                "queue", attributes={"shardline.seq_id": seq.seq_id, "shardline.request_id": rid,
                                      "shardline.prompt_tokens": len(ids)})
         queue = self.router.submit(seq)
+        log.debug("queued seq %d: %d prompt tokens, max_tokens %d, priority %d", seq.seq_id,
+                  len(ids), max_tokens, seq.priority)
         return RequestStream(self, seq, queue, _TextStream(self.tokenizer, stops),
                              logprobs=request.sampling.logprobs)
 
@@ -160,7 +236,8 @@ class Generation:
 
 class RequestStream:
     """A queued request's chunks. Iterate it once; close() (idempotent) ends it early. The
-    request is counted once: OK when its last chunk was produced, else by how it ended."""
+    request is counted once: OK when its last chunk was produced, else by how it ended. A
+    request that waited too long in a queue ends with QueueWaitExceeded (RESOURCE_EXHAUSTED)."""
 
     def __init__(self, gen: Generation, seq: Sequence, queue: asyncio.Queue, text: "_TextStream",
                  logprobs: bool):
@@ -173,11 +250,17 @@ class RequestStream:
         self._finished = False
         self._closed = False
 
+    @property
+    def request_id(self) -> str:
+        return self.seq.request_id
+
     async def __aiter__(self) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
             async for resp in self._chunks():
                 yield resp
         except Exception as exc:  # noqa: BLE001 - counted, then raised to the front door
+            if isinstance(exc, QueueWaitExceeded):
+                metrics.rejected("queue_wait")
             self.close(status_for(exc).name)
             raise
 
@@ -195,7 +278,11 @@ class RequestStream:
             status = "OK"
         else:
             router.abort(seq, "abort")
-        metrics.REQUESTS.labels(status).inc()
+        if seq.first_admitted_at is not None:
+            metrics.QUEUE_TIME.observe(seq.first_admitted_at - seq.queued_at)
+        metrics.request_ended(seq.tenant, status)
+        log.debug("seq %d ended: %s, %d tokens generated", seq.seq_id, status,
+                  len(seq.output_token_ids))
 
     async def _chunks(self) -> AsyncIterator[generate_pb2.GenerateResponse]:
         seq, queue, router = self.seq, self._queue, self._gen.router
@@ -205,7 +292,7 @@ class RequestStream:
             while not queue.empty():
                 events.append(queue.get_nowait())
             for ev in events:
-                if isinstance(ev, Unavailable):
+                if isinstance(ev, (Unavailable, QueueWaitExceeded)):
                     raise ev
                 if isinstance(ev, BaseException):
                     raise Unavailable(f"pipeline failed: {ev}")
@@ -238,6 +325,19 @@ def _status_name(exc: BaseException) -> str:
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return "CANCELLED"
     return status_for(exc).name
+
+
+_REJECT_REASONS = [(QueueFull, "queue_full"), (QueueWaitExceeded, "queue_wait"),
+                   (InvalidArgument, "invalid_argument"),
+                   (ResourceExhausted, "resource_exhausted"), (Unavailable, "unavailable")]
+
+
+def reject_reason(exc: BaseException) -> Optional[str]:
+    """The rejected-requests reason of an exception refusing a request, or None (not one)."""
+    for cls, reason in _REJECT_REASONS:
+        if isinstance(exc, cls):
+            return reason
+    return None
 
 
 def _observe_finished(seq: Sequence, prompt_tokens: int, t_first: float) -> None:

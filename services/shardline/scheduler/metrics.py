@@ -1,7 +1,9 @@
 """The scheduler's Prometheus metrics.
 
-Per-request metrics (status, TTFT, TPOT, token counts) are recorded once per request, when it
-ends. Per-replica state (queue depth, running sequences, KV blocks, prefix-cache counters,
+Per-request metrics (status, tenant, queue time, TTFT, TPOT, token counts) are recorded once per
+request: TTFT at its first token, the rest when it ends (`request_ended`). Refusals before any
+work are counted by reason with `rejected(reason)` (common.telemetry's, shared by every
+service). Per-replica state (queue depth, running sequences, KV blocks, prefix-cache counters,
 preemptions, steps) is read from the engines at scrape time, so the step loop pays nothing.
 """
 from __future__ import annotations
@@ -10,9 +12,14 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY
 
+from shardline.common.telemetry import REJECTED, rejected  # noqa: F401 - the scheduler's too
+
 _LATENCY_BUCKETS = (.005, .01, .025, .05, .075, .1, .15, .2, .3, .5, .75, 1, 1.5, 2, 3, 5, 10,
                     20, 60)
 _TPOT_BUCKETS = (.001, .0025, .005, .01, .02, .03, .05, .075, .1, .15, .2, .3, .5, 1, 2.5)
+_QUEUE_BUCKETS = (.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+MAX_TENANT_LABELS = 64        # tenants named in shardline_tenant_requests; later ones: "other"
+MAX_TENANT_LABEL_CHARS = 64
 
 REQUESTS = Counter("shardline_requests", "Generate requests by final gRPC status "
                    "(OK, CANCELLED, INVALID_ARGUMENT, ...)", ["status"])
@@ -27,6 +34,42 @@ PROMPT_TOKENS = Counter("shardline_prompt_tokens", "Prompt tokens of finished re
 GENERATION_TOKENS = Counter("shardline_generation_tokens", "Tokens generated for finished requests")
 CACHED_TOKENS = Counter("shardline_cached_prompt_tokens",
                         "Prompt tokens of finished requests served from the prefix cache")
+QUEUE_TIME = Histogram("shardline_queue_time_seconds",
+                       "Queued (after tokenization) to first admission into a batch, per "
+                       "admitted request", buckets=_QUEUE_BUCKETS)
+TENANT_REQUESTS = Counter(
+    "shardline_tenant_requests",
+    f"Generate requests by tenant and final gRPC status: the first {MAX_TENANT_LABELS} tenants "
+    "seen keep their name (cut to 64 characters), later ones count as 'other', requests "
+    "without a tenant as 'default'", ["tenant", "status"])
+
+
+class TenantLabels:
+    """Bounded label values for tenants: the first `limit` distinct tenants keep their name."""
+
+    def __init__(self, limit: int = MAX_TENANT_LABELS):
+        self.limit = limit
+        self._named: set[str] = set()
+
+    def label(self, tenant: str) -> str:
+        if not tenant:
+            return "default"
+        name = tenant[:MAX_TENANT_LABEL_CHARS]
+        if name in self._named:
+            return name
+        if len(self._named) < self.limit:
+            self._named.add(name)
+            return name
+        return "other"
+
+
+_tenant_labels = TenantLabels()
+
+
+def request_ended(tenant: str, status: str) -> None:
+    """Count a request once, by its final status, overall and for its tenant."""
+    REQUESTS.labels(status).inc()
+    TENANT_REQUESTS.labels(_tenant_labels.label(tenant), status).inc()
 
 
 class ReplicaCollector:

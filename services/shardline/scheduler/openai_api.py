@@ -4,7 +4,9 @@
 (openai_schemas) and run them through the same `Generation` as gRPC's Generate: the same
 checks, the same engine, no extra hop. Choices (n, or several prompts) run as concurrent
 sequences; streams are server-sent events ending in `data: [DONE]`. Errors are OpenAI error
-objects: 400 bad input, 404 unknown model or path, 429 no room, 503 not serving.
+objects: 400 bad input, 404 unknown model or path, 429 no room, 503 not serving. A request's
+id is its valid `x-request-id` header, else the response's `id`; its choices carry it (logs,
+spans) and the response returns it in `x-request-id`.
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ from typing import AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from shardline.common.auth import ApiKeys, bearer
 from shardline.common.server import InvalidArgument, ResourceExhausted, Unavailable
-from shardline.scheduler.generation import TENANT_KEY, Generation, RequestStream
+from shardline.scheduler.generation import (TENANT_KEY, Generation, RequestStream,
+                                            valid_request_id)
 from shardline.scheduler.openai_schemas import (ChatCompletionRequest, CompletionRequest,
                                                 UnsupportedField)
 from shardline.v1 import generate_pb2
@@ -44,15 +48,22 @@ def error_response(exc: BaseException) -> JSONResponse:
     for cls, status, type_ in _ERRORS:
         if isinstance(exc, cls):
             param = exc.param if isinstance(exc, UnsupportedField) else None
+            log.warning("HTTP request refused: %d %s", status, exc)
             return JSONResponse(error_body(str(exc), status, type_, param), status)
-    log.error("HTTP request failed: %r", exc)
+    log.error("HTTP request failed: %r", exc, exc_info=exc)
     return JSONResponse(error_body("internal error", 500, "internal_error"), 500)
 
 
-def build_app(generation: Generation, serving: Callable[[], bool]) -> FastAPI:
+def build_app(generation: Generation, serving: Callable[[], bool],
+              api_keys: Optional[ApiKeys] = None, max_body_bytes: Optional[int] = None) -> FastAPI:
     """The API's routes over generation; serving() says whether to take new requests. The
-    model's name is the one GetModelInfo reports."""
+    model's name is the one GetModelInfo reports. With api_keys, every route but /health
+    wants `Authorization: Bearer KEY`. A body over max_body_bytes is refused (413) unread."""
     app = FastAPI(title="Shardline", docs_url=None, redoc_url=None, openapi_url=None)
+    if max_body_bytes is not None:
+        app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if api_keys is not None:
+        app.add_middleware(ApiKeyMiddleware, api_keys=api_keys)
     tokens = TokenTexts(generation)
 
     @app.exception_handler(RequestValidationError)
@@ -61,11 +72,15 @@ def build_app(generation: Generation, serving: Callable[[], bool]) -> FastAPI:
         first = errs[0] if errs else {"loc": (), "msg": "invalid request body"}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         msg = f"{'.'.join(loc)}: {first['msg']}" if loc else first["msg"]
+        log.warning("HTTP request refused: 400 %s", msg)
         return JSONResponse(error_body(msg, 400, "invalid_request_error", ".".join(loc) or None), 400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return JSONResponse(error_body(str(exc.detail), exc.status_code, "invalid_request_error"),
+        detail = str(exc.detail)
+        if exc.status_code < 500:
+            log.warning("HTTP request refused: %d %s", exc.status_code, detail)
+        return JSONResponse(error_body(detail, exc.status_code, "invalid_request_error"),
                             exc.status_code)
 
     for cls, _, _ in _ERRORS:
@@ -110,18 +125,22 @@ def build_app(generation: Generation, serving: Callable[[], bool]) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check(body.model)
-        streams = await open_all(generation, body.requests(), tenant(request, body.user))
         out = _Output("cmpl", "text_completion", model_name(), tokens, chat=False,
                       top_logprobs=body.logprobs)
-        return await respond(out, streams, body.stream, include_usage(body), body.n)
+        rid = request_id_of(request, out.id)
+        streams = await open_all(generation, to_requests(body), tenant(request, body.user), rid)
+        return await respond(out, streams, body.stream, include_usage(body), body.n, rid,
+                             request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check(body.model)
-        streams = await open_all(generation, body.requests(), tenant(request, body.user))
         out = _Output("chatcmpl", "chat.completion", model_name(), tokens, chat=True,
                       top_logprobs=body.top_logprobs if body.logprobs else None)
-        return await respond(out, streams, body.stream, include_usage(body), body.n)
+        rid = request_id_of(request, out.id)
+        streams = await open_all(generation, to_requests(body), tenant(request, body.user), rid)
+        return await respond(out, streams, body.stream, include_usage(body), body.n, rid,
+                             request)
 
     return app
 
@@ -131,8 +150,87 @@ class ModelNotFound(LookupError):
 
 
 def tenant(request: Request, user: Optional[str]) -> str:
-    """The tenant header when set, else the body's `user`, else the shared default tenant."""
-    return request.headers.get(TENANT_KEY) or user or ""
+    """The tenant the API key is bound to, else the tenant header, else the body's `user`,
+    else the shared default tenant."""
+    return (request.scope.get(API_TENANT) or request.headers.get(TENANT_KEY) or user or "")
+
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def request_id_of(request: Request, default: str) -> str:
+    """The request's x-request-id header when it is a valid request id, else default."""
+    rid = request.headers.get(REQUEST_ID_HEADER, "")
+    return rid if valid_request_id(rid) else default
+
+
+API_TENANT = "shardline.api_tenant"      # ASGI scope key: the tenant of the request's API key
+
+
+class BodyLimitMiddleware:
+    """Plain ASGI middleware: a body over max_bytes gets 413 and an OpenAI error object, unread
+    when its Content-Length says so, else once the bytes read pass the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self) -> str:
+        return f"the request body is larger than {self.max_bytes} bytes"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:              # the server reads no more than it says
+            if length.isdigit() and int(length) > self.max_bytes:
+                log.warning("HTTP request refused: 413 %s", self._message())
+                body = error_body(self._message(), 413, "invalid_request_error")
+                return await JSONResponse(body, 413)(scope, receive, send)
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:   # to the app's handler of HTTPException
+                raise HTTPException(413, self._message())
+            return message
+        return await self.app(scope, counted, send)
+
+
+def to_requests(body) -> list[generate_pb2.GenerateRequest]:
+    """The body's GenerateRequests; text that protobuf cannot hold (a lone surrogate, which a
+    JSON escape such as \\ud800 can make) is a 400, not a crash."""
+    try:
+        return body.requests()
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"the request holds {exc.object[exc.start:exc.end]!r}, which is "
+                              "not valid Unicode text (a lone surrogate)") from None
+
+
+class ApiKeyMiddleware:
+    """Plain ASGI middleware (no per-chunk overhead on streams): a request without a listed
+    key gets 401 and an OpenAI error object before its body is read."""
+
+    def __init__(self, app, api_keys: ApiKeys):
+        self.app = app
+        self.api_keys = api_keys
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        token = bearer([("authorization", header)]) if header else None
+        if not self.api_keys.check(token):
+            log.warning("refused %s %s: %s API key", scope["method"], scope["path"],
+                        "missing" if token is None else "invalid")
+            body = error_body("missing or invalid API key (Authorization: Bearer ...)", 401,
+                              "invalid_request_error", code="invalid_api_key")
+            return await JSONResponse(body, 401)(scope, receive, send)
+        scope[API_TENANT] = self.api_keys.tenant(token)
+        return await self.app(scope, receive, send)
 
 
 def include_usage(body) -> bool:
@@ -140,13 +238,14 @@ def include_usage(body) -> bool:
 
 
 async def open_all(generation: Generation, requests: list[generate_pb2.GenerateRequest],
-                   tenant_: str) -> list[RequestStream]:
-    """Open every choice, or none: a refusal closes the ones already queued. Choices after the
-    first of a prompt reuse its token ids (tokenized once)."""
+                   tenant_: str, request_id: str = "") -> list[RequestStream]:
+    """Open every choice (each with request_id), or none: a refusal closes the ones already
+    queued. Choices after the first of a prompt reuse its token ids (tokenized once)."""
     streams: list[RequestStream] = []
     first_of: dict[bytes, list[int]] = {}
     try:
         for req in requests:
+            req.request_id = request_id
             key = _prompt_key(req)
             if key in first_of:
                 req.token_ids.ids[:] = first_of[key]
@@ -168,15 +267,33 @@ def _prompt_key(req: generate_pb2.GenerateRequest) -> bytes:
 
 
 async def respond(out: "_Output", streams: list[RequestStream], stream: bool, usage: bool,
-                  n: int):
-    if stream:
+                  n: int, request_id: str, request: Optional[Request] = None):
+    headers = {REQUEST_ID_HEADER: request_id}
+    if stream:          # Starlette ends the stream (and so the sequences) on a disconnect
         return StreamingResponse(_sse(out, streams, usage, n), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+                                 headers={"Cache-Control": "no-cache", **headers})
+    collect = asyncio.ensure_future(out.collect(streams, n))
+    gone = asyncio.ensure_future(_disconnected(request)) if request is not None else None
     try:
-        return await out.collect(streams, n)
+        await asyncio.wait([t for t in (collect, gone) if t is not None],
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not collect.done():            # the client went away: stop generating for it
+            collect.cancel()
+            return Response(status_code=499)
+        return JSONResponse(collect.result(), headers=headers)
     finally:
+        for task in (collect, gone):
+            if task is not None and not task.done():
+                task.cancel()
         for s in streams:
             s.close()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone away (the body is read: what comes next is the
+    disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _sse(out: "_Output", streams: list[RequestStream], usage: bool,

@@ -1,6 +1,7 @@
 """Request bodies of the OpenAI HTTP API (pydantic), and their translation to GenerateRequest.
 
-Fields are OpenAI's; `top_k`, `repetition_penalty` and `ignore_eos` are Shardline extensions
+Fields are OpenAI's; `top_k`, `repetition_penalty`, `ignore_eos` and `priority` (admission
+order, higher first; see GenerateRequest.priority) are Shardline extensions
 (as in vLLM). Fields OpenAI defines that Shardline does not implement are refused with a 400
 that names them (never silently ignored); unknown fields are ignored, as OpenAI's own clients
 send new ones before servers know them.
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shardline.common.server import InvalidArgument
 from shardline.protocol.limits import MAX_TOP_LOGPROBS
+from shardline.scheduler.waiting_queue import MAX_PRIORITY
 from shardline.v1 import common_pb2, generate_pb2
 
 MAX_N = 16                       # choices per request (n), and prompts per completions request
@@ -46,6 +48,7 @@ class _Sampling(BaseModel):
     top_k: int = Field(0, ge=0)
     repetition_penalty: Optional[float] = Field(None, gt=0)
     ignore_eos: bool = False
+    priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
 
     def refuse_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -72,7 +75,8 @@ class _Sampling(BaseModel):
             s.seed = (self.seed + choice) % (1 << 64)
             s.has_seed = True
         return generate_pb2.GenerateRequest(max_tokens=max_tokens or 0, sampling=s,
-                                            stop=self.stops(), ignore_eos=self.ignore_eos)
+                                            stop=self.stops(), ignore_eos=self.ignore_eos,
+                                            priority=self.priority)
 
 
 class CompletionRequest(_Sampling):

@@ -4,14 +4,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 
 import grpc
 
 from shardline.common.server import Unavailable, channel
 from shardline.v1 import worker_pb2, worker_pb2_grpc
-from shardline.protocol.route import ROUTE_KEY
+from shardline.protocol.route import ROUTE_KEY, SESSION_KEY
 
 log = logging.getLogger(__name__)
+
+# this scheduler's id on its step streams: its reconnects supersede its old streams, and a
+# stage refuses a second scheduler (protocol/route.py)
+SESSION_ID = uuid.uuid4().hex
 
 
 class PipelineClient:
@@ -51,7 +56,8 @@ class PipelineClient:
         if len({i.block_size for i in self.infos}) != 1:
             raise Unavailable(f"replica {self.replica_id}: stages disagree on block size")
         stub = worker_pb2_grpc.StageWorkerStub(self._channels[0])
-        self._call = stub.Step(metadata=((ROUTE_KEY, ",".join(self.addresses[1:])),))
+        self._call = stub.Step(metadata=((ROUTE_KEY, ",".join(self.addresses[1:])),
+                                         (SESSION_KEY, SESSION_ID)))
         log.info("replica %s: %d stages, %d KV blocks of %d", self.replica_id, self.num_stages,
                  self.num_blocks, self.block_size)
 

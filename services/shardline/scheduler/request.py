@@ -45,6 +45,13 @@ class Sequence:
     num_committed_blocks: int = 0 # leading blocks of block_table already hashed into the cache
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    # Admission (waiting_queue.py): higher priority first, turns between tenants; the times
+    # are the replica scheduler's clock: first queued, first admitted into a batch.
+    priority: int = 0
+    tenant: str = ""
+    queued_at: Optional[float] = None
+    first_admitted_at: Optional[float] = None
+    request_id: str = ""          # on its log lines and spans
     # Tracing (empty / None when not traced): the request span's W3C context, sent to workers on
     # admission; its SpanContext (step spans link to it); the open "queue" span until admission.
     trace_context: dict = field(default_factory=dict)

@@ -218,6 +218,12 @@ class Router:
         """Sequences queued and not yet running, on every replica or waiting for one."""
         return sum(len(e.scheduler.waiting) for e in self.engines.values()) + len(self._orphans)
 
+    def overloaded(self) -> bool:
+        """Whether every live replica's queue is shedding requests that waited too long
+        (Scheduler.overloaded): a new request would wait too long wherever it went."""
+        live = self.live
+        return bool(live) and all(e.scheduler.overloaded for e in live)
+
     def submit(self, seq: Sequence) -> asyncio.Queue:
         """Route seq to a replica; its TokenEvents (or an exception) arrive on the queue."""
         q: asyncio.Queue = asyncio.Queue()

@@ -2,7 +2,9 @@
 
 schedule() -> StepBatch -> (pipeline runs it) -> postprocess(batch, tokens). Decodes first,
 then prefill chunks within a per-step token budget; when blocks run out the newest running
-sequence is preempted and later recomputed from prompt + generated tokens.
+sequence is preempted and later recomputed from prompt + generated tokens. Waiting sequences
+are admitted in WaitingQueue's order (preempted first, then priority with aging, tenants in
+turn); expire_waiting() takes out those that waited longer than max_queue_wait_s.
 
 A sequence is in one in-flight micro-batch at a time, except with lookahead (async scheduling,
 single-stage replicas): a sequence whose in-flight step samples its next token gets the step
@@ -14,12 +16,13 @@ its result is dropped, and its blocks were freed with the sequence.
 from __future__ import annotations
 
 import itertools
-from collections import deque
+import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from shardline.scheduler.block_manager import BlockManager
 from shardline.scheduler.request import Sequence, SeqStatus
+from shardline.scheduler.waiting_queue import WaitingQueue
 from shardline.protocol.plan import SampledToken, SeqStep
 
 
@@ -48,12 +51,19 @@ class Scheduler:
     setting them from what the BlockManager returns."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, lookahead: bool = False):
+                 max_num_batched_tokens: int = 512, lookahead: bool = False,
+                 max_queue_wait_s: float = 0.0, priority_aging_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
+        """max_queue_wait_s: expire_waiting() takes out requests never admitted that waited
+        longer (0: never); priority_aging_s: see WaitingQueue; clock: seconds, for waits."""
         self.blocks = block_manager
         self.lookahead = lookahead
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.max_queue_wait_s = max_queue_wait_s
+        self.clock = clock
+        self.waiting = WaitingQueue(clock, priority_aging_s)
+        self._shedding = False        # the last expire_waiting() took requests out
         self.running: list[Sequence] = []
         self._pending_free: list[int] = []
         self._step_ids = itertools.count()
@@ -62,7 +72,7 @@ class Scheduler:
     # -- intake -----------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        self.waiting.push(seq)
 
     def abort(self, seq: Sequence, reason: str = "abort") -> None:
         """Finish seq now (cancel or stop string); its blocks are free at once."""
@@ -79,6 +89,27 @@ class Scheduler:
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    # -- overload -----------------------------------------------------------------
+    def expire_waiting(self) -> list[Sequence]:
+        """Finish (reason "queue_wait") and return the waiting requests never admitted that
+        waited more than max_queue_wait_s; the caller tells their clients."""
+        if not self.max_queue_wait_s:
+            return []
+        expired = self.waiting.expire(self.max_queue_wait_s)
+        for seq in expired:
+            seq.status = SeqStatus.FINISHED
+            seq.finish_reason = "queue_wait"
+        self._shedding = bool(expired)
+        return expired
+
+    @property
+    def overloaded(self) -> bool:
+        """Whether a new request would likely wait too long: requests are waiting and the
+        oldest has waited more than max_queue_wait_s, or the last expiry took some out."""
+        if not self.max_queue_wait_s or not self.waiting:
+            return False
+        return self._shedding or self.waiting.head_wait() > self.max_queue_wait_s
 
     # -- scheduling ---------------------------------------------------------------
     def schedule(self) -> Optional[StepBatch]:
@@ -116,14 +147,17 @@ class Scheduler:
             budget -= n
 
         # Then admit waiting sequences while budget, slots and blocks allow.
+        now = self.clock()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self.waiting.peek(now)
             prefix, cached = self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - cached, budget)
             new_blocks = self.blocks.allocate(seq, n, prefix=prefix)
             if new_blocks is None:
                 break
-            self.waiting.popleft()
+            self.waiting.pop(seq, now)
+            if seq.first_admitted_at is None:
+                seq.first_admitted_at = now
             seq.block_table = prefix + new_blocks
             seq.num_computed_tokens = cached
             if seq.num_preemptions == 0:         # usage reports the first admission's hits
@@ -190,7 +224,7 @@ class Scheduler:
             self._pending_free.append(seq.seq_id)
         seq.reset_for_recompute()
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.push_front(seq)
 
     # -- results ------------------------------------------------------------------
     def postprocess(self, batch: StepBatch, tokens: list[SampledToken]) -> list[TokenEvent]:

@@ -6,7 +6,8 @@ import asyncio
 import logging
 import sys
 
-from shardline.common import telemetry
+from shardline.common import auth, telemetry
+from shardline.common.auth import ApiKeys
 from shardline.common.server import Service, configure_logging
 from shardline.scheduler.config import SchedulerConfig
 from shardline.scheduler.discovery import KubernetesDiscovery
@@ -27,18 +28,25 @@ log = logging.getLogger(__name__)
 
 async def serve(cfg: SchedulerConfig) -> None:
     telemetry.setup("scheduler", cfg.metrics_port)
-    service = Service("scheduler", cfg.port, cfg.host)
+    auth.configure(cfg.security, "scheduler")      # its channels to the tokenizer and workers
+    api_keys = ApiKeys.load(cfg.api_keys_file) if cfg.api_keys_file else None
+    service = Service("scheduler", cfg.port, cfg.host,
+                      public_auth=[api_keys.interceptor()] if api_keys else [],
+                      drain_timeout_s=cfg.drain_timeout_s,
+                      max_receive_bytes=cfg.receive_bytes())
     tokenizer = TokenizerClient(cfg.tokenizer, cfg.rpc_timeout_s)
     generation = Generation(tokenizer)
-    service.add(generate_pb2_grpc.add_GenerationServicer_to_server, GenerationServicer(generation),
+    service.add(generate_pb2_grpc.add_GenerationServicer_to_server,
+                GenerationServicer(generation, api_keys),
                 ["shardline.v1.Generation"])
     await service.start()           # health answers NOT_SERVING while stages load
     await service.set_serving(False)
     if cfg.http_port:
-        app = build_app(generation, lambda: service.serving)
-        http = HttpServer(app, cfg.host, cfg.http_port, service.grace_s)
+        app = build_app(generation, lambda: service.serving, api_keys,
+                        max_body_bytes=cfg.receive_bytes())
+        http = HttpServer(app, cfg.host, cfg.http_port, service.drain)
         await http.start()
-        service.on_drain(http.stop)
+        service.on_stop(http.stop)          # its requests in flight count in the drain
         log.info("OpenAI HTTP API on port %d", http.port)
     await tokenizer.connect(cfg.connect_timeout_s)
 
@@ -46,7 +54,9 @@ async def serve(cfg: SchedulerConfig) -> None:
         return PipelineEngine(pipeline, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                               cfg.step_timeout_s, listener=listener, on_failure=on_failure,
                               enable_prefix_caching=cfg.enable_prefix_caching,
-                              async_scheduling=cfg.async_scheduling)
+                              async_scheduling=cfg.async_scheduling,
+                              max_queue_wait_s=cfg.max_queue_wait_s,
+                              priority_aging_s=cfg.priority_aging_s)
 
     index = None
     if cfg.redis_url:
@@ -75,7 +85,9 @@ async def serve(cfg: SchedulerConfig) -> None:
         max_context = min(max_context, cfg.max_context)
     limits = Limits(max_context=max_context, max_tokens_cap=cfg.max_tokens_cap,
                     default_max_tokens=cfg.default_max_tokens, vocab_size=infos[-1].vocab_size,
-                    capacity_tokens=router.capacity_tokens, max_queued=cfg.max_queued_requests)
+                    capacity_tokens=router.capacity_tokens, max_queued=cfg.max_queued_requests,
+                    max_queue_wait_s=cfg.max_queue_wait_s,
+                    max_prompt_chars=cfg.prompt_chars(max_context))
     model_info = generate_pb2.ModelInfo(
         model=cfg.model or infos[0].model, max_context=max_context,
         max_tokens_cap=cfg.max_tokens_cap, vocab_size=infos[-1].vocab_size,

@@ -1,14 +1,22 @@
 """The public gRPC Generation service: a thin adapter over scheduler.generation."""
 from __future__ import annotations
 
+from typing import Optional
+
+from shardline.common.auth import ApiKeys, bearer
 from shardline.common.server import Unavailable
-from shardline.scheduler.generation import TENANT_KEY, Generation
+from shardline.scheduler.generation import REQUEST_ID_KEY, TENANT_KEY, Generation
 from shardline.v1 import generate_pb2, generate_pb2_grpc
 
 
-def tenant_of(context) -> str:
-    """The request's tenant (metadata x-shardline-tenant); '' is the shared default tenant."""
-    for key, value in context.invocation_metadata() or ():
+def tenant_of(context, api_keys: Optional[ApiKeys] = None) -> str:
+    """The request's tenant: the one its API key is bound to, else metadata
+    x-shardline-tenant; '' is the shared default tenant."""
+    metadata = context.invocation_metadata() or ()
+    bound = api_keys.tenant(bearer(metadata)) if api_keys is not None else None
+    if bound:
+        return bound
+    for key, value in metadata:
         if key == TENANT_KEY:
             return value
     return ""
@@ -17,8 +25,9 @@ def tenant_of(context) -> str:
 class GenerationServicer(generate_pb2_grpc.GenerationServicer):
     """The gRPC front door: Generate, GetModelInfo, GetStats over the shared Generation."""
 
-    def __init__(self, generation: Generation):
+    def __init__(self, generation: Generation, api_keys: Optional[ApiKeys] = None):
         self.generation = generation
+        self.api_keys = api_keys            # checked by its interceptor; here for the tenant
 
     async def GetModelInfo(self, request, context):
         gen = self.generation
@@ -47,8 +56,10 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         return out
 
     async def Generate(self, request, context):
-        stream = await self.generation.open(request, tenant_of(context))
+        stream = await self.generation.open(request, tenant_of(context, self.api_keys),
+                                            lambda: _cancelled_status(context))
         try:
+            await context.send_initial_metadata(((REQUEST_ID_KEY, stream.request_id),))
             async for resp in stream:
                 yield resp
         finally:

@@ -9,8 +9,22 @@ from dataclasses import dataclass, field
 import grpc
 
 from shardline.common import telemetry
-from shardline.common.server import Unavailable, channel
+from shardline.common.server import InvalidArgument, Unavailable, channel
 from shardline.v1 import generate_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+
+
+def tokenizer_error(exc: grpc.aio.AioRpcError) -> Exception:
+    """A failed tokenizer call as the error its request gets: the code mapped, only the
+    details kept (never the channel's debug string)."""
+    code, details = exc.code(), exc.details() or exc.code().name
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:    # the request is over its size limits
+        return InvalidArgument(f"the tokenizer refused the prompt: {details}")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.CANCELLED):
+        return Unavailable(f"tokenizer {code.name}: {details}")
+    return RuntimeError(f"tokenizer call failed: {code.name}: {details}")
 
 
 @dataclass
@@ -36,24 +50,27 @@ class TokenizerClient:
                                              timeout=timeout_s, wait_for_ready=True)
         return self.info
 
+    async def _call(self, rpc, request):
+        """One unary call; a failure raised as tokenizer_error says."""
+        try:
+            return await rpc(request, timeout=self.timeout_s, metadata=telemetry.metadata())
+        except grpc.aio.AioRpcError as exc:
+            raise tokenizer_error(exc) from None
+
     async def tokenize(self, text: str) -> list[int]:
-        res = await self._stub.Tokenize(
-            tokenizer_pb2.TokenizeRequest(texts=[text], add_special_tokens=True),
-            timeout=self.timeout_s, metadata=telemetry.metadata())
+        res = await self._call(self._stub.Tokenize, tokenizer_pb2.TokenizeRequest(
+            texts=[text], add_special_tokens=True))
         return list(res.results[0].ids)
 
     async def apply_chat_template(self, messages: list[generate_pb2.ChatMessage]) -> list[int]:
-        res = await self._stub.ApplyChatTemplate(
-            tokenizer_pb2.ChatTemplateRequest(messages=messages, add_generation_prompt=True),
-            timeout=self.timeout_s, metadata=telemetry.metadata())
+        res = await self._call(self._stub.ApplyChatTemplate, tokenizer_pb2.ChatTemplateRequest(
+            messages=messages, add_generation_prompt=True))
         return list(res.results[0].ids)
 
     async def token_texts(self, ids: list[int]) -> list[str]:
         """Each id's own text (special tokens included), e.g. for logprobs."""
-        res = await self._stub.Detokenize(
-            tokenizer_pb2.DetokenizeRequest(items=[
-                tokenizer_pb2.DetokenizeItem(token_ids=[i], skip_special_tokens=False) for i in ids]),
-            timeout=self.timeout_s, metadata=telemetry.metadata())
+        res = await self._call(self._stub.Detokenize, tokenizer_pb2.DetokenizeRequest(items=[
+            tokenizer_pb2.DetokenizeItem(token_ids=[i], skip_special_tokens=False) for i in ids]))
         return [r.text for r in res.results]
 
     async def detokenize(self, state: DetokenizeState, new_ids: list[int]) -> str:
@@ -75,6 +92,8 @@ class TokenizerClient:
             try:
                 res = await self._detokenize(req)
             except Exception as exc:  # noqa: BLE001 - handed to every waiter
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    exc = tokenizer_error(exc)
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)

@@ -73,13 +73,15 @@ class TokenizerCore:
     its own copy of the backend, which nothing mutates, so it may run on another thread
     meanwhile (the service runs it on its event loop, sparing a thread hand-off per step)."""
 
-    def __init__(self, tokenizer, name: str = "", extra_eos_token_ids: Sequence[int] = ()):
+    def __init__(self, tokenizer, name: str = "", extra_eos_token_ids: Sequence[int] = (),
+                 max_positions: Optional[int] = None):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(f"{name or tokenizer}: a fast (tokenizers-backed) tokenizer is required")
         self._tok = tokenizer
         self._backend = tokenizer.backend_tokenizer
         self._decoder = type(self._backend).from_str(self._backend.to_str())
         self.vocab_size = len(tokenizer)
+        self.max_positions = max_positions      # the model's, when its config.json says
         eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
         eos += [i for i in extra_eos_token_ids if i not in eos]
         self._info = TokenizerInfo(
@@ -101,7 +103,8 @@ class TokenizerCore:
         model_dir = Path(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         core = cls(tokenizer, name=name or str(model_dir),
-                   extra_eos_token_ids=_generation_eos_ids(model_dir / "generation_config.json"))
+                   extra_eos_token_ids=_generation_eos_ids(model_dir / "generation_config.json"),
+                   max_positions=_max_positions(model_dir / "config.json"))
         log.info("loaded tokenizer %s from %s: vocab %d, eos %s", core._info.name, model_dir,
                  core.vocab_size, core._info.eos_token_ids)
         return core
@@ -183,6 +186,15 @@ class TokenizerCore:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Plain (non-incremental) decode, the reference that the deltas of detokenize add up to."""
         return self._decoder.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+
+def _max_positions(path: Path) -> Optional[int]:
+    """max_position_embeddings of a config.json, if there is one that says."""
+    try:
+        n = json.loads(path.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def _generation_eos_ids(path: Path) -> list[int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+from shardline.common.request_limits import MAX_CHAT_MESSAGES
+from shardline.common.server import InvalidArgument
 from shardline.tokenizer.core import DetokenizeItem, TokenizerCore
 from shardline.v1 import generate_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
@@ -16,10 +18,12 @@ SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     """Runs encoding calls on one worker thread: the event loop stays free for health checks and
     cancellations, and the encoder (not thread-safe) is only ever used by one thread. Decoding
-    has its own backend: small Detokenize calls run on the loop, large ones on a second thread."""
+    has its own backend: small Detokenize calls run on the loop, large ones on a second thread.
+    Text longer than max_text_chars is refused on the loop, before it waits for the thread."""
 
-    def __init__(self, core: TokenizerCore):
+    def __init__(self, core: TokenizerCore, max_text_chars: int):
         self.core = core
+        self.max_text_chars = max_text_chars
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
         self._decode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detokenize")
 
@@ -30,11 +34,22 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._decode_executor.shutdown(wait=False, cancel_futures=True)
 
+    def _check_chars(self, n: int, what: str) -> None:
+        if n > self.max_text_chars:
+            raise InvalidArgument(f"{what} {n} characters; at most {self.max_text_chars} are "
+                                  "accepted")
+
     async def Tokenize(self, request, context):
+        self._check_chars(sum(len(t) for t in request.texts), "texts have")
         results = await self._run(self.core.tokenize, list(request.texts), request.add_special_tokens)
         return tokenizer_pb2.TokenizeResponse(results=[generate_pb2.TokenIds(ids=ids) for ids in results])
 
     async def ApplyChatTemplate(self, request, context):
+        if len(request.messages) > MAX_CHAT_MESSAGES:
+            raise InvalidArgument(f"at most {MAX_CHAT_MESSAGES} messages, got "
+                                  f"{len(request.messages)}")
+        self._check_chars(sum(len(m.role) + len(m.content) for m in request.messages),
+                          "messages have")
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         prompt = await self._run(self.core.apply_chat_template, messages, request.add_generation_prompt)
         return tokenizer_pb2.TokenizeResponse(results=[generate_pb2.TokenIds(ids=prompt.token_ids)],

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shardline.v1 import common_pb2 as shardline_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshardline/v1/generate.proto\x12\x0cshardline.v1\x1a\x19shardline/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.shardline.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x82\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12.\n\x08messages\x18\x02 \x01(\x0b\x32\x1a.shardline.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.shardline.v1.TokenIdsH\x00\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.shardline.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x08\n\x06prompt\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x9c\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.shardline.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.shardline.v1.Usage\"\x12\n\x10ModelInfoRequest\"\xcc\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\x05\x12\x16\n\x0emax_tokens_cap\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x12\n\nnum_stages\x18\x05 \x01(\x05\x12\x14\n\x0cnum_replicas\x18\x06 \x01(\x05\x12\x12\n\nblock_size\x18\x07 \x01(\x05\x12\x12\n\nnum_blocks\x18\x08 \x01(\x05\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\"\x0e\n\x0cStatsRequest\"\x80\x03\n\x0cReplicaStats\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x13\n\x0bnum_running\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x06 \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x03\x12\x11\n\tnum_steps\x18\x08 \x01(\x03\x12\x12\n\nnum_tokens\x18\t \x01(\x03\x12\x18\n\x10schedule_seconds\x18\n \x01(\x01\x12\x14\n\x0cwait_seconds\x18\x0b \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x0c \x01(\x01\x12\x1b\n\x13postprocess_seconds\x18\r \x01(\x01\x12\x19\n\x11num_cached_blocks\x18\x0e \x01(\x05\x12\x19\n\x11prefix_hit_tokens\x18\x0f \x01(\x03\x12\x1b\n\x13prefix_query_tokens\x18\x10 \x01(\x03\">\n\x0eSchedulerStats\x12,\n\x08replicas\x18\x01 \x03(\x0b\x32\x1a.shardline.v1.ReplicaStats2\xe8\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.shardline.v1.GenerateRequest\x1a\x1e.shardline.v1.GenerateResponse0\x01\x12G\n\x0cGetModelInfo\x12\x1e.shardline.v1.ModelInfoRequest\x1a\x17.shardline.v1.ModelInfo\x12\x44\n\x08GetStats\x12\x1a.shardline.v1.StatsRequest\x1a\x1c.shardline.v1.SchedulerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshardline/v1/generate.proto\x12\x0cshardline.v1\x1a\x19shardline/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.shardline.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x94\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12.\n\x08messages\x18\x02 \x01(\x0b\x32\x1a.shardline.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.shardline.v1.TokenIdsH\x00\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.shardline.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x42\x08\n\x06prompt\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x9c\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.shardline.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.shardline.v1.Usage\"\x12\n\x10ModelInfoRequest\"\xcc\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\x05\x12\x16\n\x0emax_tokens_cap\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x12\n\nnum_stages\x18\x05 \x01(\x05\x12\x14\n\x0cnum_replicas\x18\x06 \x01(\x05\x12\x12\n\nblock_size\x18\x07 \x01(\x05\x12\x12\n\nnum_blocks\x18\x08 \x01(\x05\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\"\x0e\n\x0cStatsRequest\"\x80\x03\n\x0cReplicaStats\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x13\n\x0bnum_running\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x06 \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x03\x12\x11\n\tnum_steps\x18\x08 \x01(\x03\x12\x12\n\nnum_tokens\x18\t \x01(\x03\x12\x18\n\x10schedule_seconds\x18\n \x01(\x01\x12\x14\n\x0cwait_seconds\x18\x0b \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x0c \x01(\x01\x12\x1b\n\x13postprocess_seconds\x18\r \x01(\x01\x12\x19\n\x11num_cached_blocks\x18\x0e \x01(\x05\x12\x19\n\x11prefix_hit_tokens\x18\x0f \x01(\x03\x12\x1b\n\x13prefix_query_tokens\x18\x10 \x01(\x03\">\n\x0eSchedulerStats\x12,\n\x08replicas\x18\x01 \x03(\x0b\x32\x1a.shardline.v1.ReplicaStats2\xe8\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.shardline.v1.GenerateRequest\x1a\x1e.shardline.v1.GenerateResponse0\x01\x12G\n\x0cGetModelInfo\x12\x1e.shardline.v1.ModelInfoRequest\x1a\x17.shardline.v1.ModelInfo\x12\x44\n\x08GetStats\x12\x1a.shardline.v1.StatsRequest\x1a\x1c.shardline.v1.SchedulerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,23 +39,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=179
   _globals['_TOKENIDS']._serialized_end=202
   _globals['_GENERATEREQUEST']._serialized_start=205
-  _globals['_GENERATEREQUEST']._serialized_end=463
-  _globals['_TOKENLOGPROB']._serialized_start=465
-  _globals['_TOKENLOGPROB']._serialized_end=559
-  _globals['_USAGE']._serialized_start=561
-  _globals['_USAGE']._serialized_end=641
-  _globals['_GENERATERESPONSE']._serialized_start=644
-  _globals['_GENERATERESPONSE']._serialized_end=800
-  _globals['_MODELINFOREQUEST']._serialized_start=802
-  _globals['_MODELINFOREQUEST']._serialized_end=820
-  _globals['_MODELINFO']._serialized_start=823
-  _globals['_MODELINFO']._serialized_end=1027
-  _globals['_STATSREQUEST']._serialized_start=1029
-  _globals['_STATSREQUEST']._serialized_end=1043
-  _globals['_REPLICASTATS']._serialized_start=1046
-  _globals['_REPLICASTATS']._serialized_end=1430
-  _globals['_SCHEDULERSTATS']._serialized_start=1432
-  _globals['_SCHEDULERSTATS']._serialized_end=1494
-  _globals['_GENERATION']._serialized_start=1497
-  _globals['_GENERATION']._serialized_end=1729
+  _globals['_GENERATEREQUEST']._serialized_end=481
+  _globals['_TOKENLOGPROB']._serialized_start=483
+  _globals['_TOKENLOGPROB']._serialized_end=577
+  _globals['_USAGE']._serialized_start=579
+  _globals['_USAGE']._serialized_end=659
+  _globals['_GENERATERESPONSE']._serialized_start=662
+  _globals['_GENERATERESPONSE']._serialized_end=818
+  _globals['_MODELINFOREQUEST']._serialized_start=820
+  _globals['_MODELINFOREQUEST']._serialized_end=838
+  _globals['_MODELINFO']._serialized_start=841
+  _globals['_MODELINFO']._serialized_end=1045
+  _globals['_STATSREQUEST']._serialized_start=1047
+  _globals['_STATSREQUEST']._serialized_end=1061
+  _globals['_REPLICASTATS']._serialized_start=1064
+  _globals['_REPLICASTATS']._serialized_end=1448
+  _globals['_SCHEDULERSTATS']._serialized_start=1450
+  _globals['_SCHEDULERSTATS']._serialized_end=1512
+  _globals['_GENERATION']._serialized_start=1515
+  _globals['_GENERATION']._serialized_end=1747
 # @@protoc_insertion_point(module_scope)

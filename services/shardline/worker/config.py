@@ -5,13 +5,15 @@ No torch here: `shardline up` imports this module to compose the workers' comman
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
-from shardline.common.config_args import (add_config_args, config_from_args, log_level_option,
-                                          option)
+from shardline.common.auth import SecurityConfig
+from shardline.common.config_args import (add_config_args, config_from_args,
+                                          drain_timeout_option, log_level_option, option)
 from shardline.common.dtypes import DEFAULT_DTYPE, DTYPE_NAMES, canonical_dtype
 from shardline.common.model_source import DEFAULT_MODEL
+from shardline.common.request_limits import DEFAULT_MAX_STEP_TOKENS, step_message_bytes
 from shardline.common.units import parse_bytes
 from shardline.transforms.options import QUANTIZE_MODES, StageTransforms
 
@@ -32,6 +34,11 @@ class WorkerConfig:
     host: str = option("0.0.0.0", help="address to listen on")
     stage_index: int = option(0, help="this stage's position in the pipeline, 0 first")
     num_stages: int = option(1, help="stages in the pipeline")
+    next_stages: list[str] = option(
+        default_factory=list, flag="--next-stage", metavar="HOST:PORT",
+        help="where this stage may forward its hidden states: a next stage's address, or a DNS "
+             "name (e.g. its headless Service) whose addresses are the next stages; repeatable; "
+             "a non-last stage refuses a route to anywhere else")
     layers: Optional[str] = option(None, metavar="A:B",
                                    help="layer range a:b of this stage (default: an even split)")
     device: str = option("cpu", help="cpu, cuda or cuda:N")
@@ -45,12 +52,22 @@ class WorkerConfig:
         help="CUDA without --kv-cache-memory: fraction of free memory after the weights for the "
              "KV cache")
     block_size: int = option(DEFAULT_BLOCK_SIZE, help="tokens per KV cache block")
+    max_step_tokens: int = option(
+        DEFAULT_MAX_STEP_TOKENS,
+        help="most tokens one Step may carry, at least the scheduler's --max-num-batched-tokens "
+             "(sizes the largest message accepted)")
+    max_message_bytes: Optional[str] = option(
+        None, metavar="SIZE",
+        help="largest gRPC message accepted (a longer one is refused unread); default: "
+             "--max-step-tokens float32 hidden states of the model (config.json) and their plan")
     threads: int = option(0, help="torch intra-op threads; 0 = torch's default")
     cache_dir: Optional[str] = option(
         None, env="SHARDLINE_CACHE",
         help="where converted models are kept (default: $SHARDLINE_CACHE, else "
              "~/.cache/shardline/models)")
     log_level: str = log_level_option()
+    drain_timeout_s: float = drain_timeout_option()
+    security: SecurityConfig = field(default_factory=SecurityConfig)   # no flags of its own
     fuse: bool = option(_T.fuse, help="fuse q/k/v and gate/up projections and residual adds "
                                    "(transforms/fuse.py)")
     quantize: str = option(_T.quantize, choices=QUANTIZE_MODES,
@@ -70,6 +87,8 @@ class WorkerConfig:
     metrics_port: int = option(0, help="serve Prometheus metrics on this port (0 = off)")
 
     def __post_init__(self):
+        if not self.drain_timeout_s >= 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if not 0 <= self.stage_index < self.num_stages:
             raise ValueError(f"stage_index {self.stage_index} not in [0, {self.num_stages})")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -82,6 +101,10 @@ class WorkerConfig:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.kv_cache_memory is not None:
             parse_bytes(self.kv_cache_memory)
+        if self.max_step_tokens <= 0:
+            raise ValueError("max_step_tokens must be > 0")
+        if self.max_message_bytes is not None:
+            parse_bytes(self.max_message_bytes)
 
     def layer_range(self, num_layers: int) -> tuple[int, int]:
         """This stage's layers: the --layers override, else an even split."""
@@ -94,6 +117,13 @@ class WorkerConfig:
             raise ValueError(f"{self.num_stages} stages for {num_layers} layers")
         bounds = [round(i * num_layers / self.num_stages) for i in range(self.num_stages + 1)]
         return bounds[self.stage_index], bounds[self.stage_index + 1]
+
+    def receive_bytes(self, hidden_size: int, max_position: int) -> int:
+        """The gRPC receive limit: --max-message-bytes, else what a Step of --max-step-tokens
+        tokens of this model can carry."""
+        if self.max_message_bytes is not None:
+            return parse_bytes(self.max_message_bytes)
+        return step_message_bytes(self.max_step_tokens, hidden_size, max_position)
 
     def kv_cache_bytes(self) -> Optional[int]:
         """The explicit KV budget in bytes, or None: the runner's default for the device
@@ -112,10 +142,11 @@ class WorkerConfig:
     @classmethod
     def add_args(cls, p: argparse.ArgumentParser) -> None:
         add_config_args(cls, p)
+        SecurityConfig.add_args(p.add_argument_group("security", "common/auth.py"))
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "WorkerConfig":
-        return config_from_args(cls, ns)
+        return config_from_args(cls, ns, security=SecurityConfig.from_args(ns))
 
 
 def add_weight_args(p: argparse.ArgumentParser, names: tuple[str, ...] = WEIGHT_FIELDS) -> None:

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from shardline.common import telemetry
+from shardline.common import auth, telemetry
 from shardline.common.model_source import resolve_model
 from shardline.common.server import Service, configure_logging
 from shardline.v1 import worker_pb2_grpc
@@ -23,13 +23,12 @@ from shardline.worker.servicer import StageWorkerServicer
 log = logging.getLogger(__name__)
 
 
-def build_runner(cfg: WorkerConfig) -> StageRunner:
-    """Resolve the model and load this stage's layers (slow: runs off the event loop)."""
+def build_runner(cfg: WorkerConfig, model_dir) -> StageRunner:
+    """Load this stage's layers of the model in model_dir (slow: runs off the event loop)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if cfg.device == "cpu":
         keep_freed_memory()              # steps reuse their activations' memory (heap.py)
-    model_dir = resolve_model(cfg.model, cfg.cache_dir)
     start, end = cfg.layer_range(ModelConfig.from_dir(model_dir).num_layers)
     log.info("stage %d/%d: layers [%d, %d) of %s on %s in %s", cfg.stage_index, cfg.num_stages,
              start, end, cfg.model, cfg.device, cfg.dtype)
@@ -41,16 +40,26 @@ def build_runner(cfg: WorkerConfig) -> StageRunner:
 
 async def serve(cfg: WorkerConfig) -> None:
     telemetry.setup("worker", cfg.metrics_port, **{"shardline.stage": cfg.stage_index})
-    service = Service(f"worker-{cfg.stage_index}", cfg.port, cfg.host)
-    servicer = StageWorkerServicer(cfg.model)
+    auth.configure(cfg.security, f"worker-{cfg.stage_index}")
+    # Draining, a stage refuses new calls (a new Step stream, GetInfo) and serves the Step
+    # stream it has until the scheduler closes it (after draining the replica) or the timeout.
+    # The model is found first (downloaded or converted on a first start): its config.json
+    # sizes the largest message accepted, fixed when the server is made.
+    loop = asyncio.get_running_loop()
+    model_dir = await loop.run_in_executor(None, resolve_model, cfg.model, cfg.cache_dir)
+    model = ModelConfig.from_dir(model_dir)
+    service = Service(f"worker-{cfg.stage_index}", cfg.port, cfg.host,
+                      drain_timeout_s=cfg.drain_timeout_s,
+                      max_receive_bytes=cfg.receive_bytes(model.hidden_size,
+                                                          model.max_position_embeddings))
+    servicer = StageWorkerServicer(cfg.model, next_stages=cfg.next_stages)
     servicer.stage_index = cfg.stage_index
     service.add(worker_pb2_grpc.add_StageWorkerServicer_to_server, servicer,
                 ["shardline.v1.StageWorker"])
     await service.start()
     await service.set_serving(False)
     log.info("listening on %s:%d, loading model", cfg.host, service.port)
-    loop = asyncio.get_running_loop()
-    servicer.runner = await loop.run_in_executor(servicer.executor, build_runner, cfg)
+    servicer.runner = await loop.run_in_executor(servicer.executor, build_runner, cfg, model_dir)
     r = servicer.runner
     freed = r.release_module_weights()     # the CPU kernels hold their own copy
     if freed:

@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import grpc
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
 from shardline.common import telemetry
-from shardline.common.server import Unavailable, channel
+from shardline.common.server import InvalidArgument, Unavailable, channel
 from shardline.common.tensors import pb_to_tensor, tensor_to_pb
 from shardline.protocol.plan import SeqStep
-from shardline.protocol.route import ROUTE_KEY
+from shardline.protocol.route import ROUTE_KEY, SESSION_KEY
 from shardline.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,9 +37,31 @@ STEP_SECONDS = Histogram(
 STEP_TOKENS = Counter("shardline_stage_tokens_total", "Tokens computed by this stage", ["stage"])
 
 
+class Superseded(Exception):
+    """The scheduler opened a new Step stream; this one ends."""
+
+
+@dataclass
+class _Stream:
+    """The Step stream a stage serves: its scheduler's session, how to end it, and an event
+    set once the stream is over and its sequences forgotten."""
+    session: str
+    out: asyncio.Queue
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _host_port(address: str) -> tuple[str, str]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port:
+        raise ValueError(f"not host:port: {address!r}")
+    return host.strip("[]"), port
+
+
 class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, next_stages: Sequence[str] = ()):
         self.model_name = model_name
+        self.next_stages = list(next_stages)    # --next-stage: where this stage may forward
+        self._stream: Optional[_Stream] = None
         self.runner = None                      # set once the model is loaded
         self.instance_id = uuid.uuid4().hex
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
@@ -117,22 +142,72 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
             if span is not None:
                 span.end()
 
+    async def _may_forward_to(self, address: str) -> bool:
+        """Whether address is a configured next stage: equal to a --next-stage entry, or an
+        IP address that entry's DNS name resolves to (a headless Service of the next stage)."""
+        try:
+            host, port = _host_port(address)
+        except ValueError:
+            return False
+        loop = asyncio.get_running_loop()
+        for allowed in self.next_stages:
+            a_host, a_port = _host_port(allowed)
+            if a_port != port:
+                continue
+            if a_host == host:
+                return True
+            try:
+                ipaddress.ip_address(host)
+                infos = await loop.getaddrinfo(a_host, int(a_port))
+            except (ValueError, OSError):
+                continue
+            if host in {info[4][0] for info in infos}:
+                return True
+        return False
+
+    async def _take_over(self, session: str, context) -> _Stream:
+        """Become the stage's one Step stream: supersede the same scheduler's old stream (and
+        wait until its sequences are forgotten), refuse another scheduler's."""
+        old = self._stream
+        if old is not None and not old.done.is_set():
+            if old.session != session:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "this stage already serves another scheduler's step stream")
+            log.info("a new step stream of the scheduler supersedes its old one")
+            old.out.put_nowait(Superseded())
+            await old.done.wait()
+        stream = self._stream = _Stream(session, asyncio.Queue())
+        return stream
+
     async def Step(self, request_iterator, context):
         runner = self._require_runner()
-        route = [a for a in dict(context.invocation_metadata()).get(ROUTE_KEY, "").split(",") if a]
+        md = dict(context.invocation_metadata())
+        route = [a for a in md.get(ROUTE_KEY, "").split(",") if a]
+        session = md.get(SESSION_KEY, "")
+        if not session:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a step stream needs its scheduler's id in {SESSION_KEY}")
         if runner.is_last and route:
-            raise Unavailable(f"last stage was given a route beyond it: {route}")
+            raise InvalidArgument(f"last stage was given a route beyond it: {route}")
         if not runner.is_last and not route:
-            raise Unavailable("a non-last stage needs the next stage's address in x-shardline-route")
+            raise InvalidArgument(f"a non-last stage needs the next stage's address in {ROUTE_KEY}")
+        if route and not await self._may_forward_to(route[0]):
+            log.warning("refused a step stream routed to %s: not a --next-stage of this stage "
+                        "(%s)", route[0], ", ".join(self.next_stages) or "none configured")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"this stage forwards only to its configured next stages "
+                                f"(--next-stage), not to {route[0]}")
+        stream = await self._take_over(session, context)
         loop = asyncio.get_running_loop()
-        out: asyncio.Queue = asyncio.Queue()
+        out = stream.out
         seconds: collections.deque[float] = collections.deque()
         downstream_call = None
         chan = None
         if route:
             chan = channel(route[0])
             stub = worker_pb2_grpc.StageWorkerStub(chan)
-            downstream_call = stub.Step(metadata=((ROUTE_KEY, ",".join(route[1:])),))
+            downstream_call = stub.Step(metadata=((ROUTE_KEY, ",".join(route[1:])),
+                                                  (SESSION_KEY, session)))
 
         async def pump():
             try:
@@ -172,13 +247,19 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
                     raise Unavailable(f"next stage {route[0]}: {item.code().name} {item.details()}")
                 if isinstance(item, ValueError):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad step plan: {item}")
+                if isinstance(item, Superseded):
+                    await context.abort(grpc.StatusCode.ABORTED,
+                                        "superseded by a new step stream of the same scheduler")
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
             for t in tasks:
                 t.cancel()
-            loop.run_in_executor(self.executor, runner.forget_all)
+            # the stream's sequences go with it; `done` once they are gone (the compute thread
+            # runs this after the stream's last step), so a successor starts from a clean stage
+            forget = loop.run_in_executor(self.executor, runner.forget_all)
+            forget.add_done_callback(lambda _: stream.done.set())
             if downstream_call is not None:
                 downstream_call.cancel()
             if chan is not None:
