@@ -440,6 +440,7 @@ def test_worker_command_lines(rendered, name):
         assert flag(args, "--num-stages") == str(stages)
         assert flag(args, "--port") == "50061" and flag(args, "--host") == "0.0.0.0"
         assert flag(args, "--block-size") == "16"
+        assert flag(args, "--max-step-tokens") == "8192"      # >= scheduler.maxNumBatchedTokens
         assert int(flag(args, "--threads")) >= 1
         gpu = name == "gpu"
         assert flag(args, "--device") == ("cuda" if gpu else "cpu")

@@ -1,6 +1,6 @@
 """Supervision by the real `shardline up`: a worker SIGKILLed under 8 running streams loses
-none of them, is restarted by `up`, rejoins its replica and serves again; SIGTERM then stops
-the whole stack cleanly."""
+none of them, is restarted by `up`, rejoins its replica and serves again; so does the
+tokenizer under 4 streams; SIGTERM then stops the whole stack cleanly."""
 from __future__ import annotations
 
 import os
@@ -12,6 +12,7 @@ from shardline.client import Client
 from tests.reliability.conftest import UpProcess, wait_for
 
 MAX_TOKENS = 64
+LONG = 300                   # tokens of a stream that outlives a tokenizer restart
 PROMPTS = [f"Story number {i}: once upon a time" for i in range(8)]     # no shared full block
 
 
@@ -56,5 +57,34 @@ def test_killed_worker_is_restarted_and_no_stream_is_lost(model_dir):
             first.close()
             assert second.finish_reason == "length" and len(second.token_ids) == 16
             assert replicas(c)[1].num_tokens > 0        # work of its engine since the restart
+
+            # the tokenizer too: streams under way resend their detokenize batch to the
+            # restarted one and finish whole, with text decoded after the restart
+            killed = threading.Event()
+
+            def long_run(i: int):
+                with Client(up.address, timeout=300) as c2:
+                    n, after, last = 0, 0, None
+                    for chunk in c2.stream(PROMPTS[i], max_tokens=LONG, ignore_eos=True):
+                        n += len(chunk.token_ids)
+                        after += len(chunk.token_ids) if killed.is_set() else 0
+                        last = chunk
+                        started[i].set()
+                    return n, after, last
+
+            for ev in started:
+                ev.clear()
+            futures = [pool.submit(long_run, i) for i in range(4)]
+            for i in range(4):
+                wait_for(lambda: started[i].is_set() or futures[i].done(), 120,
+                         f"stream {i} to start")
+            (tok,) = [pid for pid, argv in up.children().items() if "tokenizer" in argv]
+            os.kill(tok, signal.SIGKILL)
+            killed.set()
+            for f in futures:
+                n, after, last = f.result(timeout=300)
+                assert n == LONG and last.finish_reason == "length"
+                assert after > 0
+            up.wait_line("tokenizer exited with -9; restarting", 60)
         assert up.stop() == 0
         up.wait_line("shardline up: stopped", 10)

@@ -125,3 +125,21 @@ def test_without_a_failure_handler_the_requests_get_the_error():
         await engine.stop()
 
     asyncio.run(body())
+
+
+def test_steps_stay_within_what_the_stages_take():
+    """A stage refuses a StepRequest over its --max-step-tokens unread: the engine plans no
+    larger steps than the smallest cap its stages report, whatever --max-num-batched-tokens."""
+    async def body():
+        fake = FakePipeline(num_blocks=16, block_size=4, max_step_tokens=8)
+        engine = make_engine(fake)                 # max_num_batched_tokens=64
+        engine.start()
+        seq = Sequence(1, list(range(100, 130)), max_tokens=3)
+        q = asyncio.Queue()
+        engine.add(seq, q)
+        events = await drain(q)
+        assert [e.token.token_id for e in events] == [token_for(1, i) for i in range(3)]
+        sizes = [sum(len(p.token_ids) or p.last_sampled for p in r.seqs) for r in fake.requests]
+        assert max(sizes) == 8 and sum(sizes[:4]) == 30     # the prompt in chunks of <= 8
+        await engine.stop()
+    asyncio.run(body())

@@ -120,3 +120,31 @@ def test_preempted_and_moved_sequences_never_expire_and_preempted_go_first():
     assert list(q) == [ran] and q.peek() is ran
     q.remove(ran)
     assert len(q) == 0 and q.peek() is None and q.head_wait() == 0.0
+
+
+def test_one_pass_of_admissions_orders_as_ordering_afresh_each_time():
+    """peek/pop at one `now` reuse the tenants' order; it must equal a fresh one every time."""
+    import random
+    rng = random.Random(1)
+    for _ in range(100):
+        clock = Clock()
+        aging = rng.choice([0.0, 1.0, 3.0])
+        reused, fresh = WaitingQueue(clock, aging), WaitingQueue(clock, aging)
+        got, want, n = [], [], 0
+        for _ in range(40):
+            clock.now += rng.choice([0, 0.5, 1, 2])
+            for _ in range(rng.randint(0, 3)):
+                n += 1
+                kw = dict(tenant=rng.choice("abcd"), priority=rng.choice([0, 0, 1, 2]))
+                reused.push(seq(n, **kw))
+                fresh.push(seq(n, **kw))
+            for _ in range(rng.randint(0, 3)):
+                if (a := reused.peek(clock.now)) is None:
+                    break
+                reused.pop(a, clock.now)
+                got.append(a.seq_id)
+                fresh._order_at = None            # forget its order: rank every tenant again
+                b = fresh.peek(clock.now)
+                fresh.pop(b, clock.now)
+                want.append(b.seq_id)
+        assert got == want

@@ -27,7 +27,9 @@ from typing import Callable, Optional
 
 import grpc
 
+from shardline.common import telemetry
 from shardline.common.config_args import add_config_args, config_from_args, option
+from shardline.common.drain import refusing_handler
 
 log = logging.getLogger(__name__)
 
@@ -149,37 +151,13 @@ def _matches(token: Optional[str], expected: str) -> bool:
     return token is not None and hmac.compare_digest(token.encode(), expected.encode())
 
 
-def _refusing(handler, code: grpc.StatusCode, message: str):
-    """A handler of the same kind as handler that refuses the call without running it."""
-    async def unary(request, context):
-        await context.abort(code, message)
-
-    async def stream(request, context):
-        await context.abort(code, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
-                                                   handler.response_serializer)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer,
-                                                    handler.response_serializer)
-    if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer,
-                                                     handler.response_serializer)
-    return grpc.stream_unary_rpc_method_handler(unary, handler.request_deserializer,
-                                                handler.response_serializer)
-
-
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses, with UNAUTHENTICATED and before the handler runs, calls whose bearer token
     `accept(token)` rejects. Health checks pass."""
 
-    def __init__(self, accept: Callable[[Optional[str]], bool], what: str,
-                 on_reject: Optional[Callable[[str], None]] = None):
+    def __init__(self, accept: Callable[[Optional[str]], bool], what: str):
         self._accept = accept
         self._what = what
-        self._on_reject = on_reject
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -191,9 +169,8 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         reason = "missing" if token is None else "invalid"
         log.warning("refused %s: %s %s", method, reason, self._what)
-        if self._on_reject is not None:
-            self._on_reject("unauthenticated")
-        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED,
+        telemetry.rejected("unauthenticated")
+        return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
                          f"{reason} {self._what} (authorization: Bearer ...)")
 
 
@@ -278,6 +255,5 @@ class ApiKeys:
     def tenant(self, token: Optional[str]) -> Optional[str]:
         return self._keys.get(token) if token is not None else None
 
-    def interceptor(self, on_reject: Optional[Callable[[str], None]] = None
-                    ) -> BearerAuthInterceptor:
-        return BearerAuthInterceptor(self.check, "API key", on_reject)
+    def interceptor(self) -> BearerAuthInterceptor:
+        return BearerAuthInterceptor(self.check, "API key")

@@ -15,6 +15,8 @@ import inspect
 
 import grpc
 
+from shardline.common import telemetry
+
 # methods that neither count as work in flight nor are refused while draining
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -98,6 +100,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith(EXEMPT_PREFIXES):
             return handler
         if self.drain.refusing:
+            telemetry.rejected("draining")
             return refusing_handler(handler, grpc.StatusCode.UNAVAILABLE, self.drain.message)
         fn = (handler.unary_unary or handler.unary_stream or handler.stream_stream
               or handler.stream_unary)

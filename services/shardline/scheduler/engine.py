@@ -47,6 +47,12 @@ class PipelineEngine:
         # decodes computing the tokens N samples (the worker substitutes them), so the worker
         # never waits for the scheduler between steps
         lookahead = async_scheduling and pipeline.num_stages == 1
+        cap = pipeline.max_step_tokens
+        if cap and max_num_batched_tokens > cap:      # a larger step would be refused unread
+            log.warning("replica %s: its stages take at most %d tokens per step "
+                        "(--max-step-tokens); planning steps of %d, not %d", self.replica_id,
+                        cap, cap, max_num_batched_tokens)
+            max_num_batched_tokens = cap
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
                                    lookahead=lookahead, max_queue_wait_s=max_queue_wait_s,
                                    priority_aging_s=priority_aging_s, clock=clock)

@@ -15,6 +15,7 @@ from typing import Optional
 import uvicorn
 from starlette.responses import JSONResponse
 
+from shardline.common import telemetry
 from shardline.common.drain import Drain
 from shardline.scheduler.openai_api import error_body
 
@@ -40,6 +41,7 @@ class DrainMiddleware:
         if scope["type"] != "http" or scope["path"] == "/health":
             return await self.app(scope, receive, send)
         if self.drain.refusing:
+            telemetry.rejected("draining")
             body = error_body(self.drain.message, 503, "service_unavailable")
             return await JSONResponse(body, 503, headers={"connection": "close"})(
                 scope, receive, send)

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from shardline.common import telemetry
 from shardline.common.auth import ApiKeys, bearer
 from shardline.common.server import InvalidArgument, ResourceExhausted, Unavailable
 from shardline.scheduler.generation import (TENANT_KEY, Generation, RequestStream,
@@ -224,6 +225,7 @@ class ApiKeyMiddleware:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         token = bearer([("authorization", header)]) if header else None
         if not self.api_keys.check(token):
+            telemetry.rejected("unauthenticated")
             log.warning("refused %s %s: %s API key", scope["method"], scope["path"],
                         "missing" if token is None else "invalid")
             body = error_body("missing or invalid API key (Authorization: Bearer ...)", 401,

@@ -41,6 +41,12 @@ class PipelineClient:
     def block_size(self) -> int:
         return self.infos[0].block_size
 
+    @property
+    def max_step_tokens(self) -> int:
+        """The most tokens a step may carry to every stage (0: no stage says)."""
+        caps = [i.max_step_tokens for i in self.infos if i.max_step_tokens > 0]
+        return min(caps) if caps else 0
+
     async def connect(self, timeout_s: float) -> None:
         """Wait until every stage answers GetInfo, check they cover the model, open the stream."""
         deadline = time.monotonic() + timeout_s

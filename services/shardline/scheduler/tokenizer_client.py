@@ -34,6 +34,15 @@ class DetokenizeState:
     read_offset: int = 0
 
 
+# how a broken detokenize stream ends (None: not a gRPC status: closed, or already finished)
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
+              None)
+
+
+def _code(exc: BaseException):
+    return exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+
+
 class TokenizerClient:
     def __init__(self, address: str, timeout_s: float):
         self.address = address
@@ -90,7 +99,14 @@ class TokenizerClient:
                 tokenizer_pb2.DetokenizeItem(token_ids=s.token_ids, read_offset=s.read_offset,
                                              skip_special_tokens=True) for s, _ in batch])
             try:
-                res = await self._detokenize(req)
+                try:
+                    res = await self._detokenize(req)
+                except (grpc.aio.AioRpcError, Unavailable, asyncio.InvalidStateError) as exc:
+                    if _code(exc) not in _RETRYABLE:
+                        raise
+                    # the stream broke (a restarted or drained tokenizer): the batch carries
+                    # its whole state, so it is sent again once, on a new stream
+                    res = await self._detokenize(req)
             except Exception as exc:  # noqa: BLE001 - handed to every waiter
                 if isinstance(exc, grpc.aio.AioRpcError):
                     exc = tokenizer_error(exc)
@@ -107,8 +123,8 @@ class TokenizerClient:
     async def _detokenize(self, req: tokenizer_pb2.DetokenizeRequest) -> tokenizer_pb2.DetokenizeResponse:
         """One batch through the DetokenizeStream call (opened on first use, reopened after an
         error; _flush sends one batch at a time, so responses pair with requests in order)."""
-        if self._stream is None:
-            self._stream = self._stub.DetokenizeStream()
+        if self._stream is None:       # waits (up to the timeout) for a tokenizer to connect
+            self._stream = self._stub.DetokenizeStream(wait_for_ready=True)
         call = self._stream
         try:
             await asyncio.wait_for(call.write(req), self.timeout_s)

@@ -23,7 +23,8 @@ admitted that waited longer than a limit.
 
 Cost: a scheduling pass (one `now`) computes every waiting tenant's best level once, then each
 admission updates only the admitted tenant; waits come from a heap of never-admitted sequences.
-With 4096 requests of 4096 tenants a pass costs about a millisecond.
+A pass admitting 64 of 4096 requests from 4096 tenants took 3.6 ms (one ordering, then 64
+updates) where ordering afresh for each admission took 260 ms.
 """
 from __future__ import annotations
 

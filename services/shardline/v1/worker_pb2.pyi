@@ -12,7 +12,7 @@ class StageInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("model", "layer_start", "layer_end", "num_layers", "is_first", "is_last", "num_blocks", "block_size", "max_position", "vocab_size", "dtype", "device", "quantization", "instance_id")
+    __slots__ = ("model", "layer_start", "layer_end", "num_layers", "is_first", "is_last", "num_blocks", "block_size", "max_position", "vocab_size", "dtype", "device", "quantization", "instance_id", "max_step_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class StageInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     layer_start: int
     layer_end: int
@@ -41,7 +42,8 @@ class StageInfo(_message.Message):
     device: str
     quantization: str
     instance_id: str
-    def __init__(self, model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_position: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    max_step_tokens: int
+    def __init__(self, model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_position: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., instance_id: _Optional[str] = ..., max_step_tokens: _Optional[int] = ...) -> None: ...
 
 class SeqPlan(_message.Message):
     __slots__ = ("seq_id", "token_ids", "start_pos", "new_block_ids", "sample", "admit", "sampling", "num_generated", "prefix_token_ids", "trace_context", "last_sampled")

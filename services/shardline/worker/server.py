@@ -54,6 +54,7 @@ async def serve(cfg: WorkerConfig) -> None:
                                                           model.max_position_embeddings))
     servicer = StageWorkerServicer(cfg.model, next_stages=cfg.next_stages)
     servicer.stage_index = cfg.stage_index
+    servicer.max_step_tokens = cfg.max_step_tokens
     service.add(worker_pb2_grpc.add_StageWorkerServicer_to_server, servicer,
                 ["shardline.v1.StageWorker"])
     await service.start()

@@ -62,6 +62,7 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
         self.model_name = model_name
         self.next_stages = list(next_stages)    # --next-stage: where this stage may forward
         self._stream: Optional[_Stream] = None
+        self.max_step_tokens = 0                # --max-step-tokens (0: not said)
         self.runner = None                      # set once the model is loaded
         self.instance_id = uuid.uuid4().hex
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
@@ -109,7 +110,8 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
             num_layers=r.num_layers, is_first=r.is_first, is_last=r.is_last,
             num_blocks=r.num_blocks, block_size=r.block_size, max_position=r.max_position,
             vocab_size=r.vocab_size, dtype=r.dtype_name, device=r.device_name,
-            quantization=r.quantization, instance_id=self.instance_id)
+            quantization=r.quantization, instance_id=self.instance_id,
+            max_step_tokens=self.max_step_tokens)
 
     def _compute(self, req: worker_pb2.StepRequest, forward: bool):
         """Runs on the compute thread: decode the plan, run layers, encode the output."""
