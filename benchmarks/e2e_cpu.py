@@ -3,7 +3,8 @@
 Starts `shardline up`-equivalent processes on the default model, measures
   * batch-1 decode (TPOT) and TTFT for a 128-token prompt (concurrency 1),
   * throughput with 16 concurrent requests,
-interleaved, round by round, with HF transformers `generate` (float32) on the same shapes and
+interleaved, round by round, with HF transformers `generate` (--hf-dtype, bfloat16: its fastest
+on this CPU) on the same shapes and
 llama.cpp (llama-cpp-python, same GGUF) when `--llamacpp-python` points at a Python that has
 it. Prints a markdown table of medians and per-round ratios; `--json` writes everything.
 
@@ -70,6 +71,8 @@ def cpu_model() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--hf-dtype", default="bfloat16",
+                   help="dtype of the HF baseline (measure it at its best)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -89,7 +92,7 @@ def main() -> int:
                  "date": time.strftime("%Y-%m-%d"), "dtype": a.dtype, "threads": a.threads,
                  "worker_args": a.extra_worker_args}
     gguf = a.gguf or find_gguf()
-    hf = HFBaseline(DEFAULT_MODEL, a.prompt_tokens, "float32", "cpu", 0, threads=a.threads)
+    hf = HFBaseline(DEFAULT_MODEL, a.prompt_tokens, a.hf_dtype, "cpu", 0, threads=a.threads)
     print(f"starting stack ({a.dtype}, {a.threads} threads)", file=sys.stderr, flush=True)
     stack.start()
     rounds = []
@@ -150,7 +153,7 @@ def main() -> int:
         (f"{n} concurrent, output tok/s", f"{med(per['cN']):.1f}", f"{med(per['hf_bN']):.1f}",
          f"{med(ratios['cN']):.2f}x ({show(ratios['cN'])})"),
     ]
-    print(f"\n| metric | shardline ({a.dtype}) | HF transformers (float32) | ratio, median (per round) |")
+    print(f"\n| metric | shardline ({a.dtype}) | HF transformers ({a.hf_dtype}) | ratio, median (per round) |")
     print("|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")

@@ -8,6 +8,7 @@ import math
 import os
 import queue
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -170,6 +171,22 @@ def test_public_api_keys_on_grpc_and_http(stack):
         assert json.loads(r.read())["data"][0]["id"]
     with urllib.request.urlopen(f"{url}/health", timeout=30) as r:       # probes need no key
         assert r.status == 200
+
+
+def test_bench_presents_the_api_key_on_both_apis(stack):
+    """`shardline bench --http URL --both` with $SHARDLINE_API_KEY measures both front doors;
+    without it the first call is refused."""
+    argv = [sys.executable, "-m", "shardline", "bench", "--address", stack.address,
+            "--http", stack.stack.http_url, "--both", "--requests", "1", "--warmup", "0",
+            "--prompt-tokens", "4", "--max-tokens", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "SHARDLINE_API_KEY"}
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                         env={**env, "SHARDLINE_API_KEY": "sk-anyone"})
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["shardline"]["output_tokens"] == res["shardline_http"]["output_tokens"] == 2
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode != 0 and "UNAUTHENTICATED" in out.stderr, out.stderr
 
 
 def test_api_keys_file(tmp_path):

@@ -181,6 +181,9 @@ class Generation:
         if capacity and len(ids) + max_tokens > capacity:
             raise ResourceExhausted(f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceeds the KV "
                                     f"cache capacity of {capacity} tokens per replica")
+        # again: concurrent requests passed the first check while they were being tokenized;
+        # from here to submit() nothing awaits, so the queue never holds more than the cap
+        self._check_load()
         seq = Sequence(seq_id=next(self._seq_ids), prompt_token_ids=ids, max_tokens=max_tokens,
                        sampling=sampling, eos_token_ids=self.eos_ids, ignore_eos=request.ignore_eos,
                        max_context=lim.max_context, cache_salt=tenant, tenant=tenant,
