@@ -145,25 +145,33 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
                 span.end()
 
     async def _may_forward_to(self, address: str) -> bool:
-        """Whether address is a configured next stage: equal to a --next-stage entry, or an
-        IP address that entry's DNS name resolves to (a headless Service of the next stage)."""
+        """Whether address is a configured next stage: equal to a --next-stage entry, or
+        resolving only to addresses that entry's DNS name resolves to (the next stage's
+        headless Service: the scheduler routes by pod IP with Kubernetes discovery, by pod DNS
+        name with static lists)."""
         try:
             host, port = _host_port(address)
         except ValueError:
             return False
+        if any(_host_port(a) == (host, port) for a in self.next_stages):
+            return True
         loop = asyncio.get_running_loop()
+
+        async def resolve(name: str) -> set[str]:
+            try:
+                return {str(ipaddress.ip_address(name))}
+            except ValueError:
+                pass
+            try:
+                return {info[4][0] for info in await loop.getaddrinfo(name, int(port))}
+            except (OSError, UnicodeError):
+                return set()
+        targets = await resolve(host)
+        if not targets:
+            return False
         for allowed in self.next_stages:
             a_host, a_port = _host_port(allowed)
-            if a_port != port:
-                continue
-            if a_host == host:
-                return True
-            try:
-                ipaddress.ip_address(host)
-                infos = await loop.getaddrinfo(a_host, int(a_port))
-            except (ValueError, OSError):
-                continue
-            if host in {info[4][0] for info in infos}:
+            if a_port == port and targets <= await resolve(a_host):
                 return True
         return False
 
