@@ -17,10 +17,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.common.spawn import spawn
+from shardline.v1 import generate_pb2
 from shardline.launcher import free_port
 from tests.integration.conftest import RunningStack, model_dir  # noqa: F401 - fixtures
 
-__all__ = ["RunningStack", "UpProcess", "wait_for", "health_status", "model_dir"]
+__all__ = ["RunningStack", "UpProcess", "wait_for", "health_status", "model_dir",
+           "raw_generate"]
 
 
 def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.1):
@@ -44,6 +46,20 @@ def health_status(address: str) -> Optional[int]:
                                                         timeout=5.0).status
         except grpc.RpcError:
             return None
+
+
+def raw_generate(ch: grpc.Channel, payload: bytes,
+                 timeout_s: float = 120.0) -> tuple[grpc.StatusCode, str, list]:
+    """(code, details, responses) of one Generate call whose request is the raw payload."""
+    call = ch.unary_stream("/shardline.v1.Generation/Generate",
+                           response_deserializer=generate_pb2.GenerateResponse.FromString)
+    out = []
+    try:
+        for resp in call(payload, timeout=timeout_s):
+            out.append(resp)
+    except grpc.RpcError as e:
+        return e.code(), e.details() or "", out
+    return grpc.StatusCode.OK, "", out
 
 
 class UpProcess:

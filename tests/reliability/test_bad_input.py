@@ -17,7 +17,7 @@ from shardline.common.request_limits import (BYTES_LIMIT_CONTEXT_TOKENS, MAX_CHA
                                              MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
                                              prompt_chars, request_bytes, step_message_bytes)
 from shardline.v1 import generate_pb2, tokenizer_pb2
-from tests.reliability.conftest import RunningStack, wait_for
+from tests.reliability.conftest import RunningStack, raw_generate, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -63,16 +63,7 @@ def _clean(message: str) -> None:
 
 # -- gRPC: Generate on the scheduler ---------------------------------------------------------
 def generate(ch: grpc.Channel, payload: bytes) -> tuple[grpc.StatusCode, str, list]:
-    """(code, details, responses) of one Generate call with a raw request payload."""
-    call = ch.unary_stream("/shardline.v1.Generation/Generate",
-                           response_deserializer=generate_pb2.GenerateResponse.FromString)
-    out = []
-    try:
-        for resp in call(payload, timeout=TIMEOUT_S):
-            out.append(resp)
-    except grpc.RpcError as e:
-        return e.code(), e.details() or "", out
-    return grpc.StatusCode.OK, "", out
+    return raw_generate(ch, payload, TIMEOUT_S)
 
 
 def request(**kw) -> bytes:

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from shardline.v1 import common_pb2, generate_pb2
-from tests.reliability.conftest import RunningStack, health_status
+from tests.reliability.conftest import RunningStack, health_status, raw_generate
 
 pytestmark = pytest.mark.slow
 
@@ -158,16 +158,7 @@ def channel(stack):
 
 
 def call(ch: grpc.Channel, payload: bytes) -> tuple[grpc.StatusCode, str, list]:
-    """(code, details, responses) of one Generate call on a serialized request."""
-    generate = ch.unary_stream("/shardline.v1.Generation/Generate",
-                               response_deserializer=generate_pb2.GenerateResponse.FromString)
-    out = []
-    try:
-        for resp in generate(payload, timeout=TIMEOUT_S):
-            out.append(resp)
-    except grpc.RpcError as e:
-        return e.code(), e.details() or "", out
-    return grpc.StatusCode.OK, "", out
+    return raw_generate(ch, payload, TIMEOUT_S)
 
 
 def check_answer(code: grpc.StatusCode, details: str, out: list) -> None:
