@@ -1,6 +1,7 @@
 """Fixtures shared by every test directory."""
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -8,6 +9,12 @@ import subprocess
 import time
 
 import pytest
+import torch
+
+# Triton reads this when a kernel is defined (at import): without CUDA every test process runs
+# the GPU engine's Triton kernels in the interpreter (tests/gpu/)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from shardline.common.spawn import spawn
 

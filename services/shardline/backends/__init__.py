@@ -3,6 +3,8 @@ chooses among them (`select_backend`).
 
     torch_ref.TorchBackend           the model's PyTorch modules: float32 reference, CUDA, --compile
     cpu_kernels.CpuKernelBackend     bf16 CPU stages on the project's AVX512/AMX C++ kernels
+    gpu.engine.GpuEngineBackend      the GPU engine: fixed-shape buffers, CUDA graphs, paged
+                                     Triton kernels, sampling on the device (CUDA's default)
 
 May import models, transforms (for the quantized module types) and common; never the worker,
 the scheduler or the services' gRPC code. A new backend is a subclass of StepBackend plus a
@@ -14,18 +16,29 @@ import logging
 
 from shardline.backends.base import StepBackend
 from shardline.backends.cpu_kernels.backend import CpuKernelBackend
+from shardline.backends.gpu.engine import GpuEngineBackend
 from shardline.backends.torch_ref import TorchBackend
 from shardline.models.decoder import StageModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StepBackend", "CpuKernelBackend", "TorchBackend", "select_backend"]
+__all__ = ["StepBackend", "CpuKernelBackend", "GpuEngineBackend", "TorchBackend",
+           "select_backend"]
+
+GPU_ENGINE_MODES = ("auto", "on", "off")
 
 
-def select_backend(model: StageModel, *, cpu_kernels: bool = True,
-                   compiled: bool = False) -> StepBackend:
-    """The backend that runs `model`'s steps: the CPU kernels where they apply and are
-    allowed (cpu_kernels) and the stage was not compiled; else the PyTorch reference."""
+def select_backend(model: StageModel, *, cpu_kernels: bool = True, compiled: bool = False,
+                   gpu_engine: str = "auto", **engine_options) -> StepBackend:
+    """The backend that runs `model`'s steps: the GPU engine on CUDA (gpu_engine "auto"), or
+    anywhere when "on" (on the CPU it runs eagerly: tests); else the CPU kernels where they
+    apply and are allowed (cpu_kernels) and the stage was not compiled; else the PyTorch
+    reference. engine_options: GpuEngineBackend's (max_num_seqs, max_num_tokens, ...)."""
+    if gpu_engine not in GPU_ENGINE_MODES:
+        raise ValueError(f"gpu_engine must be one of {GPU_ENGINE_MODES}, got {gpu_engine!r}")
+    device = next(model.parameters()).device
+    if not compiled and (gpu_engine == "on" or (gpu_engine == "auto" and device.type == "cuda")):
+        return GpuEngineBackend(model, **engine_options)
     if cpu_kernels and not compiled:
         backend = CpuKernelBackend.build(model)
         if backend is not None:

@@ -67,6 +67,12 @@ class AttentionMetadata:
     def block_size(self) -> int:
         return self.plan[3]
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """Write k, v at the rows' slots and attend (see paged_attention). Every step's
+        metadata has this method: a backend's own metadata brings its own kernels."""
+        return paged_attention(q, k, v, k_cache, v_cache, self, scale)
+
     def per_row(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(block tables [T, blocks] int64, lengths [T] int64): each row's sequence's block
         table (zero-padded) and the positions the row attends, its own included. Every row,
@@ -231,13 +237,13 @@ class Attention(nn.Module):
             h, kv = self.num_heads, self.num_kv_heads
             qkv = self.qkv_proj(x).view(t, h + 2 * kv, self.head_dim)   # [T, H + 2KV, hd]
             qk = apply_rope(qkv[:, :h + kv], cos, sin)                     # [T, H + KV, hd]
-            o = paged_attention(qk[:, :h], qk[:, h:], qkv[:, h + kv:], k_cache, v_cache, meta,
-                                self.scale)                                # [T, H, hd]
+            o = meta.attend(qk[:, :h], qk[:, h:], qkv[:, h + kv:], k_cache, v_cache,
+                            self.scale)                                    # [T, H, hd]
             return self.o_proj(o.reshape(t, h * self.head_dim))
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)      # [T, H, hd]
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)   # [T, KV, hd]
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)   # [T, KV, hd]
         qk = apply_rope(torch.cat([q, k], dim=1), cos, sin)            # [T, H + KV, hd]
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, hd]
+        o = meta.attend(q, k, v, k_cache, v_cache, self.scale)            # [T, H, hd]
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))

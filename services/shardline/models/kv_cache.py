@@ -17,13 +17,19 @@ import torch
 
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: Union[str, torch.device]):
+                 head_dim: int, dtype: torch.dtype, device: Union[str, torch.device],
+                 scratch_blocks: int = 0):
+        """num_blocks blocks for the scheduler's sequences, ids 0..num_blocks-1, plus
+        scratch_blocks after them that only the backend uses (the GPU engine's padded rows
+        write there); the first scratch block's id is `scratch_block`."""
         if num_blocks <= 0:
             raise ValueError(f"a KV cache needs at least one block, got {num_blocks}")
         self.num_layers = num_layers
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
+        self.scratch_block = num_blocks if scratch_blocks else None
+        total = num_blocks + scratch_blocks
+        shape = (num_layers, num_kv_heads, total * block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         # per-layer views, made once: layers index these every step

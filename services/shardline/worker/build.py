@@ -56,11 +56,14 @@ def load_runner(model_dir: Union[str, pathlib.Path], layer_start: int, layer_end
                 kv_cache_bytes: Optional[int] = None,
                 kv_cache_fraction: float = DEFAULT_CUDA_KV_CACHE_FRACTION,
                 block_size: int = DEFAULT_BLOCK_SIZE, cpu_kernels: bool = True,
+                gpu_engine: str = "auto", engine_options: Optional[dict] = None,
                 **transforms) -> StageRunner:
     """A runner for layers [layer_start, layer_end) of the checkpoint in model_dir.
     transforms: the fields of transforms.options.StageTransforms (fuse, quantize, group_size,
     quantize_head, prune, prune_calibration, torch_compile). cpu_kernels: let bf16 CPU stages
-    run on the CPU-kernel backend where it applies."""
+    run on the CPU-kernel backend where it applies. gpu_engine: "auto" (the GPU engine on
+    CUDA), "on" (anywhere; eager on the CPU) or "off"; engine_options: GpuEngineBackend's
+    (max_num_seqs, max_num_tokens, max_model_len, attention, cuda_graphs)."""
     if block_size <= 0:
         raise ValueError(f"block_size must be > 0, got {block_size}")
     device = torch.device(device)
@@ -69,9 +72,12 @@ def load_runner(model_dir: Union[str, pathlib.Path], layer_start: int, layer_end
     dtype = as_torch_dtype(dtype)
     stage = build_stage(model_dir, layer_start, layer_end, device, dtype,
                         StageTransforms(**transforms))
-    backend = select_backend(stage.model, cpu_kernels=cpu_kernels, compiled=stage.compiled)
+    backend = select_backend(stage.model, cpu_kernels=cpu_kernels, compiled=stage.compiled,
+                             gpu_engine=gpu_engine,
+                             **dict(engine_options or {}, block_size=block_size))
     kv_cache = _kv_cache(stage.model, device, dtype, block_size,
-                         kv_cache_budget(device, kv_cache_bytes, kv_cache_fraction))
+                         kv_cache_budget(device, kv_cache_bytes, kv_cache_fraction),
+                         backend.scratch_blocks)
     runner = StageRunner(backend, kv_cache, stage.quantization)
     log.info("stage [%d, %d): %d KV blocks of %d tokens (%.0f MiB) on %s in %s, %s backend",
              layer_start, layer_end, kv_cache.num_blocks, block_size, kv_cache.nbytes / 2**20,
@@ -82,7 +88,7 @@ def load_runner(model_dir: Union[str, pathlib.Path], layer_start: int, layer_end
 
 
 def _kv_cache(model, device: torch.device, dtype: torch.dtype, block_size: int,
-              budget: int) -> KVCache:
+              budget: int, scratch_blocks: int = 0) -> KVCache:
     cfg, num_local = model.config, len(model.layers)
     num_blocks = KVCache.num_blocks_for_budget(budget, num_local, block_size, cfg.num_kv_heads,
                                                cfg.head_dim, dtype)
@@ -90,5 +96,9 @@ def _kv_cache(model, device: torch.device, dtype: torch.dtype, block_size: int,
         need = KVCache.bytes_per_block(num_local, block_size, cfg.num_kv_heads, cfg.head_dim,
                                        dtype)
         raise ValueError(f"KV cache budget of {budget} bytes holds no block ({need} bytes each)")
+    num_blocks -= scratch_blocks                 # the backend's own come out of the budget
+    if num_blocks < 1:
+        raise ValueError(f"KV cache budget of {budget} bytes holds no block besides the "
+                         f"backend's {scratch_blocks} scratch block(s)")
     return KVCache(num_local, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
-                   device)
+                   device, scratch_blocks)

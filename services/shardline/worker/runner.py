@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from shardline.backends.base import StepBackend
+from shardline.backends.base import StepBackend, StepInputs
 from shardline.common.tensors import DTYPE_TO_NAME
 from shardline.models.kv_cache import KVCache
 from shardline.protocol.plan import SampledToken, SamplingConfig, SeqStep
@@ -82,7 +82,9 @@ class StageRunner:
 
     @property
     def max_position(self) -> int:
-        return self.config.max_position_embeddings
+        cap = self.backend.max_positions
+        own = self.config.max_position_embeddings
+        return own if cap is None else min(own, cap)
 
     @property
     def vocab_size(self) -> int:
@@ -106,6 +108,7 @@ class StageRunner:
         self.seqs.clear()
         if self.sampler is not None:
             self.sampler.seqs.clear()
+        self.backend.forget_all()
 
     def release_module_weights(self) -> int:
         """Free the model modules' copies of weights the backend holds in its own layout
@@ -147,23 +150,24 @@ class StageRunner:
             self.seqs.pop(seq_id, None)
             if self.sampler is not None:
                 self.sampler.remove(seq_id)
+        if free_seq_ids:
+            self.backend.forget(free_seq_ids)
         if not seqs:
             return (None if self.is_last else self._empty_hidden()), []
+        fed_back = [s.last_sampled for s in seqs]
         seqs = [self._with_last_sampled(s) if s.last_sampled else s for s in seqs]
         tables = self._check_and_apply(seqs, hidden)
 
-        num_tokens = [len(s.token_ids) for s in seqs]
-        backend = self.backend
-        meta = backend.build_metadata([s.start_pos for s in seqs], num_tokens, tables,
-                                      self.block_size)
-        if self.is_first:
-            x = backend.embed([t for s in seqs for t in s.token_ids])     # [T, hidden]
-        else:
-            x = hidden.to(device=self.device, dtype=self.dtype)
-        x = backend.forward(x, meta, self.kv_cache)                         # [T, hidden]
+        inputs = StepInputs(
+            seq_ids=[s.seq_id for s in seqs], token_ids=[t for s in seqs for t in s.token_ids],
+            start_positions=[s.start_pos for s in seqs],
+            num_tokens=[len(s.token_ids) for s in seqs], block_tables=tables,
+            new_block_ids=[s.new_block_ids for s in seqs], admitted=[s.admit for s in seqs],
+            sample=[s.sample for s in seqs], num_generated=[s.num_generated for s in seqs],
+            block_size=self.block_size, fed_back=fed_back)
+        x, tokens = self.backend.step(inputs, hidden, self.kv_cache, self.sampler)
         if not self.is_last:
             return x, []
-        tokens = self._sample(seqs, num_tokens, x)
         if self.is_first:                 # single stage: a later last_sampled step uses them
             for t in tokens:
                 state = self.seqs[t.seq_id]
@@ -182,28 +186,6 @@ class StageRunner:
             raise ValueError(f"seq {s.seq_id}: last_sampled at position {s.start_pos}, but no "
                              "token was sampled for that position")
         return dataclasses.replace(s, token_ids=[state.last_sampled[1]], last_sampled=False)
-
-    def _sample(self, seqs: Sequence[SeqStep], num_tokens: list[int],
-                x: torch.Tensor) -> list[SampledToken]:
-        sampler = self.sampler
-        offset = 0
-        rows, ids, num_generated = [], [], []
-        for s, n in zip(seqs, num_tokens):
-            if sampler.seqs[s.seq_id].seen is not None:
-                sampler.observe(s.seq_id, torch.tensor(s.token_ids, device=self.device))
-            offset += n
-            if s.sample:
-                rows.append(offset - 1)                  # the sequence's last token
-                ids.append(s.seq_id)
-                num_generated.append(s.num_generated)
-        if not rows:
-            return []
-        if len(rows) == x.shape[0]:
-            last = x
-        else:
-            last = x.index_select(0, torch.tensor(rows, device=self.device))
-        logits = self.backend.logits(last)                                 # [S, vocab]
-        return sampler.sample(logits, ids, num_generated)
 
     def _empty_hidden(self) -> torch.Tensor:
         return torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)

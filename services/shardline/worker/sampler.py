@@ -124,6 +124,25 @@ class Sampler:
                            [out[i] for i in want])
         return out
 
+    def tokens(self, seq_ids: Sequence[int], token_ids: Sequence[int],
+               logprobs: Optional[Sequence[float]] = None,
+               top_ids: Optional[Sequence[Sequence[int]]] = None,
+               top_logprobs: Optional[Sequence[Sequence[float]]] = None) -> list[SampledToken]:
+        """SampledTokens of tokens a backend sampled itself (the GPU engine samples on the
+        device): logprobs and the top ones kept for the sequences that asked, each to its own
+        top_logprobs."""
+        out = [SampledToken(seq_id=s, token_id=t) for s, t in zip(seq_ids, token_ids)]
+        if logprobs is None:
+            return out
+        for i, tok in enumerate(out):
+            c = self.seqs[tok.seq_id].config
+            if c.logprobs or c.top_logprobs > 0:
+                tok.logprob = logprobs[i]
+            if c.top_logprobs > 0:
+                tok.top_token_ids = list(top_ids[i][:c.top_logprobs])
+                tok.top_logprobs = list(top_logprobs[i][:c.top_logprobs])
+        return out
+
     def _draw(self, logits: torch.Tensor, configs: list[SamplingConfig],
               num_generated: list[int]) -> torch.Tensor:
         # logits: [N, V] -> tokens [N]
