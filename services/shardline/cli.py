@@ -11,6 +11,8 @@ COMMANDS = {
     "worker": ("shardline.worker.server", "run one pipeline stage worker"),
     "generate": ("shardline.client.generate_cmd", "stream a completion from a running stack"),
     "bench": ("shardline.client.bench", "load-test a running stack (optionally vs HF transformers)"),
+    "profile": ("shardline.client.profile_cmd", "profile the next N steps of every stage "
+                                                "(torch.profiler traces, time per op kind)"),
     "perplexity": ("shardline.tools.perplexity", "perplexity of the model on a built-in corpus"),
     "optimize": ("shardline.tools.optimize", "write a pruned / quantized checkpoint"),
 }

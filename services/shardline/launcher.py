@@ -344,7 +344,7 @@ UP_HTTP_PORT = 8000   # `shardline up` serves the OpenAI API here (the scheduler
 UP_SCHEDULER_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests",
                        "max_queue_wait_s", "priority_aging_s", "enable_prefix_caching",
                        "async_scheduling", "routing", "redis_url", "api_keys_file")
-UP_WORKER_FIELDS = ("kv_cache_fraction", "block_size", *WEIGHT_FIELDS)
+UP_WORKER_FIELDS = ("kv_cache_fraction", "block_size", "gpu_engine", *WEIGHT_FIELDS)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -422,10 +422,20 @@ def test_scheduler_pipelines_list_every_stage_of_every_replica(helm, rendered, n
         assert svc["spec"]["clusterIP"] == "None"
         assert svc["spec"]["selector"] == s["spec"]["selector"]["matchLabels"]
         assert s["spec"]["template"]["metadata"]["labels"]["shardline.io/stage"] == str(k)
-    for key, value in (("--max-tokens-cap", "4096"), ("--max-num-seqs", "64"),
-                       ("--max-num-batched-tokens", "512")):
-        assert flag(args, key) == value
+    assert flag(args, "--max-tokens-cap") == "4096"
+    # batch limits unset: the scheduler takes what the workers report for their device
+    assert "--max-num-seqs" not in args and "--max-num-batched-tokens" not in args
     assert int(flag(args, "--connect-timeout")) >= 600
+
+
+def test_batch_limits_when_set(helm):
+    """scheduler.maxNumSeqs / maxNumBatchedTokens given: passed on, and the workers take
+    steps as large as the scheduler plans."""
+    manifests = render_set(helm, "scheduler.maxNumSeqs=32", "scheduler.maxNumBatchedTokens=16384")
+    args = container(one(manifests, "Deployment", f"{FULLNAME}-scheduler"))["args"]
+    assert flag(args, "--max-num-seqs") == "32" and flag(args, "--max-num-batched-tokens") == "16384"
+    wargs = container(one(manifests, "StatefulSet", f"{FULLNAME}-worker-0"))["args"]
+    assert flag(wargs, "--max-step-tokens") == "16384"
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -700,6 +710,7 @@ def test_no_telemetry_by_default(rendered):
 BAD_VALUES = [
     ("pipeline.stages=0", "/pipeline/stages"),
     ("pipeline.replicas=0", "/pipeline/replicas"),
+    ("scheduler.maxNumSeqs=-1", "/scheduler/maxNumSeqs"),
     ("worker.dtype=int3", "/worker/dtype"),
     ("worker.device=tpu", "/worker/device"),
     ("worker.quantize=int2", "/worker/quantize"),

@@ -26,13 +26,17 @@ TILTFILE = (ROOT / "Tiltfile").read_text()
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SETUP_SH = (ROOT / "scripts" / "setup.sh").read_text()
 
-# Imports of services/shardline that no dependency provides, on purpose. Each must sit inside a
-# function (it runs only where the feature is used) and fall back when missing.
+# Imports of services/shardline that no dependency provides, on purpose, and the files that may
+# make them: "local" ones sit inside a function (it runs only where the feature is used) and
+# fall back when missing; a "module" one is a module only ever imported under
+# `try: ... except ImportError` (backends/gpu/engine.py falls back to its PyTorch attention).
 KNOWN_OPTIONAL = {
-    # CUDA builds of torch bring Triton; transforms/triton_int8.py checks find_spec("triton")
-    "triton": "services/shardline/transforms/triton_int8.py",
+    # CUDA builds of torch bring Triton; the transforms check find_spec("triton")
+    "triton": {"services/shardline/transforms/triton_int8.py": "local",
+               "services/shardline/transforms/triton_dequant.py": "local",
+               "services/shardline/backends/gpu/triton_attention.py": "module"},
     # the [otlp-http] extra; common/telemetry.py falls back to the gRPC exporter on ImportError
-    "opentelemetry.exporter.otlp.proto.http": "services/shardline/common/telemetry.py",
+    "opentelemetry.exporter.otlp.proto.http": {"services/shardline/common/telemetry.py": "local"},
 }
 # Declared dependencies that services/shardline does not import itself: other packages load them.
 INDIRECT = {
@@ -202,7 +206,8 @@ def test_every_third_party_import_is_declared():
     for mod, path, line, local in third_party_imports():
         optional = next((o for o in KNOWN_OPTIONAL if mod == o or mod.startswith(o + ".")), None)
         if optional is not None:
-            if not local or path != KNOWN_OPTIONAL[optional]:
+            where = KNOWN_OPTIONAL[optional].get(path)
+            if where is None or (where == "local" and not local):
                 optional_at_top.append(f"{path}:{line} {mod}")
             continue
         owners = owners_of(mod)

@@ -21,8 +21,8 @@ from shardline.common.auth import TOKEN_ENV, ApiKeys
 from shardline.common.spawn import spawn_shardline
 from shardline.launcher import free_port, wait_serving
 from shardline.protocol.route import ROUTE_KEY, SESSION_KEY
-from shardline.v1 import (common_pb2, tokenizer_pb2, tokenizer_pb2_grpc, worker_pb2,
-                          worker_pb2_grpc)
+from shardline.v1 import (common_pb2, generate_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc,
+                          worker_pb2, worker_pb2_grpc)
 from tests.reliability.conftest import RunningStack
 
 pytestmark = pytest.mark.slow
@@ -171,6 +171,34 @@ def test_public_api_keys_on_grpc_and_http(stack):
         assert json.loads(r.read())["data"][0]["id"]
     with urllib.request.urlopen(f"{url}/health", timeout=30) as r:       # probes need no key
         assert r.status == 200
+
+
+def test_profile_wants_an_api_key_and_the_stages_the_cluster_token(stack):
+    """Generation.Profile is behind the API keys as Generate is; a stage's Profile behind the
+    cluster token. A known key gets as far as the request's checks (steps 0)."""
+    bad = common_pb2.ProfileRequest(steps=0)
+    with grpc.insecure_channel(stack.address) as ch:
+        stub = generate_pb2_grpc.GenerationStub(ch)
+        for metadata in ((), bearer("sk-wrong")):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Profile(common_pb2.ProfileRequest(steps=1, timeout_s=1), metadata=metadata,
+                             timeout=60)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Profile(bad, metadata=bearer("sk-anyone"), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    token = stack.stack.cluster_token
+    for name, address in internal_addresses(stack).items():
+        if name == "tokenizer":
+            continue
+        with grpc.insecure_channel(address) as ch:
+            stub = worker_pb2_grpc.StageWorkerStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Profile(common_pb2.ProfileRequest(steps=1, timeout_s=1), timeout=60)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Profile(bad, metadata=bearer(token), timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
 
 
 def test_bench_presents_the_api_key_on_both_apis(stack):

@@ -16,6 +16,7 @@ import json
 import logging
 import pathlib
 import time
+import zlib
 from collections import defaultdict
 from typing import Union
 
@@ -60,13 +61,55 @@ def _tensor_files(model_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     return where
 
 
+# A checkpoint directory with this file instead of weights: random weights made on the device
+# ({"seed": 0, "std": 0.02}), for benchmarks of shapes too large to carry (benchmarks/gpu_check.py)
+RANDOM_WEIGHTS_FILE = "shardline_random_weights.json"
+
+
+def random_stage_model(config: ModelConfig, layer_start: int, layer_end: int,
+                       dtype: torch.dtype, device: torch.device, seed: int = 0,
+                       std: float = 0.02) -> StageModel:
+    """StageModel with normal(0, std) weights (norms 1) made directly on the device. Each
+    tensor's generator is seeded by (seed, its checkpoint name), so a layer gets the same
+    weights whichever stage holds it: PP=2 serves the same model as PP=1."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)                   # made in dtype: no float32 copy first
+    try:
+        with torch.device(device):
+            model = StageModel(config, layer_start, layer_end)
+    finally:
+        torch.set_default_dtype(default)
+    gen = torch.Generator(device=device)
+    for name, src in checkpoint_names(model).items():
+        param = model.get_parameter(name)
+        if "norm" in name:
+            param.data.fill_(1.0)
+            continue
+        gen.manual_seed(seed * 1_000_003 + zlib.crc32(src.encode()))
+        param.data.normal_(0.0, std, generator=gen)
+    if model.is_first and model.is_last and config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.requires_grad_(False)
+    model.init_rotary(device, dtype)
+    return model.eval()
+
+
 def load_stage_model(model_dir: Union[str, pathlib.Path], config: ModelConfig,
                      layer_start: int, layer_end: int, dtype: torch.dtype,
                      device: Union[str, torch.device]) -> StageModel:
-    """Build StageModel(config, layer_start, layer_end) with its weights in dtype on device."""
+    """Build StageModel(config, layer_start, layer_end) with its weights in dtype on device
+    (random ones where the directory holds RANDOM_WEIGHTS_FILE instead of weights)."""
     t0 = time.perf_counter()
     model_dir = pathlib.Path(model_dir)
     device = torch.device(device)
+    random_spec = model_dir / RANDOM_WEIGHTS_FILE
+    if random_spec.exists():
+        spec = json.loads(random_spec.read_text())
+        model = random_stage_model(config, layer_start, layer_end, dtype, device,
+                                   int(spec.get("seed", 0)), float(spec.get("std", 0.02)))
+        log.info("random weights (%s) for layers [%d, %d) in %.1fs", spec, layer_start,
+                 layer_end, time.perf_counter() - t0)
+        return model
     with torch.device("meta"):
         model = StageModel(config, layer_start, layer_end)
     names = checkpoint_names(model)

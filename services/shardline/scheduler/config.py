@@ -48,7 +48,9 @@ class SchedulerConfig:
         help="largest request accepted, a gRPC message or an HTTP body (refused unread); "
              "default: 4 bytes per prompt character + 1MiB (with the prompt characters of a "
              "131072-token context when neither --max-prompt-chars nor --max-context is set)")
-    max_num_seqs: int = option(64, help="running sequences per replica")
+    max_num_seqs: int = option(
+        0, help="running sequences per replica; 0 = what the replica's workers report for "
+                "their device (the least over its stages: worker/config.py)")
     max_queued_requests: int = option(
         4096, help="requests waiting to run (all replicas) beyond which new ones get "
                    "RESOURCE_EXHAUSTED (HTTP 429) at once; 0 = no limit")
@@ -59,7 +61,10 @@ class SchedulerConfig:
     priority_aging_s: float = option(
         10.0, help="seconds of waiting that raise a queued request's priority by one, so "
                    "lower priorities are delayed, never starved; 0 = no aging")
-    max_num_batched_tokens: int = option(512, help="token budget of one step (chunked prefill)")
+    max_num_batched_tokens: int = option(
+        0, help="token budget of one step (chunked prefill); 0 = what the replica's workers "
+                "report for their device (the least over its stages); at most their "
+                "--max-step-tokens either way")
     connect_timeout_s: float = option(600.0, flag="--connect-timeout",
                                       help="seconds to wait for the workers to load their model")
     step_timeout_s: float = option(120.0, flag="--step-timeout",
@@ -117,9 +122,12 @@ class SchedulerConfig:
         for name in ("max_queue_wait_s", "priority_aging_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("max_tokens_cap", "default_max_tokens", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_tokens_cap", "default_max_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):     # 0: the workers' defaults
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: the workers' default)")
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens_cap)
 
     def prompt_chars(self, max_context: int) -> int:

@@ -15,6 +15,7 @@ import time
 from opentelemetry import trace
 
 from shardline.common import telemetry
+from shardline.scheduler.batch_limits import choose_batch_limits
 from shardline.scheduler.block_manager import BlockManager
 from shardline.scheduler.pipeline import PipelineClient
 from shardline.scheduler.request import Sequence
@@ -47,13 +48,17 @@ class PipelineEngine:
         # decodes computing the tokens N samples (the worker substitutes them), so the worker
         # never waits for the scheduler between steps
         lookahead = async_scheduling and pipeline.num_stages == 1
-        cap = pipeline.max_step_tokens
-        if cap and max_num_batched_tokens > cap:      # a larger step would be refused unread
+        # 0: the workers' device defaults; a step over the stages' cap would be refused unread
+        self.limits = choose_batch_limits(max_num_seqs, max_num_batched_tokens, pipeline.infos,
+                                          pipeline.max_step_tokens)
+        if self.limits.tokens_from == "max_step_tokens" and max_num_batched_tokens > 0:
             log.warning("replica %s: its stages take at most %d tokens per step "
                         "(--max-step-tokens); planning steps of %d, not %d", self.replica_id,
-                        cap, cap, max_num_batched_tokens)
-            max_num_batched_tokens = cap
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
+                        self.limits.max_num_batched_tokens, self.limits.max_num_batched_tokens,
+                        max_num_batched_tokens)
+        log.info("replica %s: batch limits %s", self.replica_id, self.limits.describe())
+        self.scheduler = Scheduler(self.blocks, self.limits.max_num_seqs,
+                                   self.limits.max_num_batched_tokens,
                                    lookahead=lookahead, max_queue_wait_s=max_queue_wait_s,
                                    priority_aging_s=priority_aging_s, clock=clock)
         self.max_in_flight = pipeline.num_stages + (LOOKAHEAD_STEPS if lookahead else 0)

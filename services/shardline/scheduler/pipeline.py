@@ -9,7 +9,7 @@ import uuid
 import grpc
 
 from shardline.common.server import Unavailable, channel
-from shardline.v1 import worker_pb2, worker_pb2_grpc
+from shardline.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from shardline.protocol.route import ROUTE_KEY, SESSION_KEY
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,16 @@ class PipelineClient:
         """The most tokens a step may carry to every stage (0: no stage says)."""
         caps = [i.max_step_tokens for i in self.infos if i.max_step_tokens > 0]
         return min(caps) if caps else 0
+
+    async def profile(self, request: common_pb2.ProfileRequest, timeout_s: float
+                      ) -> list[common_pb2.ProfileResult | Exception]:
+        """Every stage's StageWorker.Profile at once; each stage's result, or its error."""
+        async def one(ch):
+            try:
+                return await worker_pb2_grpc.StageWorkerStub(ch).Profile(request, timeout=timeout_s)
+            except Exception as e:  # noqa: BLE001 - reported per stage
+                return e
+        return list(await asyncio.gather(*(one(ch) for ch in self._channels)))
 
     async def connect(self, timeout_s: float) -> None:
         """Wait until every stage answers GetInfo, check they cover the model, open the stream."""

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import grpc
+
 from shardline.common.auth import ApiKeys, bearer
 from shardline.common.server import Unavailable
 from shardline.scheduler.generation import REQUEST_ID_KEY, TENANT_KEY, Generation
+from shardline.scheduler.profiling import ClusterProfiler, ProfileRunning
 from shardline.v1 import generate_pb2, generate_pb2_grpc
 
 
@@ -23,11 +26,13 @@ def tenant_of(context, api_keys: Optional[ApiKeys] = None) -> str:
 
 
 class GenerationServicer(generate_pb2_grpc.GenerationServicer):
-    """The gRPC front door: Generate, GetModelInfo, GetStats over the shared Generation."""
+    """The gRPC front door: Generate, GetModelInfo, GetStats, Profile over the shared
+    Generation."""
 
     def __init__(self, generation: Generation, api_keys: Optional[ApiKeys] = None):
         self.generation = generation
         self.api_keys = api_keys            # checked by its interceptor; here for the tenant
+        self.profiler = ClusterProfiler()
 
     async def GetModelInfo(self, request, context):
         gen = self.generation
@@ -52,8 +57,15 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 wait_seconds=st["wait_s"], compute_seconds=st["compute_s"],
                 postprocess_seconds=st["postprocess_s"],
                 num_cached_blocks=e.blocks.num_cached_blocks, prefix_hit_tokens=e.blocks.hits,
-                prefix_query_tokens=e.blocks.queries)
+                prefix_query_tokens=e.blocks.queries, max_num_seqs=e.scheduler.max_num_seqs,
+                max_num_batched_tokens=e.scheduler.max_num_batched_tokens)
         return out
+
+    async def Profile(self, request, context):
+        try:
+            return await self.profiler.profile(self.generation.router, request)
+        except ProfileRunning as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
 
     async def Generate(self, request, context):
         stream = await self.generation.open(request, tenant_of(context, self.api_keys),

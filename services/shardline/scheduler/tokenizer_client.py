@@ -99,14 +99,7 @@ class TokenizerClient:
                 tokenizer_pb2.DetokenizeItem(token_ids=s.token_ids, read_offset=s.read_offset,
                                              skip_special_tokens=True) for s, _ in batch])
             try:
-                try:
-                    res = await self._detokenize(req)
-                except (grpc.aio.AioRpcError, Unavailable, asyncio.InvalidStateError) as exc:
-                    if _code(exc) not in _RETRYABLE:
-                        raise
-                    # the stream broke (a restarted or drained tokenizer): the batch carries
-                    # its whole state, so it is sent again once, on a new stream
-                    res = await self._detokenize(req)
+                res = await self._detokenize_retrying(req)
             except Exception as exc:  # noqa: BLE001 - handed to every waiter
                 if isinstance(exc, grpc.aio.AioRpcError):
                     exc = tokenizer_error(exc)
@@ -119,6 +112,23 @@ class TokenizerClient:
                 state.read_offset = r.read_offset - r.prefix_advance
                 if not fut.done():
                     fut.set_result(r.text)
+
+    async def _detokenize_retrying(self, req: tokenizer_pb2.DetokenizeRequest):
+        """_detokenize, sent again on a new stream while the stream breaks (a restarted or
+        drained tokenizer: the batch carries its whole state), for up to the timeout. The
+        first resend can meet the dead connection still taken for open (the kernel has not
+        yet reported the peer gone: "sendmsg: Broken pipe"), so it backs off and tries again."""
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        delay = 0.05
+        while True:
+            try:
+                return await self._detokenize(req)
+            except (grpc.aio.AioRpcError, Unavailable, asyncio.InvalidStateError) as exc:
+                if (_code(exc) not in _RETRYABLE
+                        or asyncio.get_running_loop().time() + delay > deadline):
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
 
     async def _detokenize(self, req: tokenizer_pb2.DetokenizeRequest) -> tokenizer_pb2.DetokenizeResponse:
         """One batch through the DetokenizeStream call (opened on first use, reopened after an

@@ -118,7 +118,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStats(_message.Message):
-    __slots__ = ("replica", "healthy", "num_waiting", "num_running", "num_blocks", "num_free_blocks", "num_preemptions", "num_steps", "num_tokens", "schedule_seconds", "wait_seconds", "compute_seconds", "postprocess_seconds", "num_cached_blocks", "prefix_hit_tokens", "prefix_query_tokens")
+    __slots__ = ("replica", "healthy", "num_waiting", "num_running", "num_blocks", "num_free_blocks", "num_preemptions", "num_steps", "num_tokens", "schedule_seconds", "wait_seconds", "compute_seconds", "postprocess_seconds", "num_cached_blocks", "prefix_hit_tokens", "prefix_query_tokens", "max_num_seqs", "max_num_batched_tokens")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,8 @@ class ReplicaStats(_message.Message):
     NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     replica: str
     healthy: bool
     num_waiting: int
@@ -151,10 +153,32 @@ class ReplicaStats(_message.Message):
     num_cached_blocks: int
     prefix_hit_tokens: int
     prefix_query_tokens: int
-    def __init__(self, replica: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_tokens: _Optional[int] = ..., schedule_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., postprocess_seconds: _Optional[float] = ..., num_cached_blocks: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ...) -> None: ...
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    def __init__(self, replica: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_tokens: _Optional[int] = ..., schedule_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., postprocess_seconds: _Optional[float] = ..., num_cached_blocks: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ...) -> None: ...
 
 class SchedulerStats(_message.Message):
     __slots__ = ("replicas",)
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStats]
     def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ...) -> None: ...
+
+class StageProfile(_message.Message):
+    __slots__ = ("replica", "stage", "address", "result", "error")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    stage: int
+    address: str
+    result: _common_pb2.ProfileResult
+    error: str
+    def __init__(self, replica: _Optional[str] = ..., stage: _Optional[int] = ..., address: _Optional[str] = ..., result: _Optional[_Union[_common_pb2.ProfileResult, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ClusterProfile(_message.Message):
+    __slots__ = ("stages",)
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedCompositeFieldContainer[StageProfile]
+    def __init__(self, stages: _Optional[_Iterable[_Union[StageProfile, _Mapping]]] = ...) -> None: ...

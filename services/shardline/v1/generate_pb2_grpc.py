@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from shardline.v1 import common_pb2 as shardline_dot_v1_dot_common__pb2
 from shardline.v1 import generate_pb2 as shardline_dot_v1_dot_generate__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -50,6 +51,11 @@ class GenerationStub:
                 request_serializer=shardline_dot_v1_dot_generate__pb2.StatsRequest.SerializeToString,
                 response_deserializer=shardline_dot_v1_dot_generate__pb2.SchedulerStats.FromString,
                 _registered_method=True)
+        self.Profile = channel.unary_unary(
+                '/shardline.v1.Generation/Profile',
+                request_serializer=shardline_dot_v1_dot_common__pb2.ProfileRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_generate__pb2.ClusterProfile.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -78,6 +84,15 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Profile(self, request, context):
+        """/ Record the next `steps` steps of every stage of every replica with torch.profiler while
+        / traffic goes on (`shardline profile`); with --api-keys-file it needs a key, as Generate.
+        / Bad steps or timeout: INVALID_ARGUMENT; a profile already running: FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +110,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=shardline_dot_v1_dot_generate__pb2.StatsRequest.FromString,
                     response_serializer=shardline_dot_v1_dot_generate__pb2.SchedulerStats.SerializeToString,
+            ),
+            'Profile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Profile,
+                    request_deserializer=shardline_dot_v1_dot_common__pb2.ProfileRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_generate__pb2.ClusterProfile.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +199,33 @@ class Generation:
             '/shardline.v1.Generation/GetStats',
             shardline_dot_v1_dot_generate__pb2.StatsRequest.SerializeToString,
             shardline_dot_v1_dot_generate__pb2.SchedulerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Profile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.Generation/Profile',
+            shardline_dot_v1_dot_common__pb2.ProfileRequest.SerializeToString,
+            shardline_dot_v1_dot_generate__pb2.ClusterProfile.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from shardline.v1 import common_pb2 as shardline_dot_v1_dot_common__pb2
 from shardline.v1 import worker_pb2 as shardline_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -46,6 +47,11 @@ class StageWorkerStub:
                 request_serializer=shardline_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
                 response_deserializer=shardline_dot_v1_dot_worker__pb2.StepResult.FromString,
                 _registered_method=True)
+        self.Profile = channel.unary_unary(
+                '/shardline.v1.StageWorker/Profile',
+                request_serializer=shardline_dot_v1_dot_common__pb2.ProfileRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_common__pb2.ProfileResult.FromString,
+                _registered_method=True)
 
 
 class StageWorkerServicer:
@@ -69,6 +75,15 @@ class StageWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Profile(self, request, context):
+        """/ Record this stage's next `steps` Step requests with torch.profiler (CPU activities, and
+        / CUDA on a CUDA device) while traffic goes on; answers once they ran or at the timeout.
+        / Bad steps or timeout: INVALID_ARGUMENT; a profile already armed here: FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +96,11 @@ def add_StageWorkerServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=shardline_dot_v1_dot_worker__pb2.StepRequest.FromString,
                     response_serializer=shardline_dot_v1_dot_worker__pb2.StepResult.SerializeToString,
+            ),
+            'Profile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Profile,
+                    request_deserializer=shardline_dot_v1_dot_common__pb2.ProfileRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_common__pb2.ProfileResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +159,33 @@ class StageWorker:
             '/shardline.v1.StageWorker/Step',
             shardline_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
             shardline_dot_v1_dot_worker__pb2.StepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Profile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.StageWorker/Profile',
+            shardline_dot_v1_dot_common__pb2.ProfileRequest.SerializeToString,
+            shardline_dot_v1_dot_common__pb2.ProfileResult.FromString,
             options,
             channel_credentials,
             insecure,

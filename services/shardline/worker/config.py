@@ -26,6 +26,29 @@ WEIGHT_FIELDS = ("fuse", "quantize", "group_size", "quantize_head", "prune", "pr
 _T = StageTransforms()                     # the transforms' defaults, written once there
 DEFAULT_BLOCK_SIZE = 16                    # tokens per KV cache block
 
+# The batch limits that suit a device, reported in GetInfo (default_max_num_seqs,
+# default_max_num_batched_tokens): the scheduler's --max-num-seqs and --max-num-batched-tokens
+# when those are not given. A CPU's steps are bound by weight bandwidth and per-op overhead, so
+# it batches few; a GPU needs large batches to be busy.
+CPU_MAX_NUM_SEQS = 64
+CPU_MAX_NUM_BATCHED_TOKENS = 512
+CUDA_MAX_NUM_SEQS = 256
+CUDA_MAX_NUM_BATCHED_TOKENS = 8192
+BATCH_DEFAULTS = {"cpu": (CPU_MAX_NUM_SEQS, CPU_MAX_NUM_BATCHED_TOKENS),
+                  "cuda": (CUDA_MAX_NUM_SEQS, CUDA_MAX_NUM_BATCHED_TOKENS)}
+
+
+GPU_ENGINE_MODES = ("auto", "on", "off")      # backends.select_backend's
+# sequences one step may hold on the GPU engine (its buffers), as a multiple of the device's
+# default --max-num-seqs: an explicit larger flag still fits (steps past 256 run eagerly)
+ENGINE_SEQS_PER_DEFAULT = 4
+
+
+def batch_defaults(device: str) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) that suit a device ("cpu", "cuda", "cuda:1");
+    a device type without an entry gets the CPU's."""
+    return BATCH_DEFAULTS.get(device.split(":", 1)[0], BATCH_DEFAULTS["cpu"])
+
 
 @dataclass
 class WorkerConfig:
@@ -84,6 +107,11 @@ class WorkerConfig:
                                       "compiled at start-up")
     cpu_kernels: bool = option(True, help="bf16 CPU stages: steps on the project's AVX512 "
                                           "kernels where the CPU has AVX512-BF16")
+    gpu_engine: str = option(
+        "auto", choices=GPU_ENGINE_MODES,
+        help="the GPU engine (fixed-shape steps, CUDA graphs, paged Triton kernels, sampling "
+             "on the device): auto = on CUDA; on = anywhere (eager on the CPU: for tests); off "
+             "= the PyTorch reference")
     metrics_port: int = option(0, help="serve Prometheus metrics on this port (0 = off)")
 
     def __post_init__(self):

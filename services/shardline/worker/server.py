@@ -15,7 +15,7 @@ from shardline.common.server import Service, configure_logging
 from shardline.v1 import worker_pb2_grpc
 from shardline.models.config import ModelConfig
 from shardline.worker.build import load_runner
-from shardline.worker.config import WorkerConfig
+from shardline.worker.config import ENGINE_SEQS_PER_DEFAULT, WorkerConfig, batch_defaults
 from shardline.worker.heap import keep_freed_memory
 from shardline.worker.runner import StageRunner
 from shardline.worker.servicer import StageWorkerServicer
@@ -35,7 +35,16 @@ def build_runner(cfg: WorkerConfig, model_dir) -> StageRunner:
     return load_runner(model_dir, start, end, device=cfg.device, dtype=cfg.dtype,
                        kv_cache_bytes=cfg.kv_cache_bytes(),
                        kv_cache_fraction=cfg.kv_cache_fraction, block_size=cfg.block_size,
-                       cpu_kernels=cfg.cpu_kernels, **dataclasses.asdict(cfg.transforms()))
+                       cpu_kernels=cfg.cpu_kernels, gpu_engine=cfg.gpu_engine,
+                       engine_options=engine_options(cfg),
+                       **dataclasses.asdict(cfg.transforms()))
+
+
+def engine_options(cfg: WorkerConfig) -> dict:
+    """The GPU engine's buffer sizes: steps of up to --max-step-tokens tokens, and sequences
+    up to ENGINE_SEQS_PER_DEFAULT times the device's default --max-num-seqs."""
+    seqs, _ = batch_defaults(cfg.device)
+    return dict(max_num_seqs=seqs * ENGINE_SEQS_PER_DEFAULT, max_num_tokens=cfg.max_step_tokens)
 
 
 async def serve(cfg: WorkerConfig) -> None:

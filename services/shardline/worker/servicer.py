@@ -24,9 +24,13 @@ from prometheus_client import Counter, Histogram
 from shardline.common import telemetry
 from shardline.common.server import InvalidArgument, Unavailable, channel
 from shardline.common.tensors import pb_to_tensor, tensor_to_pb
+from shardline.protocol.limits import profile_request_error, profile_timeout_s
 from shardline.protocol.plan import SeqStep
 from shardline.protocol.route import ROUTE_KEY, SESSION_KEY
 from shardline.v1 import worker_pb2, worker_pb2_grpc
+from shardline.worker.config import batch_defaults
+from shardline.worker.profile_summary import DECODE_RANGE, ENCODE_RANGE
+from shardline.worker.profiler import ProfileArmed, StageProfiler
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,7 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.stage_index = 0
         self._seq_span_ctx: dict[int, trace.SpanContext] = {}   # request span per sequence
+        self.profiler = StageProfiler()         # Profile: records steps on the compute thread
 
     def _trace_step(self, req: worker_pb2.StepRequest):
         """(step span, admit spans) when tracing is on: the step span is the scheduler step's
@@ -105,33 +110,75 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
 
     async def GetInfo(self, request, context):
         r = self._require_runner()
+        max_num_seqs, max_num_batched_tokens = batch_defaults(r.device_name)
         return worker_pb2.StageInfo(
             model=self.model_name, layer_start=r.layer_start, layer_end=r.layer_end,
             num_layers=r.num_layers, is_first=r.is_first, is_last=r.is_last,
             num_blocks=r.num_blocks, block_size=r.block_size, max_position=r.max_position,
             vocab_size=r.vocab_size, dtype=r.dtype_name, device=r.device_name,
             quantization=r.quantization, instance_id=self.instance_id,
-            max_step_tokens=self.max_step_tokens)
+            max_step_tokens=self.max_step_tokens, default_max_num_seqs=max_num_seqs,
+            default_max_num_batched_tokens=max_num_batched_tokens)
+
+    async def Profile(self, request, context):
+        """Record the next request.steps steps (worker/profiler.py) and return them."""
+        runner = self._require_runner()
+        error = profile_request_error(request.steps, request.timeout_s)
+        if error:
+            raise InvalidArgument(error)
+        loop = asyncio.get_running_loop()
+        try:
+            session = self.profiler.arm(request.steps, runner.device, loop)
+        except ProfileArmed as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        timeout_s = profile_timeout_s(request.timeout_s)
+        log.info("profiling the next %d step(s) (timeout %.0fs)", request.steps, timeout_s)
+        try:
+            try:                             # start and stop on the compute thread
+                await asyncio.wait_for(self._record(session, runner), timeout_s)
+            except asyncio.TimeoutError:     # after the step in progress, with what it has
+                await loop.run_in_executor(self.executor, session.stop)
+            result = await loop.run_in_executor(None, session.result, self.stage_index)
+        finally:
+            if not session.stopped:          # the caller went away: stop recording anyway
+                loop.run_in_executor(self.executor, session.stop)
+            self.profiler.disarm(session)
+        log.info("profile: %d of %d step(s) recorded", result.steps_recorded, request.steps)
+        return result
+
+    async def _record(self, session, runner) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.executor, session.start, runner)
+        await asyncio.shield(session.done)
 
     def _compute(self, req: worker_pb2.StepRequest, forward: bool):
-        """Runs on the compute thread: decode the plan, run layers, encode the output."""
+        """Runs on the compute thread: one step, recorded when a profile is armed."""
+        with self.profiler.step(self.runner):
+            return self._compute_step(req, forward)
+
+    def _compute_step(self, req: worker_pb2.StepRequest, forward: bool):
+        """Decode the plan, run layers, encode the output."""
         runner = self.runner
         t0 = time.perf_counter()
         span, admits = self._trace_step(req) if telemetry.tracing_enabled() else (None, ())
         try:
-            seqs = [SeqStep.from_pb(s) for s in req.seqs]
-            hidden = pb_to_tensor(req.hidden, device=runner.device) if req.HasField("hidden") else None
+            with StageProfiler.range(DECODE_RANGE):
+                seqs = [SeqStep.from_pb(s) for s in req.seqs]
+                # host memory: the backend moves it (the GPU engine: pinned, non-blocking)
+                hidden = pb_to_tensor(req.hidden) if req.HasField("hidden") else None
             hidden_out, tokens = runner.step(seqs, list(req.free_seq_ids), hidden)
             if forward:
-                out = worker_pb2.StepRequest(step_id=req.step_id, seqs=req.seqs,
-                                             free_seq_ids=req.free_seq_ids)
-                if hidden_out is not None:
-                    out.hidden.CopyFrom(tensor_to_pb(hidden_out))
+                with StageProfiler.range(ENCODE_RANGE):
+                    out = worker_pb2.StepRequest(step_id=req.step_id, seqs=req.seqs,
+                                                 free_seq_ids=req.free_seq_ids)
+                    if hidden_out is not None:
+                        out.hidden.CopyFrom(tensor_to_pb(hidden_out))
                 if span is not None:
                     out.trace_context.update(telemetry.inject(trace.set_span_in_context(span)))
                 dt = time.perf_counter() - t0
                 return out, dt
-            res = worker_pb2.StepResult(step_id=req.step_id, tokens=[t.to_pb() for t in tokens])
+            with StageProfiler.range(ENCODE_RANGE):
+                res = worker_pb2.StepResult(step_id=req.step_id,
+                                            tokens=[t.to_pb() for t in tokens])
             dt = time.perf_counter() - t0
             res.stage_seconds.append(dt)
             return res, 0.0

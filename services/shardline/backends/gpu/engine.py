@@ -73,7 +73,7 @@ class EngineMetadata:
                 is_causal=True, scale=scale, enable_gqa=True)
             return out[0].transpose(0, 1)
         if self.kernels == "triton":
-            if self.shape.decode_bucket:
+            if self.shape.decode:
                 return triton_attention.paged_decode_attention(
                     q, k_cache, v_cache, self.block_tables, self.context_lens, **opts)
             return triton_attention.paged_prefill_attention(
@@ -106,7 +106,9 @@ class GpuEngineBackend(StepBackend):
         self.max_num_seqs = max_num_seqs
         self.max_num_tokens = max(max_num_tokens, max_num_seqs)
         self.max_blocks = -(-self.max_positions // block_size)
-        self.buckets = tuple(b for b in DECODE_BUCKETS if b < max_num_seqs) + (max_num_seqs,)
+        self.buckets = tuple(b for b in DECODE_BUCKETS if b <= max_num_seqs)
+        if max_num_seqs < DECODE_BUCKETS[-1] and max_num_seqs not in self.buckets:
+            self.buckets += (max_num_seqs,)     # a larger decode step runs eagerly, unpadded
         self.buffers = StepBuffers(staging_fields(self.max_num_tokens, max_num_seqs,
                                                   self.max_blocks), self.device)
         self.slots = SeqSlots(self.max_blocks, capacity=2 * max_num_seqs)

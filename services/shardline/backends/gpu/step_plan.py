@@ -46,6 +46,7 @@ class StepShape:
     num_tokens: int               # their rows
     rows: int                     # rows computed: num_tokens, or the decode bucket
     seqs: int                     # sequences in the metadata (padding rows included)
+    decode: bool                  # every sequence computes one token
     decode_bucket: int            # 0 unless a padded pure-decode step (graph-capturable)
     width_blocks: int             # blocks of the widest table (at least 1)
     fresh_prefill: bool           # one sequence, from position 0: plain causal attention
@@ -130,7 +131,7 @@ def fill_plan(buf: StepBuffers, inputs, slots: np.ndarray, seq_slots: SeqSlots,
     want_lp = (params[:, COL["logprobs"]] > 0) | (params[:, COL["top_logprobs"]] > 0)
     pen_all = seq_slots.params[slots, COL["repetition_penalty"]] != 1.0
     return StepShape(
-        num_seqs=n, num_tokens=t, rows=rows, seqs=seqs, decode_bucket=bucket,
+        num_seqs=n, num_tokens=t, rows=rows, seqs=seqs, decode=decode, decode_bucket=bucket,
         width_blocks=width, fresh_prefill=n == 1 and starts[0] == 0 and t > 1,
         num_sampled=s, max_top_k=int(top_k.max(initial=0)), use_top_p=bool((top_p < 1).any()),
         all_greedy=bool((temp <= 0).all()), penalized=np.flatnonzero(pen_all).tolist(),
