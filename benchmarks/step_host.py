@@ -1,15 +1,17 @@
 """Host work of one step at many sequences: what the GPU must not wait for.
 
-A decode step of N sequences (default 256, contexts of 64-500 tokens, a block boundary crossed
-by every 16th) on a worker with the GPU engine, without the model's math:
+A decode step of N sequences (default 256, contexts of 64-500 tokens) on a worker with the GPU
+engine, without the model's math, through the worker's own code:
 
-    plan decode      StepRequest bytes -> SeqStep objects (the servicer)
+    plan decode      StepRequest bytes -> the runner's inputs (the servicer)
     checks           StageRunner's plan checks and block tables -> StepInputs
     engine plan      SeqSlots.update + fill_plan (numpy into the staging buffer)
     result encode    SampledTokens -> StepResult bytes
 
-and, as the baseline measured in the same run, what the reference backend's host side does
-for the same plan (AttentionMetadata.build, which also copies its tensors to the device).
+twice in the same run: the plan's rows as DecodeColumns and the tokens as columns (what the
+scheduler sends and the worker answers now), and, as the baseline, one SeqPlan message /
+SeqStep object / SampledToken message per row (the protocol's general form); plus the
+reference backend's own metadata for the same plan (AttentionMetadata.build).
 
     python benchmarks/step_host.py [--seqs 256] [--iters 200]
 """
@@ -27,8 +29,11 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shardline.backends.base import StepInputs  # noqa: E402
 from shardline.backends.gpu.step_plan import fill_plan  # noqa: E402
 from shardline.models.attention import AttentionMetadata  # noqa: E402
+from shardline.protocol.decode_rows import (DecodeColumnsBuilder, DecodeRows,  # noqa: E402
+                                            encode_result)
 from shardline.protocol.plan import SampledToken, SamplingConfig, SeqStep  # noqa: E402
 from shardline.v1 import worker_pb2  # noqa: E402
 from shardline.worker.build import load_runner  # noqa: E402
@@ -70,62 +75,73 @@ def main() -> int:
     for chunk in range(0, n, 16):
         runner.step(admit[chunk:chunk + 16], [], None)
     decode = [SeqStep(i, [7], int(c), [], True, num_generated=1) for i, c in enumerate(ctx)]
-    req = worker_pb2.StepRequest(seqs=[s.to_pb() for s in decode]).SerializeToString()
     engine = runner.backend
+    per_row = worker_pb2.StepRequest(seqs=[s.to_pb() for s in decode]).SerializeToString()
+    cols = DecodeColumnsBuilder()
+    for s in decode:
+        cols.add(s.seq_id, 7, s.start_pos, 1, False, [])
+    columns = worker_pb2.StepRequest(decode=cols.pb()).SerializeToString()
 
-    def plan_decode():
-        return [SeqStep.from_pb(p) for p in worker_pb2.StepRequest.FromString(req).seqs]
-
-    def checks():
-        for i, s in enumerate(decode):              # the same step again, never applied
+    def reset():                                    # the same step again, never kept
+        for i, s in enumerate(decode):
             runner.seqs[i].num_computed = s.start_pos
             del runner.seqs[i].block_table[len(tables[i]):]
-        return runner._check_and_apply(decode, None)
 
-    inputs_tables = checks()
+    def plan_rows():
+        return [SeqStep.from_pb(p) for p in worker_pb2.StepRequest.FromString(per_row).seqs]
+
+    def plan_columns():
+        return DecodeRows.from_pb(worker_pb2.StepRequest.FromString(columns).decode)
+
+    def checks_rows():
+        reset()
+        planned = runner._check(decode, None)
+        return runner._apply(decode, planned)
+
+    rows = plan_columns()
+
+    def checks_columns():
+        reset()
+        states, toks = runner._check_decode(rows, set())
+        inputs = StepInputs([], [], [], [], [], [], [], [], [], bs, [])
+        runner._add_decode(inputs, rows, states, toks)
+        return inputs
+
+    inputs = checks_columns()
 
     def engine_plan():
-        slots = engine.slots.update(range(n), [False] * n, [[]] * n, None)
-        return fill_plan(engine.buffers, _Inputs(decode, inputs_tables, bs), slots,
-                         engine.slots, runner.kv_cache.scratch_block, engine.buckets,
-                         engine.rng)
+        slots = engine.slots.update(inputs.seq_ids, inputs.admitted, inputs.new_block_ids, None)
+        return fill_plan(engine.buffers, inputs, slots, engine.slots,
+                         runner.kv_cache.scratch_block, engine.buckets, engine.rng)
 
     tokens = [SampledToken(i, 5) for i in range(n)]
 
-    def encode():
+    def encode_rows():
         return worker_pb2.StepResult(tokens=[t.to_pb() for t in tokens]).SerializeToString()
 
+    def encode_columns():
+        return encode_result(0, tokens).SerializeToString()
+
     def reference():
-        return AttentionMetadata.build([s.start_pos for s in decode], [1] * n, inputs_tables,
-                                       bs, "cpu")
+        return AttentionMetadata.build([s.start_pos for s in decode], [1] * n,
+                                       inputs.block_tables, bs, "cpu")
 
-    ours = {"plan decode": _timed(plan_decode, args.iters), "checks": _timed(checks, args.iters),
-            "engine plan": _timed(engine_plan, args.iters), "result encode": _timed(encode,
-                                                                                    args.iters)}
-    base = _timed(reference, args.iters)
-    total = sum(ours.values())
-    print(f"host work of one decode step, {n} sequences (median of {args.iters}, µs)")
-    for name, us in ours.items():
-        print(f"  {name:<14} {us:8.0f}")
-    print(f"  {'total':<14} {total:8.0f}")
-    print(f"engine plan vs the reference's AttentionMetadata.build ({base:.0f} µs): "
-          f"{base / ours['engine plan']:.1f}x less host time")
+    it = args.iters
+    plan = _timed(engine_plan, it)
+    ours = {"plan decode": _timed(plan_columns, it), "checks": _timed(checks_columns, it),
+            "engine plan": plan, "result encode": _timed(encode_columns, it)}
+    base = {"plan decode": _timed(plan_rows, it), "checks": _timed(checks_rows, it),
+            "engine plan": plan, "result encode": _timed(encode_rows, it)}
+    ref = _timed(reference, it)
+    print(f"host work of one decode step, {n} sequences (median of {it} calls, µs)")
+    print(f"  {'':<14} {'columns':>8} {'per row':>8}")
+    for name in ours:
+        print(f"  {name:<14} {ours[name]:8.0f} {base[name]:8.0f}")
+    total, total_base = sum(ours.values()), sum(base.values())
+    print(f"  {'total':<14} {total:8.0f} {total_base:8.0f}   ({total_base / total:.1f}x less)")
+    print(f"engine plan vs the reference backend's AttentionMetadata.build ({ref:.0f} µs): "
+          f"{ref / plan:.1f}x less host time")
     return 0
-
-
-class _Inputs:
-    """The StepInputs fields fill_plan reads, for a pure decode step."""
-
-    def __init__(self, seqs, tables, block_size):
-        self.seq_ids = [s.seq_id for s in seqs]
-        self.token_ids = [s.token_ids[0] for s in seqs]
-        self.start_positions = [s.start_pos for s in seqs]
-        self.num_tokens = [1] * len(seqs)
-        self.block_tables = tables
-        self.sample = [True] * len(seqs)
-        self.num_generated = [s.num_generated for s in seqs]
-        self.block_size = block_size
-        self.fed_back = None
 
 
 if __name__ == "__main__":

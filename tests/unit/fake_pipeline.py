@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from shardline.common.server import Unavailable
+from shardline.protocol.decode_rows import all_plans
 from shardline.v1 import worker_pb2
 
 STEP_TIMEOUT_S = 60.0    # generous: a test waits on events, this only bounds a hang
@@ -64,7 +65,7 @@ class FakePipeline:
             self._forgotten[sid] = self._computed.pop(sid)
             self._last.pop(sid, None)
         res = worker_pb2.StepResult(step_id=req.step_id)
-        for plan in req.seqs:
+        for plan in all_plans(req):
             if plan.admit:                      # positions before start_pos: prefix cache
                 self._computed[plan.seq_id] = [-1] * plan.start_pos
             done = self._computed[plan.seq_id]  # (a KeyError: a step for a seq not admitted)

@@ -4,6 +4,7 @@ and a failed pipeline hands its sequences back to be recomputed elsewhere."""
 import asyncio
 
 from shardline.common.server import Unavailable
+from shardline.protocol.decode_rows import all_plans
 from shardline.scheduler.engine import PipelineEngine
 from shardline.scheduler.request import Sequence, SeqStatus
 from shardline.scheduler.scheduler import TokenEvent
@@ -49,7 +50,7 @@ def test_tokens_flow_to_the_request_and_blocks_are_freed_at_the_finish():
         assert engine.idle and engine.stats["steps"] >= 3
         await engine.stop()
         assert fake.closed
-        return [p.last_sampled for r in fake.requests for p in r.seqs]
+        return [p.last_sampled for r in fake.requests for p in all_plans(r)]
 
     assert not any(asyncio.run(body(async_scheduling=False)))
     assert any(asyncio.run(body(async_scheduling=True)))      # lookahead steps were planned
@@ -139,7 +140,7 @@ def test_steps_stay_within_what_the_stages_take():
         engine.add(seq, q)
         events = await drain(q)
         assert [e.token.token_id for e in events] == [token_for(1, i) for i in range(3)]
-        sizes = [sum(len(p.token_ids) or p.last_sampled for p in r.seqs) for r in fake.requests]
+        sizes = [sum(len(p.token_ids) or p.last_sampled for p in all_plans(r)) for r in fake.requests]
         assert max(sizes) == 8 and sum(sizes[:4]) == 30     # the prompt in chunks of <= 8
         await engine.stop()
     asyncio.run(body())

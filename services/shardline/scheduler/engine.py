@@ -22,7 +22,7 @@ from shardline.scheduler.request import Sequence
 from shardline.scheduler.scheduler import Scheduler, StepBatch, TokenEvent
 from shardline.scheduler.waiting_queue import QueueWaitExceeded
 from shardline.v1 import worker_pb2
-from shardline.protocol.plan import SampledToken
+from shardline.protocol.decode_rows import DecodeColumnsBuilder, decode_result
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class PipelineEngine:
                 span = spans.popleft()
                 if span is not None:
                     span.end()
-                tokens = [SampledToken.from_pb(t) for t in result.tokens]
+                tokens = decode_result(result)
                 self._deliver(self.scheduler.postprocess(batch, tokens))
                 self.stats["steps"] += 1
                 self.stats["tokens"] += batch.num_tokens
@@ -209,8 +209,16 @@ class PipelineEngine:
 
     @staticmethod
     def _to_pb(batch: StepBatch) -> worker_pb2.StepRequest:
+        """The plan: plain one-token decodes as DecodeColumns, every other row a SeqPlan."""
         plans = []
+        decode = DecodeColumnsBuilder()
         for seq, step in batch.items:
+            if (not step.admit and step.sample and not step.prefix_token_ids
+                    and (step.last_sampled or len(step.token_ids) == 1)):
+                decode.add(step.seq_id, step.token_ids[0] if step.token_ids else 0,
+                           step.start_pos, step.num_generated, step.last_sampled,
+                           step.new_block_ids)
+                continue
             pb = step.to_pb()
             if step.admit:
                 if seq.trace_context:
@@ -219,5 +227,8 @@ class PipelineEngine:
                     seq.queue_span.end()
                     seq.queue_span = None
             plans.append(pb)
-        return worker_pb2.StepRequest(step_id=batch.step_id, seqs=plans,
-                                      free_seq_ids=batch.free_seq_ids)
+        req = worker_pb2.StepRequest(step_id=batch.step_id, seqs=plans,
+                                     free_seq_ids=batch.free_seq_ids)
+        if len(decode):
+            req.decode.CopyFrom(decode.pb())
+        return req

@@ -20,11 +20,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from shardline.backends.base import StepBackend, StepInputs
 from shardline.common.tensors import DTYPE_TO_NAME
 from shardline.models.kv_cache import KVCache
+from shardline.protocol.decode_rows import DecodeRows
 from shardline.protocol.plan import SampledToken, SamplingConfig, SeqStep
 from shardline.worker.heap import return_free_memory
 from shardline.worker.sampler import Sampler
@@ -141,23 +143,28 @@ class StageRunner:
     # ---- the step -----------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, seqs: Sequence[SeqStep], free_seq_ids: Sequence[int],
-             hidden: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], list[SampledToken]]:
+             hidden: Optional[torch.Tensor], decode: Optional[DecodeRows] = None
+             ) -> tuple[Optional[torch.Tensor], list[SampledToken]]:
         """Run one step. seqs: the scheduled sequences, their tokens in this order in the
-        batch; free_seq_ids: sequences to forget first; hidden: [T, hidden] from the previous
-        stage (None on stage 0). Returns (hidden [T, hidden] for the next stage, []) or, on the
-        last stage, (None, one SampledToken per seq with sample=True, in seqs order)."""
+        batch, then decode's rows (plain one-token decodes as columns); free_seq_ids:
+        sequences to forget first; hidden: [T, hidden] from the previous stage (None on stage
+        0). Returns (hidden [T, hidden] for the next stage, []) or, on the last stage, (None,
+        one SampledToken per sampling row, in batch order)."""
         for seq_id in free_seq_ids:
             self.seqs.pop(seq_id, None)
             if self.sampler is not None:
                 self.sampler.remove(seq_id)
         if free_seq_ids:
             self.backend.forget(free_seq_ids)
-        if not seqs:
+        n_dec = 0 if decode is None else len(decode)
+        if not seqs and not n_dec:
             return (None if self.is_last else self._empty_hidden()), []
         fed_back = [s.last_sampled for s in seqs]
         seqs = [self._with_last_sampled(s) if s.last_sampled else s for s in seqs]
-        tables = self._check_and_apply(seqs, hidden)
-
+        planned = self._check(seqs, hidden, n_dec)
+        if n_dec:
+            dec_states, dec_tokens = self._check_decode(decode, {s.seq_id for s in seqs})
+        tables = self._apply(seqs, planned)
         inputs = StepInputs(
             seq_ids=[s.seq_id for s in seqs], token_ids=[t for s in seqs for t in s.token_ids],
             start_positions=[s.start_pos for s in seqs],
@@ -165,6 +172,8 @@ class StageRunner:
             new_block_ids=[s.new_block_ids for s in seqs], admitted=[s.admit for s in seqs],
             sample=[s.sample for s in seqs], num_generated=[s.num_generated for s in seqs],
             block_size=self.block_size, fed_back=fed_back)
+        if n_dec:
+            self._add_decode(inputs, decode, dec_states, dec_tokens)
         x, tokens = self.backend.step(inputs, hidden, self.kv_cache, self.sampler)
         if not self.is_last:
             return x, []
@@ -190,9 +199,10 @@ class StageRunner:
     def _empty_hidden(self) -> torch.Tensor:
         return torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
 
-    def _check_and_apply(self, seqs: Sequence[SeqStep],
-                         hidden: Optional[torch.Tensor]) -> list[list[int]]:
-        """Validate the whole plan, then update per-sequence state. Returns block tables."""
+    def _check(self, seqs: Sequence[SeqStep], hidden: Optional[torch.Tensor],
+               decode_rows: int = 0) -> list:
+        """Validate the plan's SeqSteps (and hidden, whose rows include decode_rows more);
+        nothing is changed. Returns each one's state (None for admissions)."""
         total = 0
         seen_ids = set()
         planned = []
@@ -239,10 +249,13 @@ class StageRunner:
                 raise ValueError("stage 0 embeds token_ids; it must not be sent hidden states")
         elif hidden is None:
             raise ValueError(f"stage [{self.layer_start}, {self.layer_end}) needs hidden states")
-        elif tuple(hidden.shape) != (total, self.hidden_size):
+        elif tuple(hidden.shape) != (total + decode_rows, self.hidden_size):
             raise ValueError(f"hidden has shape {tuple(hidden.shape)}, the plan needs "
-                             f"({total}, {self.hidden_size})")
+                             f"({total + decode_rows}, {self.hidden_size})")
+        return planned
 
+    def _apply(self, seqs: Sequence[SeqStep], planned: list) -> list[list[int]]:
+        """Update the checked SeqSteps' states (admissions start theirs). Returns block tables."""
         tables = []
         for s, state in zip(seqs, planned):
             if s.admit:
@@ -257,3 +270,65 @@ class StageRunner:
             state.num_computed = s.start_pos + len(s.token_ids)
             tables.append(state.block_table)
         return tables
+
+    # ---- decode rows, as columns ------------------------------------------------------------
+    def _check_decode(self, rows: DecodeRows, planned_ids: set) -> tuple[list, list]:
+        """Validate a step's decode columns as _check does SeqSteps, vectorized; nothing is
+        changed. Returns (their states, their token ids)."""
+        ids = rows.seq_ids.tolist()
+        if len(set(ids)) != len(ids) or planned_ids.intersection(ids):
+            raise ValueError("a sequence appears twice in one step")
+        states = [self.seqs.get(i) for i in ids]
+        if None in states:
+            raise ValueError(f"seq {ids[states.index(None)]} is unknown to this stage and not "
+                             "admitted (freed, or its admission was lost)")
+        computed = np.fromiter((s.num_computed for s in states), np.int64, len(ids))
+        bad = np.flatnonzero(rows.start_pos != computed)
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"seq {ids[i]}: start_pos {int(rows.start_pos[i])} but "
+                             f"{int(computed[i])} tokens are cached")
+        new = rows.new_block_ids
+        if len(new) and not ((new >= 0) & (new < self.num_blocks)).all():
+            raise ValueError(f"decode rows: a block id outside [0, {self.num_blocks})")
+        nblocks = np.fromiter((len(s.block_table) for s in states), np.int64, len(ids))
+        end = rows.start_pos + 1
+        bad = np.flatnonzero(end > (nblocks + rows.new_block_counts) * self.block_size)
+        if len(bad):
+            raise ValueError(f"seq {ids[int(bad[0])]}: position {int(end[bad[0]]) - 1} is past "
+                             "the blocks of its table")
+        if int(end.max()) > self.max_position:
+            raise ValueError(f"decode rows: a position beyond the model's {self.max_position} "
+                             "positions")
+        tokens = rows.token_ids.tolist()
+        for i in np.flatnonzero(rows.last_sampled).tolist():
+            tokens[i] = self._with_last_sampled(SeqStep(
+                ids[i], [], int(rows.start_pos[i]), [], True, last_sampled=True)).token_ids[0]
+        if self.is_first and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
+            raise ValueError(f"decode rows: a token id outside [0, {self.vocab_size})")
+        if self.is_last:
+            missing = [i for i in ids if i not in self.sampler.seqs]
+            if missing:
+                raise ValueError(f"seq {missing[0]} has no sampling state on the last stage")
+        return states, tokens
+
+    def _add_decode(self, inputs: StepInputs, rows: DecodeRows, states: list,
+                    tokens: list) -> None:
+        """Apply the checked decode rows (one more token computed, new blocks) and append
+        them to the step's inputs."""
+        new_blocks = rows.new_blocks()
+        for state, new in zip(states, new_blocks):
+            state.num_computed += 1
+            if new:
+                state.block_table.extend(new)
+        n = len(states)
+        inputs.seq_ids = inputs.seq_ids + rows.seq_ids.tolist()
+        inputs.token_ids = inputs.token_ids + tokens
+        inputs.start_positions = inputs.start_positions + rows.start_pos.tolist()
+        inputs.num_tokens = inputs.num_tokens + [1] * n
+        inputs.block_tables = inputs.block_tables + [s.block_table for s in states]
+        inputs.new_block_ids = inputs.new_block_ids + new_blocks
+        inputs.admitted = inputs.admitted + [False] * n
+        inputs.sample = inputs.sample + [True] * n
+        inputs.num_generated = inputs.num_generated + rows.num_generated.tolist()
+        inputs.fed_back = inputs.fed_back + rows.last_sampled.tolist()

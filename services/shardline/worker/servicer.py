@@ -25,6 +25,7 @@ from shardline.common import telemetry
 from shardline.common.server import InvalidArgument, Unavailable, channel
 from shardline.common.tensors import pb_to_tensor, tensor_to_pb
 from shardline.protocol.limits import profile_request_error, profile_timeout_s
+from shardline.protocol.decode_rows import DecodeRows, encode_result
 from shardline.protocol.plan import SeqStep
 from shardline.protocol.route import ROUTE_KEY, SESSION_KEY
 from shardline.v1 import worker_pb2, worker_pb2_grpc
@@ -163,13 +164,16 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
         try:
             with StageProfiler.range(DECODE_RANGE):
                 seqs = [SeqStep.from_pb(s) for s in req.seqs]
+                decode = DecodeRows.from_pb(req.decode) if req.HasField("decode") else None
                 # host memory: the backend moves it (the GPU engine: pinned, non-blocking)
                 hidden = pb_to_tensor(req.hidden) if req.HasField("hidden") else None
-            hidden_out, tokens = runner.step(seqs, list(req.free_seq_ids), hidden)
+            hidden_out, tokens = runner.step(seqs, list(req.free_seq_ids), hidden, decode)
             if forward:
                 with StageProfiler.range(ENCODE_RANGE):
                     out = worker_pb2.StepRequest(step_id=req.step_id, seqs=req.seqs,
                                                  free_seq_ids=req.free_seq_ids)
+                    if decode is not None:
+                        out.decode.CopyFrom(req.decode)
                     if hidden_out is not None:
                         out.hidden.CopyFrom(tensor_to_pb(hidden_out))
                 if span is not None:
@@ -177,15 +181,15 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
                 dt = time.perf_counter() - t0
                 return out, dt
             with StageProfiler.range(ENCODE_RANGE):
-                res = worker_pb2.StepResult(step_id=req.step_id,
-                                            tokens=[t.to_pb() for t in tokens])
+                res = encode_result(req.step_id, tokens)
             dt = time.perf_counter() - t0
             res.stage_seconds.append(dt)
             return res, 0.0
         finally:
             stage = str(self.stage_index)
             STEP_SECONDS.labels(stage).observe(time.perf_counter() - t0)
-            STEP_TOKENS.labels(stage).inc(sum(len(s.token_ids) or s.last_sampled for s in req.seqs))
+            STEP_TOKENS.labels(stage).inc(sum(len(s.token_ids) or s.last_sampled for s in req.seqs)
+                                            + len(req.decode.seq_ids))
             for s in admits:
                 s.end()
             if span is not None:
