@@ -216,3 +216,23 @@ def test_a_step_beyond_the_engine_limits_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="exceeds the engine's 2 sequences"):
         r.step(steps, [], None)
     assert r.max_position == 512            # the tiny model's positions fit the tables
+
+
+def test_warm_up_prepares_every_bucket_in_the_scratch_block(tiny_llama):
+    """warm_up: a throwaway sequence in block 0, then a padding-only step per decode bucket
+    (on CUDA each captured as its graph): only block 0 and the scratch block are written, and
+    the engine serves the reference's tokens afterwards."""
+    r = _runner(tiny_llama, True, max_num_seqs=8)
+    cache, bs = r.kv_cache, r.block_size
+    runs = []
+    layers = r.backend._layers
+    r.backend._layers = lambda meta, kv, logits: runs.append(meta.num_tokens) or layers(
+        meta, kv, logits)
+    r.warm_up()
+    assert runs[-4:] == [1, 2, 4, 8]                     # every bucket, padding rows only
+    written = set(torch.nonzero((cache.k != 0).any(dim=-1).any(dim=1).any(dim=0))
+                  .flatten().div(bs, rounding_mode="floor").tolist())
+    assert written == {0, cache.scratch_block}
+    r.backend._layers = layers
+    ref = _ids(Driver(_runner(tiny_llama, False)).run(decode_steps=3))
+    assert _ids(Driver(r).run(decode_steps=3)) == ref

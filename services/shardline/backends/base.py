@@ -103,6 +103,9 @@ class StepBackend(ABC):
         gen = [g for g, s in zip(inputs.num_generated, inputs.sample) if s]
         return None, sampler.sample(self.logits(last), ids, gen)
 
+    def prepare(self, kv_cache: KVCache) -> None:
+        """Before serving, after the runner's warm-up (the GPU engine captures its graphs)."""
+
     def forget(self, seq_ids: Sequence[int]) -> None:
         """Sequences the scheduler freed (a backend that keeps per-sequence state drops it)."""
 

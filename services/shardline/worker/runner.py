@@ -137,6 +137,7 @@ class StageRunner:
         self.step([SeqStep(0, [1], 2, [], self.is_last, num_generated=1)], [],
                   None if hidden is None else hidden[:1])
         self.step([], [0], None)
+        self.backend.prepare(self.kv_cache)
         log.info("warmed up the %s backend in %.1f s", self.backend.name,
                  time.perf_counter() - t0)
 

@@ -28,8 +28,8 @@ from shardline.backends.gpu.graphs import DecodeGraphs
 from shardline.backends.gpu.paged_torch import paged_attention_torch
 from shardline.backends.gpu.seq_slots import SeqSlots
 from shardline.backends.gpu.staging import StepBuffers
-from shardline.backends.gpu.step_plan import (DECODE_BUCKETS, StepShape, fill_plan,
-                                              staging_fields)
+from shardline.backends.gpu.step_plan import (DECODE_BUCKETS, StepShape, fill_padding,
+                                              fill_plan, staging_fields)
 from shardline.models.decoder import StageModel
 from shardline.models.kv_cache import KVCache
 
@@ -140,6 +140,23 @@ class GpuEngineBackend(StepBackend):
 
     def forget(self, seq_ids) -> None:
         self.slots.forget(seq_ids)
+
+    @torch.inference_mode()
+    def prepare(self, kv_cache: KVCache) -> None:
+        """Capture every decode bucket's graph before serving (a padding-only step each, in
+        the scratch block), so no request meets a capture. Where graphs are off (the CPU)
+        each bucket's step runs once, eagerly."""
+        for bucket in self.buckets:
+            shape = fill_padding(self.buffers, bucket, kv_cache.scratch_block,
+                                 kv_cache.block_size)
+            self.buffers.upload(shape.nbytes)
+            meta = EngineMetadata(self.buffers.dev, shape, kv_cache.block_size, self.attention)
+            self.graphs.run(bucket, lambda: self._layers(meta, kv_cache,
+                                                         logits=self.model.is_last))
+        if self._event is not None:
+            torch.cuda.synchronize(self.device)
+        log.info("%s: decode buckets %s ready (%s)", self.name, list(self.buckets),
+                 "CUDA graphs" if self.graphs.enabled else "eager")
 
     def forget_all(self) -> None:
         self.slots.forget_all()

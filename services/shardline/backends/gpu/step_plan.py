@@ -137,3 +137,23 @@ def fill_plan(buf: StepBuffers, inputs, slots: np.ndarray, seq_slots: SeqSlots,
         all_greedy=bool((temp <= 0).all()), penalized=np.flatnonzero(pen_all).tolist(),
         top_logprobs=(int(params[want_lp, COL["top_logprobs"]].max()) if want_lp.any() else -1),
         nbytes=buf.end_of("block_tables", seqs))
+
+
+def fill_padding(buf: StepBuffers, bucket: int, scratch_block: int,
+                 block_size: int) -> StepShape:
+    """A decode step of `bucket` padding rows only (every row in the scratch block): what the
+    engine captures each bucket's CUDA graph on before serving."""
+    h = buf.host
+    h["token_ids"][:bucket] = 0
+    h["positions"][:bucket] = 0
+    h["slot_mapping"][:bucket] = scratch_block * block_size
+    h["row_seq"][:bucket] = np.arange(bucket)
+    h["row_slot"][:bucket] = 0
+    h["row_fed"][:bucket] = 0
+    h["context_lens"][:bucket] = 1
+    h["block_tables"][:bucket, 0] = scratch_block
+    h["query_start_loc"][:bucket + 1] = np.arange(bucket + 1)
+    return StepShape(num_seqs=0, num_tokens=0, rows=bucket, seqs=bucket, decode=True,
+                     decode_bucket=bucket, width_blocks=1, fresh_prefill=False, num_sampled=0,
+                     max_top_k=0, use_top_p=False, all_greedy=True, penalized=[],
+                     top_logprobs=-1, nbytes=buf.end_of("block_tables", bucket))
