@@ -23,6 +23,8 @@ TINY_FAMILIES = {
         "original_max_position_embeddings": 64})),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    # head_dim 32 with hidden 64 and 4 heads: q/k/v are wider than the hidden size
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True, head_dim=32)),
 }
 
 

@@ -53,11 +53,21 @@ def test_qwen2_has_qkv_bias_and_mistral_ignores_sliding_window():
     assert not m.attention_bias and m.head_dim == 16 and m.extra["sliding_window"] == 4096
 
 
+def test_qwen3_normalizes_q_and_k_and_keeps_its_head_dim():
+    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 100,
+            "head_dim": 32, "use_sliding_window": False}
+    q = ModelConfig.from_dict({**base, "model_type": "qwen3"})
+    assert q.qk_norm and q.head_dim == 32 and not q.attention_bias
+    assert not ModelConfig.from_dict({**base, "model_type": "qwen2"}).qk_norm
+
+
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "gpt2"}, "model_type"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"num_key_value_heads": 3}, "multiple"),
+    ({"model_type": "qwen3", "use_sliding_window": True}, "use_sliding_window"),
 ])
 def test_unsupported_configs_are_refused(change, message):
     base = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardline.models.layers import Linear, apply_rope
+from shardline.models.layers import Linear, RMSNorm, apply_rope
 from shardline.models.config import ModelConfig
 
 
@@ -227,6 +227,16 @@ class Attention(nn.Module):
         self.v_proj = Linear(config.hidden_size, self.num_kv_heads * hd, bias=bias)
         self.o_proj = Linear(self.num_heads * hd, config.hidden_size, bias=False)
         self.qkv_proj: Optional[nn.Module] = None    # q, k, v in one (see fuse.fuse_stage)
+        # Qwen3: each head's q and k RMS-normalized (weights [head_dim]) before RoPE
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
+
+    def _qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """[T, H, hd], [T, KV, hd] -> [T, H + KV, hd], normalized per head where the model
+        does (Qwen3), ready for RoPE."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return torch.cat([q, k], dim=1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -236,14 +246,17 @@ class Attention(nn.Module):
         if self.qkv_proj is not None:
             h, kv = self.num_heads, self.num_kv_heads
             qkv = self.qkv_proj(x).view(t, h + 2 * kv, self.head_dim)   # [T, H + 2KV, hd]
-            qk = apply_rope(qkv[:, :h + kv], cos, sin)                     # [T, H + KV, hd]
+            qk = qkv[:, :h + kv]
+            if self.q_norm is not None:
+                qk = self._qk_norm(qk[:, :h], qk[:, h:])
+            qk = apply_rope(qk, cos, sin)                                  # [T, H + KV, hd]
             o = meta.attend(qk[:, :h], qk[:, h:], qkv[:, h + kv:], k_cache, v_cache,
                             self.scale)                                    # [T, H, hd]
             return self.o_proj(o.reshape(t, h * self.head_dim))
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)      # [T, H, hd]
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)   # [T, KV, hd]
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)   # [T, KV, hd]
-        qk = apply_rope(torch.cat([q, k], dim=1), cos, sin)            # [T, H + KV, hd]
+        qk = apply_rope(self._qk_norm(q, k), cos, sin)                # [T, H + KV, hd]
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         o = meta.attend(q, k, v, k_cache, v_cache, self.scale)            # [T, H, hd]
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))

@@ -1,4 +1,5 @@
-"""The decoder's shape, read from an HF config.json (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5)."""
+"""The decoder's shape, read from an HF config.json (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5,
+Qwen3)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -25,6 +26,7 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None   # None, or {"rope_type": "linear"|"llama3", ...}
     tie_word_embeddings: bool = False
     attention_bias: bool = False          # bias on q/k/v (Qwen2)
+    qk_norm: bool = False                 # RMSNorm of each head's q and k before RoPE (Qwen3)
     max_position_embeddings: int = 4096
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: Optional[int] = None
@@ -57,6 +59,9 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        if model_type == "qwen3" and d.get("use_sliding_window"):
+            raise ValueError("qwen3 with use_sliding_window is not supported yet (its layers "
+                             "would attend past their window)")
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
@@ -90,6 +95,7 @@ class ModelConfig:
             rope_scaling=scaling,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
+            qk_norm=model_type == "qwen3",
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             eos_token_ids=tuple(eos),
             bos_token_id=d.get("bos_token_id"),
