@@ -56,3 +56,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def tiny_llama(tmp_path_factory):
     """A random tiny Llama checkpoint (HF transformers, from a config)."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_swa(tmp_path_factory):
+    """A random tiny Mistral checkpoint whose every layer has an 8-token sliding window."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-mistral-swa"), "mistral-swa")

@@ -211,6 +211,14 @@ def test_triton_kernels_in_the_engine(tiny_llama):
     assert got == ref
 
 
+@pytest.mark.parametrize("attention", ["torch", "triton"])
+def test_sliding_windows_in_the_engine(tiny_mistral_swa, attention):
+    """An 8-token window on every layer, prompts of 21-37 tokens: the reference's tokens."""
+    ref = _ids(Driver(_runner(tiny_mistral_swa, False)).run(decode_steps=4))
+    got = _ids(Driver(_runner(tiny_mistral_swa, True, attention=attention)).run(decode_steps=4))
+    assert got == ref
+
+
 def test_a_step_beyond_the_engine_limits_is_refused(tiny_llama):
     r = _runner(tiny_llama, True, max_num_seqs=2)
     steps = [SeqStep(i, [4], 0, [i], True, admit=True, sampling=SamplingConfig())

@@ -25,6 +25,10 @@ TINY_FAMILIES = {
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     # head_dim 32 with hidden 64 and 4 heads: q/k/v are wider than the hidden size
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True, head_dim=32)),
+    # sliding windows shorter than the tests' prompts: every layer's, or the last two's
+    "mistral-swa": ("MistralConfig", dict(sliding_window=8)),
+    "qwen2-swa": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8,
+                                      max_window_layers=2)),
 }
 
 

@@ -44,13 +44,22 @@ def test_transformers5_rope_parameters_and_generation_eos(tmp_path):
     assert cfg.eos_token_ids == (2, 0) and cfg.tie_word_embeddings
 
 
-def test_qwen2_has_qkv_bias_and_mistral_ignores_sliding_window():
-    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+def test_qwen2_has_qkv_bias_and_sliding_windows_per_layer():
+    base = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
             "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 100}
-    assert ModelConfig.from_dict({**base, "model_type": "qwen2"}).attention_bias
+    q = ModelConfig.from_dict({**base, "model_type": "qwen2", "sliding_window": 32})
+    assert q.attention_bias and q.layer_windows == ()         # use_sliding_window is off
+    q = ModelConfig.from_dict({**base, "model_type": "qwen2", "sliding_window": 32,
+                               "use_sliding_window": True, "max_window_layers": 3})
+    assert [q.window(i) for i in range(4)] == [0, 0, 0, 32]
     m = ModelConfig.from_dict({**base, "model_type": "mistral", "sliding_window": 4096,
                                "head_dim": None})
-    assert not m.attention_bias and m.head_dim == 16 and m.extra["sliding_window"] == 4096
+    assert not m.attention_bias and m.head_dim == 16 and m.layer_windows == (4096,) * 4
+    assert ModelConfig.from_dict({**base, "model_type": "mistral",
+                                  "sliding_window": None}).layer_windows == ()
+    t = ModelConfig.from_dict({**base, "sliding_window": 8, "layer_types": [
+        "sliding_attention", "full_attention", "sliding_attention", "full_attention"]})
+    assert t.layer_windows == (8, 0, 8, 0)
 
 
 def test_qwen3_normalizes_q_and_k_and_keeps_its_head_dim():
@@ -67,7 +76,8 @@ def test_qwen3_normalizes_q_and_k_and_keeps_its_head_dim():
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"num_key_value_heads": 3}, "multiple"),
-    ({"model_type": "qwen3", "use_sliding_window": True}, "use_sliding_window"),
+    ({"layer_types": ["full_attention", "chunked_attention"]}, "chunked_attention"),
+    ({"layer_types": ["sliding_attention", "full_attention"]}, "without a sliding_window"),
 ])
 def test_unsupported_configs_are_refused(change, message):
     base = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,

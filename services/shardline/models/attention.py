@@ -68,10 +68,11 @@ class AttentionMetadata:
         return self.plan[3]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, scale: float) -> torch.Tensor:
-        """Write k, v at the rows' slots and attend (see paged_attention). Every step's
-        metadata has this method: a backend's own metadata brings its own kernels."""
-        return paged_attention(q, k, v, k_cache, v_cache, self, scale)
+               v_cache: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+        """Write k, v at the rows' slots and attend (see paged_attention), to the last
+        `window` positions only when window > 0. Every step's metadata has this method: a
+        backend's own metadata brings its own kernels."""
+        return paged_attention(q, k, v, k_cache, v_cache, self, scale, window)
 
     def per_row(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(block tables [T, blocks] int64, lengths [T] int64): each row's sequence's block
@@ -160,8 +161,9 @@ def _decode_batch(rows: Optional[torch.Tensor], starts: list[int],
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Write k, v into the cache and attend.
+                    meta: AttentionMetadata, scale: float, window: int = 0) -> torch.Tensor:
+    """Write k, v into the cache and attend (window > 0: each row to its last `window`
+    positions only, itself included, as HF's sliding-window masks).
 
     q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim]
     k_cache, v_cache: [kv_heads, slots, head_dim] (this layer's)
@@ -184,22 +186,29 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # KV heads as the outer batch dim keeps the gathered K/V contiguous; the query heads of
         # each KV head act as its "query positions": [KV, D, group, hd] against [KV, D, L, hd]
         qd = qd.view(n, num_kv_heads, group, head_dim).transpose(0, 1)
-        dec_out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale)
+        mask = d.mask
+        if 0 < window < length:
+            keys = torch.arange(length, device=q.device)
+            inside = (keys[None, :] >= (d.lengths - window)[:, None])[None, :, None, :]
+            mask = inside if mask is None else mask & inside                   # [1, D, 1, L]
+        dec_out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
         dec_out = dec_out.transpose(0, 1).reshape(n, num_heads, head_dim)
         if d.rows is None:
             return dec_out
 
     if len(meta.prefills) == 1 and dec_out is None:
-        return _prefill(q, k, v, k_cache, v_cache, meta.prefills[0], scale)
+        return _prefill(q, k, v, k_cache, v_cache, meta.prefills[0], scale, window)
     out = torch.empty_like(q)
     if dec_out is not None:
         out.index_copy_(0, meta.decode.rows, dec_out)
     for p in meta.prefills:
-        out[p.row_start:p.row_end] = _prefill(q, k, v, k_cache, v_cache, p, scale)
+        out[p.row_start:p.row_end] = _prefill(q, k, v, k_cache, v_cache, p, scale, window)
     return out
 
 
-def _prefill(q, k, v, k_cache, v_cache, p: PrefillChunk, scale: float) -> torch.Tensor:
+def _prefill(q, k, v, k_cache, v_cache, p: PrefillChunk, scale: float,
+             window: int = 0) -> torch.Tensor:
+    n = p.row_end - p.row_start
     qp = q[p.row_start:p.row_end].transpose(0, 1)                                # [H, n, hd]
     if p.gather is None:                 # the chunk is the whole context: no cache read
         kp = k[p.row_start:p.row_end].transpose(0, 1)                            # [KV, n, hd]
@@ -207,16 +216,23 @@ def _prefill(q, k, v, k_cache, v_cache, p: PrefillChunk, scale: float) -> torch.
     else:
         kp = k_cache.index_select(1, p.gather)                                   # [KV, ctx, hd]
         vp = v_cache.index_select(1, p.gather)
-    out = F.scaled_dot_product_attention(qp[None], kp[None], vp[None], attn_mask=p.mask,
-                                         is_causal=p.mask is None, scale=scale, enable_gqa=True)
+    mask = p.mask
+    end = kp.shape[1]
+    if 0 < window < end:                 # keys j of query position i: i - window < j <= i
+        q_pos = torch.arange(end - n, end, device=q.device)[:, None]
+        keys = torch.arange(end, device=q.device)[None, :]
+        mask = (keys <= q_pos) & (keys > q_pos - window)                          # [n, ctx]
+    out = F.scaled_dot_product_attention(qp[None], kp[None], vp[None], attn_mask=mask,
+                                         is_causal=mask is None, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)                                                # [n, H, hd]
 
 
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads, rotary positions and a paged cache."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
+        self.sliding_window = config.window(layer)     # 0: every position
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = hd = config.head_dim
@@ -251,12 +267,12 @@ class Attention(nn.Module):
                 qk = self._qk_norm(qk[:, :h], qk[:, h:])
             qk = apply_rope(qk, cos, sin)                                  # [T, H + KV, hd]
             o = meta.attend(qk[:, :h], qk[:, h:], qkv[:, h + kv:], k_cache, v_cache,
-                            self.scale)                                    # [T, H, hd]
+                            self.scale, self.sliding_window)               # [T, H, hd]
             return self.o_proj(o.reshape(t, h * self.head_dim))
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)      # [T, H, hd]
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)   # [T, KV, hd]
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)   # [T, KV, hd]
         qk = apply_rope(self._qk_norm(q, k), cos, sin)                # [T, H + KV, hd]
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-        o = meta.attend(q, k, v, k_cache, v_cache, self.scale)            # [T, H, hd]
+        o = meta.attend(q, k, v, k_cache, v_cache, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))

@@ -27,6 +27,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False          # bias on q/k/v (Qwen2)
     qk_norm: bool = False                 # RMSNorm of each head's q and k before RoPE (Qwen3)
+    # per layer: attend to the last N positions only (the current one included); 0 = all
+    layer_windows: tuple[int, ...] = ()
     max_position_embeddings: int = 4096
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: Optional[int] = None
@@ -45,6 +47,10 @@ class ModelConfig:
                 raise ValueError(f"rope scaling {kind!r} is not supported "
                                  f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
 
+    def window(self, layer: int) -> int:
+        """Layer `layer`'s sliding window (0: it attends to every position)."""
+        return self.layer_windows[layer] if self.layer_windows else 0
+
     @property
     def rope_type(self) -> str:
         if self.rope_scaling is None:
@@ -59,9 +65,6 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        if model_type == "qwen3" and d.get("use_sliding_window"):
-            raise ValueError("qwen3 with use_sliding_window is not supported yet (its layers "
-                             "would attend past their window)")
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
@@ -96,6 +99,7 @@ class ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
             qk_norm=model_type == "qwen3",
+            layer_windows=_layer_windows(d, model_type),
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             eos_token_ids=tuple(eos),
             bos_token_id=d.get("bos_token_id"),
@@ -111,3 +115,29 @@ class ModelConfig:
         gen_path = model_dir / "generation_config.json"
         gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
         return cls.from_dict(d, gen)
+
+
+def _layer_windows(d: dict[str, Any], model_type: str) -> tuple[int, ...]:
+    """Each layer's sliding window from config.json, as transformers reads it: `layer_types`
+    where given ("sliding_attention" layers get `sliding_window`); else Mistral's
+    `sliding_window` on every layer; else Qwen2/3's `use_sliding_window` on the layers from
+    `max_window_layers` on. () when no layer has one."""
+    n, window = d["num_hidden_layers"], d.get("sliding_window") or 0
+    types = d.get("layer_types")
+    if types is not None:
+        if len(types) != n:
+            raise ValueError(f"layer_types has {len(types)} entries for {n} layers")
+        unknown = set(types) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise ValueError(f"layer_types {sorted(unknown)} are not supported")
+        if "sliding_attention" in types and not window:
+            raise ValueError("sliding_attention layers without a sliding_window")
+        windows = tuple(window if t == "sliding_attention" else 0 for t in types)
+    elif model_type == "mistral":
+        windows = (window,) * n
+    elif model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+        first = d.get("max_window_layers", n)
+        windows = tuple(window if i >= first else 0 for i in range(n))
+    else:
+        windows = ()
+    return windows if any(windows) else ()

@@ -21,10 +21,10 @@ from shardline.models.config import ModelConfig
 class DecoderLayer(nn.Module):
     """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.fused = False               # set by fuse.fuse_stage: in-place residual adds
@@ -62,7 +62,7 @@ class StageModel(nn.Module):
         self.is_last = layer_end == config.num_layers
         self.embed_tokens = (nn.Embedding(config.vocab_size, config.hidden_size)
                              if self.is_first else None)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(layer_end - layer_start))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(layer_start, layer_end))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last else None
         self.lm_head = (Linear(config.hidden_size, config.vocab_size, bias=False)
                         if self.is_last else None)

@@ -142,6 +142,11 @@ class CpuKernelBackend(StepBackend):
             log.info("the CPU kernels have no q/k norm (%s): this stage runs on the PyTorch "
                      "reference", cfg.model_type)
             return None
+        windows = [cfg.window(i) for i in range(model.layer_start, model.layer_end)]
+        if any(0 < w < cfg.max_position_embeddings for w in windows):
+            log.info("the CPU kernels have no sliding window (%s, window %d): this stage runs "
+                     "on the PyTorch reference", cfg.model_type, max(windows))
+            return None
         if any(getattr(layer.self_attn, "qkv_proj", None) is None
                or getattr(layer.mlp, "gate_up_proj", None) is None for layer in model.layers):
             return None                               # the kernels take fused projections
