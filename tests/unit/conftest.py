@@ -25,6 +25,8 @@ TINY_FAMILIES = {
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     # head_dim 32 with hidden 64 and 4 heads: q/k/v are wider than the hidden size
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True, head_dim=32)),
+    "llama-yarn": ("LlamaConfig", dict(rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
     # sliding windows shorter than the tests' prompts: every layer's, or the last two's
     "mistral-swa": ("MistralConfig", dict(sliding_window=8)),
     "qwen2-swa": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8,

@@ -178,7 +178,7 @@ def _our_logits(runner: StageRunner, ids: list[int], start: int, blocks: list[in
 
 
 @pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "qwen3",
-                                    "mistral-swa", "qwen2-swa"])
+                                    "mistral-swa", "qwen2-swa", "llama-yarn"])
 def test_tiny_families_match_hf_logits(tiny_model_dir, family):
     from transformers import AutoModelForCausalLM
     path = tiny_model_dir(family)

@@ -74,7 +74,7 @@ def test_qwen3_normalizes_q_and_k_and_keeps_its_head_dim():
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "gpt2"}, "model_type"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "dynamic"),
     ({"num_key_value_heads": 3}, "multiple"),
     ({"layer_types": ["full_attention", "chunked_attention"]}, "chunked_attention"),
     ({"layer_types": ["sliding_attention", "full_attention"]}, "without a sliding_window"),

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class ModelConfig:
     vocab_size: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None   # None, or {"rope_type": "linear"|"llama3", ...}
+    rope_scaling: Optional[dict] = None   # None, or {"rope_type": "linear"|"llama3"|"yarn", ...}
     tie_word_embeddings: bool = False
     attention_bias: bool = False          # bias on q/k/v (Qwen2)
     qk_norm: bool = False                 # RMSNorm of each head's q and k before RoPE (Qwen3)

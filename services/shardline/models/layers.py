@@ -119,7 +119,46 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif config.rope_type == "yarn":
+        inv_freq = _yarn_inv_freq(inv_freq, config, scaling)
     return inv_freq
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, config: ModelConfig, scaling: dict) -> torch.Tensor:
+    """YaRN (arXiv 2309.00071): dimensions that turn fewer than beta_slow times over the
+    original context are interpolated (frequency / factor), those that turn more than
+    beta_fast times kept, a linear ramp between (over the dimension index)."""
+    dim, base, factor = config.head_dim, config.rope_theta, scaling["factor"]
+    old_len = scaling["original_max_position_embeddings"]
+
+    def dim_of(rotations: float) -> float:        # the dimension turning `rotations` times
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(scaling.get("beta_fast") or 32), dim_of(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp                              # 1: the original frequency, 0: interpolated
+    return inv_freq / factor * (1 - keep) + inv_freq * keep
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """The factor YaRN scales cos and sin by (1 for every other RoPE type)."""
+    if config.rope_type != "yarn":
+        return 1.0
+    scaling = config.rope_scaling
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = scaling["factor"]
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
 
 
 class RotaryEmbedding(nn.Module):
@@ -136,7 +175,8 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(config).to(device)
         positions = torch.arange(config.max_position_embeddings, device=device).float()
         freqs = torch.outer(positions, inv_freq)                       # [max_pos, head_dim / 2]
-        cos, sin = freqs.cos(), freqs.sin()
+        factor = rope_attention_factor(config)
+        cos, sin = freqs.cos() * factor, freqs.sin() * factor
         self.register_buffer("cos", torch.cat([cos, cos], -1).to(dtype), persistent=False)
         self.register_buffer("sin_signed", torch.cat([-sin, sin], -1).to(dtype), persistent=False)
 
