@@ -27,6 +27,8 @@ TINY_FAMILIES = {
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True, head_dim=32)),
     "llama-yarn": ("LlamaConfig", dict(rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
+    # fused qkv_proj and gate_up_proj in the checkpoint; every layer windowed
+    "phi3": ("Phi3Config", dict(sliding_window=16, pad_token_id=0)),
     # sliding windows shorter than the tests' prompts: every layer's, or the last two's
     "mistral-swa": ("MistralConfig", dict(sliding_window=8)),
     "qwen2-swa": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8,

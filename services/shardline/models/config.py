@@ -1,5 +1,5 @@
 """The decoder's shape, read from an HF config.json (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5,
-Qwen3)."""
+Qwen3, Phi-3)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -65,6 +65,11 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        rope_dict = dict(d.get("rope_parameters") or {})
+        partial = rope_dict.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise ValueError(f"partial_rotary_factor {partial} is not supported (RoPE over "
+                             "the whole head only)")
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
@@ -133,7 +138,7 @@ def _layer_windows(d: dict[str, Any], model_type: str) -> tuple[int, ...]:
         if "sliding_attention" in types and not window:
             raise ValueError("sliding_attention layers without a sliding_window")
         windows = tuple(window if t == "sliding_attention" else 0 for t in types)
-    elif model_type == "mistral":
+    elif model_type in ("mistral", "phi3"):
         windows = (window,) * n
     elif model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
         first = d.get("max_window_layers", n)

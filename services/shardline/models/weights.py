@@ -94,6 +94,24 @@ def random_stage_model(config: ModelConfig, layer_start: int, layer_end: int,
     return model.eval()
 
 
+def _fused_part(src: str, config: ModelConfig):
+    """Where a separate projection lives in a checkpoint that stores it fused (Phi-3:
+    self_attn.qkv_proj = q; k; v rows, mlp.gate_up_proj = gate; up rows): (fused tensor name,
+    first row, end row), or None."""
+    prefix, _, leaf = src.rpartition(".")
+    prefix, _, proj = prefix.rpartition(".")
+    if leaf != "weight":
+        return None
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    inter = config.intermediate_size
+    rows = {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, q + kv),
+            "v_proj": ("qkv_proj", q + kv, q + 2 * kv), "gate_proj": ("gate_up_proj", 0, inter),
+            "up_proj": ("gate_up_proj", inter, 2 * inter)}.get(proj)
+    if rows is None:
+        return None
+    return f"{prefix}.{rows[0]}.weight", rows[1], rows[2]
+
+
 def load_stage_model(model_dir: Union[str, pathlib.Path], config: ModelConfig,
                      layer_start: int, layer_end: int, dtype: torch.dtype,
                      device: Union[str, torch.device]) -> StageModel:
@@ -117,19 +135,26 @@ def load_stage_model(model_dir: Union[str, pathlib.Path], config: ModelConfig,
     if share_embedding:
         names.pop("lm_head.weight")
     where = _tensor_files(model_dir)
-    missing = sorted(src for src in names.values() if src not in where)
+    parts = {src: part for src in names.values() if src not in where
+             for part in [_fused_part(src, config)] if part and part[0] in where}
+    missing = sorted(src for src in names.values() if src not in where and src not in parts)
     if missing:
         raise KeyError(f"checkpoint {model_dir} lacks {missing[:5]}"
                        f"{' ...' if len(missing) > 5 else ''}")
 
     by_file: dict[pathlib.Path, list[tuple[str, str]]] = defaultdict(list)
     for name, src in names.items():
-        by_file[where[src]].append((name, src))
+        by_file[where[parts[src][0] if src in parts else src]].append((name, src))
     state = {}
     for path, pairs in by_file.items():
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name, src in pairs:
-                state[name] = f.get_tensor(src).to(device=device, dtype=dtype)
+                if src in parts:             # a slice of rows of a fused checkpoint tensor
+                    fused, start, end = parts[src]
+                    tensor = f.get_slice(fused)[start:end]
+                else:
+                    tensor = f.get_tensor(src)
+                state[name] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=not share_embedding, assign=True)
     if share_embedding:
         model.lm_head.weight = model.embed_tokens.weight
