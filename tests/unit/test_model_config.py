@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
 
 from shardline.models.layers import rope_inv_freq
-from shardline.models.config import ModelConfig
+from shardline.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from shardline.models.families import FAMILIES, markdown_table
 
 LLAMA3 = {
     "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
@@ -88,3 +90,10 @@ def test_unsupported_configs_are_refused(change, message):
             "vocab_size": 100}
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_dict({**base, **change})
+
+
+def test_the_readme_table_is_the_registry():
+    """README.md's supported-families table is generated from models/families.py."""
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert markdown_table() in readme
+    assert set(SUPPORTED_MODEL_TYPES) == {f.model_type for f in FAMILIES}

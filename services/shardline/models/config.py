@@ -7,7 +7,9 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+from shardline.models.families import FAMILIES
+
+SUPPORTED_MODEL_TYPES = tuple(f.model_type for f in FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 

@@ -1,0 +1,46 @@
+"""The model families Shardline serves: the registry the config reader accepts model types
+from, and the README's supported-families table is generated from (so neither can drift).
+
+    python -m shardline.models.families      # prints the table (README.md holds a copy,
+                                             # tests/unit/test_model_config.py compares)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+QUANTIZATION = "int8, int4, fp8 (CUDA)"
+ROPE = "RoPE default / linear / llama3 / yarn"
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str               # config.json's model_type
+    name: str
+    options: str                  # what of the family's config is honoured
+    cpu_kernels: str              # where its bf16 CPU stages run
+
+
+FAMILIES = (
+    Family("llama", "Llama 2 / 3, SmolLM2", f"{ROPE}, tied embeddings", "CPU kernels"),
+    Family("mistral", "Mistral", f"{ROPE}, `sliding_window` on every layer",
+           "CPU kernels; reference with a window shorter than the context"),
+    Family("qwen2", "Qwen2 / 2.5", f"{ROPE}, q/k/v bias, `use_sliding_window` from "
+           "`max_window_layers`, `layer_types`",
+           "CPU kernels; reference with a window shorter than the context"),
+    Family("qwen3", "Qwen3", f"{ROPE}, per-head q/k RMSNorm, `head_dim` of its own, "
+           "sliding windows as Qwen2", "reference (no q/k norm in the kernels yet)"),
+    Family("phi3", "Phi-3", f"{ROPE} (not longrope), fused `qkv_proj` / `gate_up_proj`, "
+           "`sliding_window`", "CPU kernels; reference with a window shorter than the context"),
+)
+
+
+def markdown_table() -> str:
+    rows = ["| family | `model_type` | honoured | bf16 on the CPU | GPU | quantization |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| {f.name} | `{f.model_type}` | {f.options} | {f.cpu_kernels} | GPU engine | "
+             f"{QUANTIZATION} |" for f in FAMILIES]
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
