@@ -20,6 +20,7 @@ from shardline.client import Client
 from shardline.common.auth import TOKEN_ENV, ApiKeys
 from shardline.common.spawn import spawn_shardline
 from shardline.launcher import free_port, wait_serving
+from shardline.protocol.decode_rows import decode_result
 from shardline.protocol.route import ROUTE_KEY, SESSION_KEY
 from shardline.v1 import (common_pb2, generate_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc,
                           worker_pb2, worker_pb2_grpc)
@@ -266,7 +267,7 @@ def test_the_same_scheduler_supersedes_its_stream_and_others_are_refused(lone_wo
     ch, feed, old = open_step(lone_worker, WORKER_TOKEN, session="scheduler-a")
     try:
         feed.put(admit(7))
-        assert len(next(old).tokens) == 1
+        assert len(decode_result(next(old))) == 1
         err = step_error(lone_worker, WORKER_TOKEN, session="scheduler-b",
                          request=admit(8))
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -292,7 +293,7 @@ def test_the_same_scheduler_supersedes_its_stream_and_others_are_refused(lone_wo
     ch3, feed3, third = open_step(lone_worker, WORKER_TOKEN, session="scheduler-b")
     try:
         feed3.put(admit(9))
-        assert len(next(third).tokens) == 1
+        assert len(decode_result(next(third))) == 1
     finally:
         feed3.close()
         ch3.close()

@@ -89,12 +89,13 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
                 else:
                     self._seq_span_ctx[s.seq_id] = sc
                     admitted.append(s)
-        ctxs = [self._seq_span_ctx.get(s.seq_id) for s in req.seqs]
+        seq_ids = [s.seq_id for s in req.seqs] + list(req.decode.seq_ids)
+        ctxs = [self._seq_span_ctx.get(sid) for sid in seq_ids]
         name = f"stage{self.stage_index}.forward"
         span = telemetry.tracer.start_span(
             name, context=telemetry.extract(req.trace_context), links=telemetry.links(ctxs),
             attributes={"shardline.stage": self.stage_index, "shardline.step_id": req.step_id,
-                        "shardline.num_seqs": len(req.seqs)})
+                        "shardline.num_seqs": len(seq_ids)})
         step_link = [trace.Link(span.get_span_context())]
         admits = [telemetry.tracer.start_span(
             f"stage{self.stage_index}.admit", context=telemetry.extract(s.trace_context),
