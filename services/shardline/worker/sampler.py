@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from shardline.backends.gpu.sampling import apply_repetition_penalty
 from shardline.protocol.plan import SampledToken, SamplingConfig
 
 _MASK64 = (1 << 64) - 1
@@ -31,14 +32,6 @@ def mix_seed(seed: int, n: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
-                             penalty: torch.Tensor) -> torch.Tensor:
-    """CTRL-style penalty on tokens already in the sequence: positive logits are divided by
-    the penalty, negative ones multiplied. logits: [N, V]; seen: [N, V] bool; penalty: [N]."""
-    p = penalty[:, None]
-    return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor],

@@ -97,16 +97,7 @@ def fill_plan(buf: StepBuffers, inputs, slots: np.ndarray, seq_slots: SeqSlots,
     h["context_lens"][:n] = ctx
     h["block_tables"][:n, :width] = tables
     if seqs > n:                                        # decode padding: the scratch block
-        pad = slice(n, seqs)
-        h["token_ids"][pad] = 0
-        h["positions"][pad] = 0
-        h["slot_mapping"][pad] = scratch_block * bs
-        h["row_seq"][pad] = np.arange(n, seqs)
-        h["row_slot"][pad] = 0
-        h["row_fed"][pad] = 0
-        h["context_lens"][pad] = 1
-        h["block_tables"][pad, 0] = scratch_block
-        qsl[n + 1:seqs + 1] = np.arange(n + 1, seqs + 1)
+        _pad(h, n, seqs, scratch_block, bs)
 
     sample = np.asarray(inputs.sample, dtype=bool)
     s_idx = np.flatnonzero(sample)
@@ -143,17 +134,24 @@ def fill_padding(buf: StepBuffers, bucket: int, scratch_block: int,
                  block_size: int) -> StepShape:
     """A decode step of `bucket` padding rows only (every row in the scratch block): what the
     engine captures each bucket's CUDA graph on before serving."""
-    h = buf.host
-    h["token_ids"][:bucket] = 0
-    h["positions"][:bucket] = 0
-    h["slot_mapping"][:bucket] = scratch_block * block_size
-    h["row_seq"][:bucket] = np.arange(bucket)
-    h["row_slot"][:bucket] = 0
-    h["row_fed"][:bucket] = 0
-    h["context_lens"][:bucket] = 1
-    h["block_tables"][:bucket, 0] = scratch_block
-    h["query_start_loc"][:bucket + 1] = np.arange(bucket + 1)
+    buf.host["query_start_loc"][0] = 0
+    _pad(buf.host, 0, bucket, scratch_block, block_size)
     return StepShape(num_seqs=0, num_tokens=0, rows=bucket, seqs=bucket, decode=True,
                      decode_bucket=bucket, width_blocks=1, fresh_prefill=False, num_sampled=0,
                      max_top_k=0, use_top_p=False, all_greedy=True, penalized=[],
                      top_logprobs=-1, nbytes=buf.end_of("block_tables", bucket))
+
+
+def _pad(h: dict, start: int, end: int, scratch_block: int, block_size: int) -> None:
+    """Rows (and sequences) start..end-1 as padding: one token at position 0 each, in the
+    scratch block, attending to that one slot."""
+    pad = slice(start, end)
+    h["token_ids"][pad] = 0
+    h["positions"][pad] = 0
+    h["slot_mapping"][pad] = scratch_block * block_size
+    h["row_seq"][pad] = np.arange(start, end)
+    h["row_slot"][pad] = 0
+    h["row_fed"][pad] = 0
+    h["context_lens"][pad] = 1
+    h["block_tables"][pad, 0] = scratch_block
+    h["query_start_loc"][start + 1:end + 1] = np.arange(start + 1, end + 1)
