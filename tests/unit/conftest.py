@@ -33,6 +33,23 @@ TINY_FAMILIES = {
     "mistral-swa": ("MistralConfig", dict(sliding_window=8)),
     "qwen2-swa": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8,
                                       max_window_layers=2)),
+    # alternating 8-token windows and global layers; caps low enough to change the outputs
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=8,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    # q/k norm, head_dim 32, windows on layers 0 and 2, local / global RoPE (global scaled)
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
+                                        layer_types=["sliding_attention", "full_attention"] * 2,
+                                        rope_parameters={
+                                            "full_attention": {"rope_type": "linear",
+                                                               "factor": 2.0,
+                                                               "rope_theta": 1e6},
+                                            "sliding_attention": {"rope_type": "default",
+                                                                  "rope_theta": 1e4}})),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # layer 1 dense; the others 4 experts, top 2, probabilities not renormalized
+    "qwen3-moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=32, mlp_only_layers=[1],
+                                         norm_topk_prob=False, head_dim=32)),
 }
 
 

@@ -178,7 +178,8 @@ def _our_logits(runner: StageRunner, ids: list[int], start: int, blocks: list[in
 
 
 @pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "qwen3",
-                                    "mistral-swa", "qwen2-swa", "llama-yarn", "phi3"])
+                                    "mistral-swa", "qwen2-swa", "llama-yarn", "phi3",
+                                    "gemma2", "gemma3", "mixtral", "qwen3-moe"])
 def test_tiny_families_match_hf_logits(tiny_model_dir, family):
     from transformers import AutoModelForCausalLM
     path = tiny_model_dir(family)
@@ -195,7 +196,8 @@ def test_tiny_families_match_hf_logits(tiny_model_dir, family):
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral-swa", "phi3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral-swa", "phi3", "gemma2",
+                                    "gemma3", "mixtral", "qwen3-moe"])
 def test_tiny_greedy_matches_hf_generate(tiny_model_dir, family):
     """Two stages, chunked prefill, staggered admissions: HF's greedy ids."""
     path = tiny_model_dir(family)

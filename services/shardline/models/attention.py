@@ -68,11 +68,12 @@ class AttentionMetadata:
         return self.plan[3]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+               v_cache: torch.Tensor, scale: float, window: int = 0,
+               softcap: float = 0.0) -> torch.Tensor:
         """Write k, v at the rows' slots and attend (see paged_attention), to the last
-        `window` positions only when window > 0. Every step's metadata has this method: a
+        `window` positions only when window > 0, scores soft-capped when softcap > 0. Every step's metadata has this method: a
         backend's own metadata brings its own kernels."""
-        return paged_attention(q, k, v, k_cache, v_cache, self, scale, window)
+        return paged_attention(q, k, v, k_cache, v_cache, self, scale, window, softcap)
 
     def per_row(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(block tables [T, blocks] int64, lengths [T] int64): each row's sequence's block
@@ -161,9 +162,11 @@ def _decode_batch(rows: Optional[torch.Tensor], starts: list[int],
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, window: int = 0) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, window: int = 0,
+                    softcap: float = 0.0) -> torch.Tensor:
     """Write k, v into the cache and attend (window > 0: each row to its last `window`
-    positions only, itself included, as HF's sliding-window masks).
+    positions only, itself included, as HF's sliding-window masks; softcap > 0: scores s
+    become softcap * tanh(s / softcap) before the softmax, Gemma 2's soft-capping).
 
     q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim]
     k_cache, v_cache: [kv_heads, slots, head_dim] (this layer's)
@@ -191,23 +194,45 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             keys = torch.arange(length, device=q.device)
             inside = (keys[None, :] >= (d.lengths - window)[:, None])[None, :, None, :]
             mask = inside if mask is None else mask & inside                   # [1, D, 1, L]
-        dec_out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
+        dec_out = _sdpa(qd, kd, vd, mask, scale, softcap)
         dec_out = dec_out.transpose(0, 1).reshape(n, num_heads, head_dim)
         if d.rows is None:
             return dec_out
 
     if len(meta.prefills) == 1 and dec_out is None:
-        return _prefill(q, k, v, k_cache, v_cache, meta.prefills[0], scale, window)
+        return _prefill(q, k, v, k_cache, v_cache, meta.prefills[0], scale, window, softcap)
     out = torch.empty_like(q)
     if dec_out is not None:
         out.index_copy_(0, meta.decode.rows, dec_out)
     for p in meta.prefills:
-        out[p.row_start:p.row_end] = _prefill(q, k, v, k_cache, v_cache, p, scale, window)
+        out[p.row_start:p.row_end] = _prefill(q, k, v, k_cache, v_cache, p, scale, window,
+                                              softcap)
     return out
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+          scale: float, softcap: float = 0.0, causal: bool = False) -> torch.Tensor:
+    """SDPA over [B, H, n, hd] queries and [B, KV, L, hd] keys / values (KV divides H: grouped
+    heads), with an optional bool mask (True = attend) or causal mask; soft-capped scores
+    (which SDPA has no option for) computed explicitly in float32."""
+    if softcap <= 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale        # [B, H, n, L]
+    s = torch.tanh(s / softcap) * softcap
+    if causal:
+        n, length = s.shape[-2:]
+        mask = torch.ones(n, length, dtype=torch.bool, device=s.device).tril(length - n)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype)
+
+
 def _prefill(q, k, v, k_cache, v_cache, p: PrefillChunk, scale: float,
-             window: int = 0) -> torch.Tensor:
+             window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     n = p.row_end - p.row_start
     qp = q[p.row_start:p.row_end].transpose(0, 1)                                # [H, n, hd]
     if p.gather is None:                 # the chunk is the whole context: no cache read
@@ -222,8 +247,7 @@ def _prefill(q, k, v, k_cache, v_cache, p: PrefillChunk, scale: float,
         q_pos = torch.arange(end - n, end, device=q.device)[:, None]
         keys = torch.arange(end, device=q.device)[None, :]
         mask = (keys <= q_pos) & (keys > q_pos - window)                          # [n, ctx]
-    out = F.scaled_dot_product_attention(qp[None], kp[None], vp[None], attn_mask=mask,
-                                         is_causal=mask is None, scale=scale, enable_gqa=True)
+    out = _sdpa(qp[None], kp[None], vp[None], mask, scale, softcap, causal=mask is None)
     return out[0].transpose(0, 1)                                                # [n, H, hd]
 
 
@@ -236,7 +260,8 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = hd = config.head_dim
-        self.scale = hd ** -0.5
+        self.scale = config.scale
+        self.softcap = config.attn_softcap                # 0: none
         bias = config.attention_bias
         self.q_proj = Linear(config.hidden_size, self.num_heads * hd, bias=bias)
         self.k_proj = Linear(config.hidden_size, self.num_kv_heads * hd, bias=bias)
@@ -267,12 +292,13 @@ class Attention(nn.Module):
                 qk = self._qk_norm(qk[:, :h], qk[:, h:])
             qk = apply_rope(qk, cos, sin)                                  # [T, H + KV, hd]
             o = meta.attend(qk[:, :h], qk[:, h:], qkv[:, h + kv:], k_cache, v_cache,
-                            self.scale, self.sliding_window)               # [T, H, hd]
+                            self.scale, self.sliding_window, self.softcap)  # [T, H, hd]
             return self.o_proj(o.reshape(t, h * self.head_dim))
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)      # [T, H, hd]
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)   # [T, KV, hd]
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)   # [T, KV, hd]
         qk = apply_rope(self._qk_norm(q, k), cos, sin)                # [T, H + KV, hd]
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-        o = meta.attend(q, k, v, k_cache, v_cache, self.scale, self.sliding_window)
+        o = meta.attend(q, k, v, k_cache, v_cache, self.scale, self.sliding_window,
+                        self.softcap)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))

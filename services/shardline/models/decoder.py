@@ -5,9 +5,14 @@
     last:      hidden -> layers[a:b] -> norm -> lm_head (only at the rows that sample)
 
 All sequences of a step are flattened into one batch of rows, x: [tokens, hidden].
+
+A family is the config plus the few ways its layer differs: norms around attention and MLP
+too (Gemma's sandwich norms), the MLP's activation, experts instead of one MLP (moe.py),
+q/k norms, windows and soft-capping in attention, scaled embeddings and capped logits.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -16,23 +21,42 @@ from torch import nn
 from shardline.models.attention import Attention, AttentionMetadata
 from shardline.models.layers import MLP, Linear, RMSNorm, RotaryEmbedding, add_rms_norm
 from shardline.models.config import ModelConfig
+from shardline.models.moe import SparseMoE
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)).
+
+    With sandwich norms (Gemma 2/3) the attention's and the MLP's outputs are normalized too,
+    and post_attention_layernorm is the one after attention:
+        h = x + post_attn_norm(attn(in_norm(x))); out = h + post_ff_norm(mlp(pre_ff_norm(h)))
+    """
 
     def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(hidden, eps)
         self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps) if config.sandwich_norms else None
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps) if config.sandwich_norms else None
+        if config.is_moe(layer):
+            self.mlp = SparseMoE(hidden, config.moe_intermediate_size, config.num_experts,
+                                 config.experts_per_token, config.norm_topk_prob,
+                                 config.hidden_act)
+        else:
+            self.mlp = MLP(hidden, config.intermediate_size, config.hidden_act)
+        self.uses_local_rope = config.local_rope is not None and config.window(layer) > 0
         self.fused = False               # set by fuse.fuse_stage: in-place residual adds
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         # x: [T, hidden]
+        if self.pre_feedforward_layernorm is not None:
+            a = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+            h = x + self.post_attention_layernorm(a)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         if self.fused:
             a = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
             return self.post_attention(a, x)
@@ -42,6 +66,9 @@ class DecoderLayer(nn.Module):
     def post_attention(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Fused layers, after attention: h = x + a (written into a); mlp(norm(h)) + h. The
         part of the layer that fuse.compile_stage hands to torch.compile."""
+        if self.pre_feedforward_layernorm is not None:
+            h = x + self.post_attention_layernorm(a)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         normed, h = add_rms_norm(a, x, self.post_attention_layernorm)
         return self.mlp(normed).add_(h)
 
@@ -67,26 +94,51 @@ class StageModel(nn.Module):
         self.lm_head = (Linear(config.hidden_size, config.vocab_size, bias=False)
                         if self.is_last else None)
         self.rotary: Optional[RotaryEmbedding] = None   # built with the weights (see weights.py)
+        self.rotary_local: Optional[RotaryEmbedding] = None   # sliding layers' own (Gemma 3)
 
     def init_rotary(self, device: torch.device, dtype: torch.dtype) -> None:
         self.rotary = RotaryEmbedding(self.config, device=device, dtype=dtype)
+        if any(layer.uses_local_rope for layer in self.layers):
+            theta, scaling = self.config.local_rope
+            local = dataclasses.replace(self.config, rope_theta=theta, rope_scaling=scaling)
+            self.rotary_local = RotaryEmbedding(local, device=device, dtype=dtype)
+
+    def rotary_for(self, j: int) -> RotaryEmbedding:
+        """The RoPE tables the stage's j-th layer uses."""
+        return self.rotary_local if self.layers[j].uses_local_rope else self.rotary
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        # token_ids: [T] -> [T, hidden]
-        return self.embed_tokens(token_ids)
+        # token_ids: [T] -> [T, hidden]; Gemma scales by sqrt(hidden), rounded to the dtype
+        x = self.embed_tokens(token_ids)
+        if self.config.embed_scale != 1.0:
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        return x
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata,
                 kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Run this stage's layers. x: [T, hidden] residual stream; kv_layers[i] is layer i's
         (k_cache, v_cache), each [kv_heads, slots, head_dim]. Returns [T, hidden]."""
         cos, sin = self.rotary(meta.positions)                         # [T, 1, head_dim]
+        local = self.rotary_local(meta.positions) if self.rotary_local is not None else None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_layers):
-            x = layer(x, cos, sin, k_cache, v_cache, meta)
+            c, s = local if layer.uses_local_rope else (cos, sin)
+            x = layer(x, c, s, k_cache, v_cache, meta)
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # x: [S, hidden] (the rows that sample) -> [S, vocab] float32
-        return self.lm_head(self.norm(x)).float()
+        return self.cap_logits(self.lm_head(self.norm(x)).float())
+
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Final soft-capping (Gemma 2): cap * tanh(logits / cap), float32."""
+        cap = self.config.final_softcap
+        return torch.tanh(logits / cap) * cap if cap > 0 else logits
+
+
+def projection_parents(layer: DecoderLayer) -> list[nn.Module]:
+    """The modules whose Linear children are the layer's projections: attention, then the MLP
+    or each expert (a MoE router stays as it is)."""
+    return [layer.self_attn, *layer.mlp.projection_parents()]
 
 
 def layer_linears(model: StageModel) -> list[nn.Linear]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 QUANTIZATION = "int8, int4, fp8 (CUDA)"
-ROPE = "RoPE default / linear / llama3 / yarn"
+ROPE = "RoPE default / linear / dynamic / llama3 / yarn"
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,18 @@ FAMILIES = (
            "sliding windows as Qwen2", "reference (no q/k norm in the kernels yet)"),
     Family("phi3", "Phi-3", f"{ROPE} (not longrope), fused `qkv_proj` / `gate_up_proj`, "
            "`sliding_window`", "CPU kernels; reference with a window shorter than the context"),
+    Family("gemma2", "Gemma 2", f"{ROPE}, alternating sliding / global layers, attention and "
+           "final logit soft-capping, `query_pre_attn_scalar`, GeGLU (tanh), sqrt(hidden) "
+           "embedding scale, (1 + w) RMSNorm, norms before and after attention and MLP",
+           "reference (soft-capping, GeGLU and sandwich norms not in the kernels yet)"),
+    Family("gemma3_text", "Gemma 3 (text)", f"{ROPE}, as Gemma 2 plus q/k RMSNorm, "
+           "`sliding_window_pattern` / `layer_types`, separate local / global RoPE bases",
+           "reference (q/k norm, GeGLU and sandwich norms not in the kernels yet)"),
+    Family("mixtral", "Mixtral", f"{ROPE}, top-k of E experts (softmax over the chosen), "
+           "`sliding_window`", "reference (experts not in the kernels yet)"),
+    Family("qwen3_moe", "Qwen3-MoE", f"{ROPE}, top-k experts with `norm_topk_prob`, "
+           "`decoder_sparse_step`, `mlp_only_layers`, q/k RMSNorm, `use_sliding_window`",
+           "reference (experts not in the kernels yet)"),
 )
 
 

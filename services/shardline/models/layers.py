@@ -80,24 +80,35 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
     return F.rms_norm(residual, norm.weight.shape, norm.weight, norm.eps), residual
 
 
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation: silu (SwiGLU) or gelu_tanh (GeGLU, Gemma)."""
+    return F.silu(x) if name == "silu" else F.gelu(x, approximate="tanh")
+
+
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
+    """Gated feed-forward: down(act(gate(x)) * up(x)), act silu (SwiGLU) or gelu_tanh (GeGLU).
 
     After `fuse.fuse_stage`, gate_proj and up_proj are one gate_up_proj [2 * inter, hidden]."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu"):
         super().__init__()
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
         self.gate_up_proj: Optional[nn.Module] = None
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, hidden] -> [tokens, intermediate] -> [tokens, hidden]
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)              # [tokens, inter] x 2
-            return self.down_proj(F.silu(gate).mul_(up))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(activation(self.act, gate).mul_(up))
+        return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))
+
+    def projection_parents(self) -> list[nn.Module]:
+        """The modules whose Linear children are this MLP's projections (what quantize and
+        fuse rewrite)."""
+        return [self]
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:

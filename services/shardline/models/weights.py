@@ -9,6 +9,11 @@ materialized. Names map 1:1 to the checkpoint's:
     model.norm.weight                  -> norm.weight                  (last stage)
     lm_head.weight                     -> lm_head.weight               (last stage; with tied
                                           embeddings: model.embed_tokens.weight)
+
+Mixtral's expert names map onto the project's (Qwen3-MoE's): block_sparse_moe.gate -> mlp.gate,
+block_sparse_moe.experts.{e}.w1 / w3 / w2 -> mlp.experts.{e}.gate_proj / up_proj / down_proj.
+Gemma's RMSNorm weights w (applied as 1 + w) are stored as 1 + w, so every backend's norm
+is the plain one.
 """
 from __future__ import annotations
 
@@ -36,12 +41,31 @@ def checkpoint_names(model: StageModel) -> dict[str, str]:
     for name, _ in model.named_parameters(remove_duplicate=False):
         if name.startswith("layers."):
             _, j, rest = name.split(".", 2)
+            if cfg.model_type == "mixtral" and rest.startswith("mlp."):
+                rest = _mixtral_name(rest)
             names[name] = f"model.layers.{start + int(j)}.{rest}"
         elif name == "lm_head.weight":
             names[name] = "model.embed_tokens.weight" if cfg.tie_word_embeddings else name
         else:
             names[name] = f"model.{name}"
     return names
+
+
+_MIXTRAL_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def _mixtral_name(rest: str) -> str:
+    """mlp.gate.weight -> block_sparse_moe.gate.weight; mlp.experts.3.up_proj.weight ->
+    block_sparse_moe.experts.3.w3.weight."""
+    parts = rest.split(".")
+    parts[0] = "block_sparse_moe"
+    if parts[1] == "experts":
+        parts[3] = _MIXTRAL_EXPERT[parts[3]]
+    return ".".join(parts)
+
+
+def _is_norm(name: str) -> bool:
+    return name.endswith("norm.weight")
 
 
 def _tensor_files(model_dir: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -154,6 +178,8 @@ def load_stage_model(model_dir: Union[str, pathlib.Path], config: ModelConfig,
                     tensor = f.get_slice(fused)[start:end]
                 else:
                     tensor = f.get_tensor(src)
+                if config.norm_offset and _is_norm(name):        # Gemma: 1 + w
+                    tensor = tensor.float() + config.norm_offset
                 state[name] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=not share_embedding, assign=True)
     if share_embedding:

@@ -42,10 +42,11 @@ def fuse_stage(model: nn.Module) -> nn.Module:
     for layer in model.layers:
         if layer.fused:
             continue
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         attn.qkv_proj = concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
         del attn.q_proj, attn.k_proj, attn.v_proj
-        mlp.gate_up_proj = concat_linears([mlp.gate_proj, mlp.up_proj])
-        del mlp.gate_proj, mlp.up_proj
+        for mlp in layer.mlp.projection_parents():          # the MLP, or each expert
+            mlp.gate_up_proj = concat_linears([mlp.gate_proj, mlp.up_proj])
+            del mlp.gate_proj, mlp.up_proj
         layer.fused = True
     return model

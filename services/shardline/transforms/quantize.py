@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardline.models.decoder import projection_parents
 # both import Triton only when a kernel is first built (the CPU image has no Triton)
 from shardline.transforms import triton_dequant, triton_int8
 from shardline.transforms.options import QUANTIZE_MODES
@@ -366,7 +367,7 @@ def quantize_stage(model: nn.Module, mode: str, group_size: int = 32,
             raise ValueError("fp8 quantization needs a CUDA GPU of compute capability >= 8.9 "
                              f"(the stage is on {device})")
     for layer in model.layers:
-        for parent in (layer.self_attn, layer.mlp):
+        for parent in projection_parents(layer):      # attention, the MLP or each expert
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, quantize_linear(child, mode, group_size))

@@ -58,17 +58,18 @@ class EngineMetadata:
         self.context_lens = dev["context_lens"][:seqs]
         self.query_start_loc = dev["query_start_loc"][:seqs + 1]
         self.shape, self.block_size, self.kernels = shape, block_size, kernels
-        self.softcap = 0.0                     # attention-logit soft-capping (Gemma 2, later)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+               v_cache: torch.Tensor, scale: float, window: int = 0,
+               softcap: float = 0.0) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, KV, D]: write k, v at the rows' slots, attend (to the last
-        `window` positions only, when window > 0: the layer's sliding window)."""
+        `window` positions only, when window > 0: the layer's sliding window; scores
+        soft-capped when softcap > 0: Gemma 2)."""
         k_cache.index_copy_(1, self.slot_mapping, k.transpose(0, 1))
         v_cache.index_copy_(1, self.slot_mapping, v.transpose(0, 1))
         opts = dict(block_size=self.block_size, scale=scale, sliding_window=window,
-                    softcap=self.softcap)
-        if self.shape.fresh_prefill and window == 0 and self.softcap == 0:
+                    softcap=softcap)
+        if self.shape.fresh_prefill and window == 0 and softcap == 0:
             out = F.scaled_dot_product_attention(            # cuDNN / flash: the fastest here
                 q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                 is_causal=True, scale=scale, enable_gqa=True)
