@@ -223,3 +223,30 @@ def test_admission_after_a_cached_prefix_reuses_its_blocks(tiny_model_dir):
                         [], None)
         tokens.append(out[0].token_id)
     assert tokens == reference
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_language_model(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint (model_type gemma3: text_config, weights
+    under language_model.): its text logits equal HF's for a text-only sequence."""
+    import transformers
+    config = transformers.Gemma3Config(
+        text_config=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                         head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                         sliding_window_pattern=2, max_position_embeddings=512),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(0.0, 0.15)
+    hf.save_pretrained(tmp_path)
+    runner = load_runner(tmp_path, 0, 4, dtype=torch.float32, kv_cache_bytes=1 << 20,
+                         block_size=4)
+    ids = torch.randint(0, 250, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.inference_mode():
+        ref = hf(input_ids=torch.tensor([ids])).logits[0]
+    ours = _our_logits(runner, ids, 0, list(range(10)))
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)

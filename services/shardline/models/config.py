@@ -16,6 +16,14 @@ SUPPORTED_MODEL_TYPES = tuple(f.model_type for f in FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 MOE_TYPES = ("mixtral", "qwen3_moe")
+# what transformers' Gemma3TextConfig assumes where a multimodal checkpoint's text_config is
+# silent (hub configs list only what differs from these)
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216,
+                            num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                            head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                            max_position_embeddings=131_072, rms_norm_eps=1e-6,
+                            tie_word_embeddings=True, query_pre_attn_scalar=256,
+                            sliding_window=4096, rope_theta=1e6, rope_local_base_freq=1e4)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
@@ -93,6 +101,9 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any], generation: Optional[dict[str, Any]] = None
                   ) -> "ModelConfig":
         """Build from config.json's contents (and generation_config.json's, for eos ids)."""
+        if d.get("model_type") == "gemma3":       # multimodal checkpoint: its language model
+            d = {**GEMMA3_TEXT_DEFAULTS, **d.get("text_config", {}), "model_type": "gemma3_text",
+                 "weight_prefix": "language_model."}
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not supported "
@@ -141,7 +152,8 @@ class ModelConfig:
             sandwich_norms=gemma,
             local_rope=local_rope,
             **_moe_fields(d, model_type),
-            extra={k: d[k] for k in ("sliding_window", "use_sliding_window") if k in d},
+            extra={k: d[k] for k in ("sliding_window", "use_sliding_window", "weight_prefix")
+                   if k in d},
         )
 
     @classmethod

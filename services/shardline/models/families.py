@@ -38,6 +38,9 @@ FAMILIES = (
     Family("gemma3_text", "Gemma 3 (text)", f"{ROPE}, as Gemma 2 plus q/k RMSNorm, "
            "`sliding_window_pattern` / `layer_types`, separate local / global RoPE bases",
            "reference (q/k norm, GeGLU and sandwich norms not in the kernels yet)"),
+    Family("gemma3", "Gemma 3 (multimodal checkpoints)", "the language model of a "
+           "`Gemma3ForConditionalGeneration` checkpoint, as Gemma 3 (text); images are not "
+           "served", "reference (as Gemma 3)"),
     Family("mixtral", "Mixtral", f"{ROPE}, top-k of E experts (softmax over the chosen), "
            "`sliding_window`", "reference (experts not in the kernels yet)"),
     Family("qwen3_moe", "Qwen3-MoE", f"{ROPE}, top-k experts with `norm_topk_prob`, "

@@ -159,6 +159,9 @@ def load_stage_model(model_dir: Union[str, pathlib.Path], config: ModelConfig,
     if share_embedding:
         names.pop("lm_head.weight")
     where = _tensor_files(model_dir)
+    prefix = config.extra.get("weight_prefix", "")    # Gemma 3 multimodal: language_model.
+    if prefix:
+        names = {name: prefix + src for name, src in names.items()}
     parts = {src: part for src in names.values() if src not in where
              for part in [_fused_part(src, config)] if part and part[0] in where}
     missing = sorted(src for src in names.values() if src not in where and src not in parts)
