@@ -12,6 +12,8 @@ from shardline.backends.gpu.engine import GpuEngineBackend
 from shardline.protocol.plan import SamplingConfig, SeqStep
 from shardline.worker.build import load_runner
 
+from tests.unit.conftest import make_tiny_model
+
 KV_BYTES = 1 << 22
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # the device run: on the GPU
 
@@ -216,6 +218,17 @@ def test_sliding_windows_in_the_engine(tiny_mistral_swa, attention):
     """An 8-token window on every layer, prompts of 21-37 tokens: the reference's tokens."""
     ref = _ids(Driver(_runner(tiny_mistral_swa, False)).run(decode_steps=4))
     got = _ids(Driver(_runner(tiny_mistral_swa, True, attention=attention)).run(decode_steps=4))
+    assert got == ref
+
+
+@pytest.mark.parametrize("family,attention", [("gemma2", "triton"), ("gemma3", "torch"),
+                                              ("qwen3-moe", "torch")])
+def test_families_in_the_engine(tmp_path_factory, family, attention):
+    """Soft-capped, windowed and global layers with their own RoPE tables (Gemma 2 / 3),
+    experts (Qwen3-MoE): the engine gives the reference's tokens."""
+    path = make_tiny_model(tmp_path_factory.mktemp(f"engine-{family}"), family)
+    ref = _ids(Driver(_runner(path, False)).run(decode_steps=3))
+    got = _ids(Driver(_runner(path, True, attention=attention)).run(decode_steps=3))
     assert got == ref
 
 
