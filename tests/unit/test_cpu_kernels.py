@@ -53,6 +53,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+# the gated MLP's activations, as kernels.Activation names them (lower case)
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
 # GEMV up to 4 rows; beyond, AMX tiles (blocks of 16 rows up to 16, else 32) or (CPUs without
 # AMX) register tiles
 @pytest.mark.parametrize("rows", [1, 3, 4, 6, 16, 17, 33])
@@ -192,10 +196,11 @@ def test_rms_norm_with_and_without_residual():
     assert rel_err(K.rms_norm(x, None, w, 1e-5), F.rms_norm(x.float(), (576,), w, 1e-5)) < 4e-3
 
 
-# the gate_up projection with SiLU * up in the kernel's epilogue, every path (GEMV, AMX or
-# register tiles), float32 and bf16 out, with a bias
+# the gate_up projection with act(gate) * up in the kernel's epilogue (SiLU, GELU-tanh), every
+# path (GEMV, AMX or register tiles), float32 and bf16 out, with a bias
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("rows", [1, 4, 5, 16, 40])
-def test_linear_vnni_glu_epilogue(rows):
+def test_linear_vnni_glu_epilogue(rows, act):
     torch.manual_seed(rows)
     inter, k = 1536, 576
     x = torch.randn(rows, k, dtype=torch.bfloat16)
@@ -204,21 +209,28 @@ def test_linear_vnni_glu_epilogue(rows):
     g = glu_layout(w)
     assert torch.equal(g[16:32], w[inter:inter + 16]) and torch.equal(g[32:48], w[16:32])
     gu = x.float() @ w.float().t() + b
-    ref = F.silu(gu[:, :inter]) * gu[:, inter:]
+    ref = ACTIVATIONS[act](gu[:, :inter]) * gu[:, inter:]
     bias = glu_layout(b.view(-1, 1)).view(-1).contiguous()
-    y = K.linear_vnni(x, vnni_layout(g), 2 * inter, bias, True, glu=True)
+    kact = getattr(K.Activation, act.upper())
+    y = K.linear_vnni(x, vnni_layout(g), 2 * inter, bias, True, glu=True, act=kact)
     assert y.shape == (rows, inter) and y.dtype == torch.float32
     assert rel_err(y, ref) < 1e-5
-    y16 = K.linear_vnni(x, vnni_layout(g), 2 * inter, bias, False, glu=True)
+    y16 = K.linear_vnni(x, vnni_layout(g), 2 * inter, bias, False, glu=True, act=kact)
     assert y16.dtype == torch.bfloat16 and rel_err(y16, ref) < 4e-3
     with pytest.raises(RuntimeError, match="glu"):
         K.linear_vnni(x, vnni_layout(w[:48]), 48, None, False, glu=True)   # not a multiple of 32
 
 
-def test_silu_mul():
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_act_mul(act):
     gu = torch.randn(2, 2 * 1536, dtype=torch.bfloat16) * 4
-    ref = F.silu(gu[:, :1536].float()) * gu[:, 1536:].float()
-    assert rel_err(K.silu_mul(gu), ref) < 4e-3
+    gu[0, :16] = torch.tensor([-300, -90, -20, -5, -1, -1e-3, 0, 1e-3, 1, 5, 20, 90, 300, 0.5,
+                               -0.5, 3])                       # far tails and near zero
+    ref = ACTIVATIONS[act](gu[:, :1536].float()) * gu[:, 1536:].float()
+    out = K.act_mul(gu, getattr(K.Activation, act.upper()))
+    assert rel_err(out, ref) < 4e-3
+    assert torch.allclose(out.float(), ref, rtol=1e-2, atol=1e-3)      # elementwise too
+    assert torch.equal(K.act_mul(gu), K.act_mul(gu, K.Activation.SILU))    # silu by default
 
 
 @pytest.mark.parametrize("rows,vocab", [(1, 49152), (16, 49152), (3, 37), (2, 5)])
@@ -316,6 +328,254 @@ def test_paged_attention_rejects_a_block_outside_the_cache():
     with pytest.raises(RuntimeError, match="block id out of range"):
         K.paged_attention(qkv, k_cache, k_cache, torch.tensor([[9]]), torch.tensor([3]), 16, 6,
                            0.125)
+
+
+def _windowed_reference(q, k_cache, v_cache, tables, lengths, bs, scale, window=0, softcap=0.0):
+    """float32 attention of each row of q [D, heads, hd] against its context in the caches
+    [kv, slots, hd]: positions [max(0, L - window), L) of a row of length L (all with window
+    0), scores soft-capped where softcap > 0. Returns [D, heads * hd]."""
+    kv_heads, hd = k_cache.shape[0], k_cache.shape[2]
+    out = []
+    for i, length in enumerate(lengths):
+        first = max(0, length - window) if window else 0
+        sl = torch.tensor([tables[i][p // bs] * bs + p % bs for p in range(first, length)])
+        k, v = k_cache[:, sl].float(), v_cache[:, sl].float()          # [kv, n, hd]
+        s = q[i].float().view(kv_heads, -1, hd) @ k.transpose(1, 2) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        out.append((torch.softmax(s, -1) @ v).reshape(-1))
+    return torch.stack(out)
+
+
+# decode rows and prefill chunks (runs of up to 16 rows on AMX where the CPU has it), windows
+# shorter than, as long as and longer than the contexts, with and without soft-capping;
+# head_dim 64 / 128 (attend_fast, AMX) and 96 (the generic attend)
+@pytest.mark.parametrize("hd,group,window,softcap", [
+    (64, 3, 7, 0.0), (128, 2, 16, 0.0), (64, 1, 20, 5.0), (128, 2, 0, 5.0), (96, 2, 9, 3.0),
+    (64, 2, 1, 0.0), (64, 4, 1000, 0.0)])
+def test_paged_attention_window_and_softcap_match_float32(hd, group, window, softcap):
+    torch.manual_seed(hd + group + window)
+    kv_heads, bs = 2, 16
+    heads = kv_heads * group
+    starts, counts = [0, 37, 16, 9, 50, 21], [1, 5, 16, 23, 1, 40]
+    tables = [[7, 2, 9, 4], [3, 0, 11, 5], [1, 8], [6, 10], [12, 17, 18, 19], [13, 14, 15, 16]]
+    k_cache = torch.randn(kv_heads, 20 * bs, hd, dtype=torch.bfloat16)
+    v_cache = torch.randn(kv_heads, 20 * bs, hd, dtype=torch.bfloat16)
+    # the blocks wholly before every window of a sequence hold NaN: never read
+    for start, tab in zip(starts, tables):
+        first = max(0, start + 1 - window) if window else 0
+        for b in range(first // bs):
+            k_cache[:, tab[b] * bs:(tab[b] + 1) * bs] = float("nan")
+            v_cache[:, tab[b] * bs:(tab[b] + 1) * bs] = float("nan")
+    meta = AttentionMetadata.build(starts, counts, tables, bs, torch.device("cpu"))
+    table, lengths = meta.per_row()
+    rows = sum(counts)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * hd, dtype=torch.bfloat16) * 2
+    out = K.paged_attention(qkv, k_cache, v_cache, table, lengths, bs, heads, hd ** -0.5,
+                            window=window, softcap=softcap)
+    row_tables = [tab for tab, n in zip(tables, counts) for _ in range(n)]
+    ref = _windowed_reference(qkv[:, :heads * hd].view(rows, heads, hd), k_cache, v_cache,
+                              row_tables, lengths.tolist(), bs, hd ** -0.5, window, softcap)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < 1e-2
+    assert ((out.float() - ref).norm(dim=1) / ref.norm(dim=1)).max() < 2e-2      # every row
+
+
+def test_a_sliding_window_skips_the_blocks_outside_it():
+    # a long context's decode rows: with a window of 64 positions the kernel reads 4 blocks of
+    # 16, not 256 (timed: a tenth of the full context's time would be ideal; half is asked)
+    import time
+    torch.manual_seed(0)
+    kv_heads, hd, bs, ctx, rows = 2, 64, 16, 4096, 8
+    k_cache = torch.randn(kv_heads, rows * ctx, hd, dtype=torch.bfloat16)
+    v_cache = torch.randn(kv_heads, rows * ctx, hd, dtype=torch.bfloat16)
+    tables = torch.arange(rows * ctx // bs).view(rows, ctx // bs)
+    lengths = torch.full((rows,), ctx)
+    qkv = torch.randn(rows, (6 + 2 * kv_heads) * hd, dtype=torch.bfloat16)
+
+    def best(window):
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            K.paged_attention(qkv, k_cache, v_cache, tables, lengths, bs, 6, 0.125,
+                              window=window)
+            times.append(time.perf_counter() - t)
+        return min(times)
+    assert best(64) < 0.5 * best(0)
+
+
+def test_rope_store_kv_normalizes_q_and_k_heads_first():
+    # Qwen3 / Gemma 3: each q head and k head RMS-normalized (its own weights) before RoPE; v
+    # stored as it is
+    torch.manual_seed(0)
+    heads, kv_heads, hd, bs, rows = 4, 2, 128, 16, 5
+    eps = 1e-6
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * hd, dtype=torch.bfloat16) * 3
+    qw, kw = torch.rand(hd) + 0.5, torch.rand(hd) + 0.5
+    freqs = torch.outer(torch.arange(64).float(),
+                        1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd))
+    cos = torch.cat([freqs.cos()] * 2, -1)
+    sin = torch.cat([-freqs.sin(), freqs.sin()], -1)
+    positions, slots = torch.tensor([0, 3, 17, 40, 63]), torch.tensor([5, 9, 20, 33, 47])
+    t = qkv.float().view(rows, heads + 2 * kv_heads, hd)
+    qk = torch.cat([F.rms_norm(t[:, :heads], (hd,), qw, eps),
+                    F.rms_norm(t[:, heads:heads + kv_heads], (hd,), kw, eps)], 1)
+    ref = apply_rope(qk, cos[positions][:, None], sin[positions][:, None])
+    k_cache = torch.zeros(kv_heads, 4 * bs, hd, dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    K.rope_store_kv(qkv, positions, cos, sin, slots, k_cache, v_cache, heads, kv_heads,
+                    q_norm=qw, k_norm=kw, eps=eps)
+    got = qkv.float().view(rows, heads + 2 * kv_heads, hd)
+    assert rel_err(got[:, :heads + kv_heads], ref) < 4e-3
+    assert rel_err(k_cache[:, slots].transpose(0, 1), ref[:, heads:]) < 4e-3
+    assert torch.equal(v_cache[:, slots].transpose(0, 1).float(), t[:, heads + kv_heads:])
+    with pytest.raises(RuntimeError, match="norm"):
+        K.rope_store_kv(qkv, positions, cos, sin, slots, k_cache, v_cache, heads, kv_heads,
+                        q_norm=qw[:64].contiguous())
+
+
+def test_rms_norm_of_a_sublayer_output_before_its_residual_add():
+    # the sandwich norms: residual += rms_norm(x, x_weight); out = rms_norm(residual, weight)
+    torch.manual_seed(0)
+    x, r = torch.randn(5, 576, dtype=torch.bfloat16) * 3, torch.randn(5, 576, dtype=torch.bfloat16)
+    w, xw = torch.rand(576), torch.rand(576)
+    total = r.float() + F.rms_norm(x.float(), (576,), xw, 1e-6)
+    out = K.rms_norm(x, r, w, 1e-6, x_weight=xw)
+    assert rel_err(r, total) < 4e-3
+    assert rel_err(out, F.rms_norm(total, (576,), w, 1e-6)) < 4e-3
+
+
+# ---- StepLayer's options against a float32 layer -----------------------------------------------
+
+def _rms(x, w, eps=1e-6):
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+class _Layer:
+    """A random decoder layer's weights (bf16 projections, float32 norms) with the options of
+    StepLayer: q/k norms, window, softcap, sandwich norms, activation; its StepLayer and its
+    float32 reference."""
+
+    def __init__(self, hidden=256, heads=4, kv_heads=2, hd=64, inter=384, qk_norm=False,
+                 window=0, softcap=0.0, sandwich=False, act="silu", mlp_format="bf16"):
+        g = lambda *shape: (torch.randn(*shape) * shape[-1] ** -0.5).bfloat16()
+        nw = lambda n: torch.rand(n) + 0.5
+        self.hidden, self.heads, self.kv_heads, self.hd = hidden, heads, kv_heads, hd
+        self.window, self.softcap, self.act, self.scale = window, softcap, act, hd ** -0.5
+        self.qkv, self.o = g((heads + 2 * kv_heads) * hd, hidden), g(hidden, heads * hd)
+        self.gate_up, self.down = g(2 * inter, hidden), g(hidden, inter)
+        self.in_norm, self.post_norm = nw(hidden), nw(hidden)
+        self.q_norm, self.k_norm = (nw(hd), nw(hd)) if qk_norm else (None, None)
+        self.attn_out_norm, self.mlp_out_norm = (nw(hidden), nw(hidden)) if sandwich else (None, None)
+        self.mlp_format = mlp_format
+
+    def step_layer(self, mlp=True):
+        lin = lambda w: K.StepLinear(K.WeightFormat.BF16, vnni_layout(w), None, None, None, w.shape[0])
+        act = getattr(K.Activation, self.act.upper())
+        gate_up = down = None
+        if mlp and self.mlp_format == "int8":       # not glu: gate_up, then act_mul
+            q, s = quantize_int8(self.gate_up.float())
+            self.gate_up = dequantize_int8(q, s).bfloat16()
+            gate_up = K.StepLinear(K.WeightFormat.INT8, int8_kernel_layout(Int8Linear(q, s, None)),
+                                   s.float().contiguous(), None, None, self.gate_up.shape[0],
+                                   act=act)
+            down = lin(self.down)
+        elif mlp:
+            gate_up = K.StepLinear(K.WeightFormat.BF16, vnni_layout(glu_layout(self.gate_up)),
+                                   None, None, None, self.gate_up.shape[0], glu=True, act=act)
+            down = lin(self.down)
+        return K.StepLayer(self.in_norm, self.post_norm, 1e-6, lin(self.qkv), lin(self.o),
+                           gate_up, down, self.heads, self.kv_heads, self.scale,
+                           q_norm=self.q_norm, k_norm=self.k_norm, window=self.window,
+                           softcap=self.softcap, attn_out_norm=self.attn_out_norm,
+                           mlp_out_norm=self.mlp_out_norm)
+
+    def reference(self, h, residual, positions, cos, sin, slots, k_cache, v_cache, tables,
+                  lengths, bs):
+        """float32: the stream after the layer (residual + h of StepLayer.forward); the
+        caches (float32 copies) get the rows' K and V."""
+        x = h.float() + (residual.float() if residual is not None else 0)
+        t, H, KV, hd = x.shape[0], self.heads, self.kv_heads, self.hd
+        qkv = (_rms(x, self.in_norm) @ self.qkv.float().T).view(t, H + 2 * KV, hd)
+        q, k, v = qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:]
+        if self.q_norm is not None:
+            q, k = _rms(q, self.q_norm), _rms(k, self.k_norm)
+        qk = apply_rope(torch.cat([q, k], 1), cos[positions][:, None], sin[positions][:, None])
+        k_cache[:, slots] = qk[:, H:].transpose(0, 1)
+        v_cache[:, slots] = v.transpose(0, 1)
+        attn = _windowed_reference(qk[:, :H], k_cache, v_cache, tables, lengths, bs, self.scale,
+                                   self.window, self.softcap)
+        a = attn @ self.o.float().T
+        x = x + (a if self.attn_out_norm is None else _rms(a, self.attn_out_norm))
+        gate, up = (_rms(x, self.post_norm) @ self.gate_up.float().T).chunk(2, -1)
+        m = (ACTIVATIONS[self.act](gate) * up) @ self.down.float().T
+        return x + (m if self.mlp_out_norm is None else _rms(m, self.mlp_out_norm))
+
+
+def _layer_step(bs=16, hd=64):
+    """A step's inputs: a 20-token prefill chunk after 12 cached positions, and two decode
+    rows at positions 30 and 45, against caches of random earlier K / V."""
+    starts, counts, tables = [12, 30, 45], [20, 1, 1], [[3, 0], [1, 4], [2, 5, 6]]
+    meta = AttentionMetadata.build(starts, counts, tables, bs, torch.device("cpu"))
+    freqs = torch.outer(torch.arange(64).float(),
+                        1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd))
+    cos, sin = torch.cat([freqs.cos()] * 2, -1), torch.cat([-freqs.sin(), freqs.sin()], -1)
+    table, lengths = meta.per_row()
+    row_tables = [t for t, n in zip(tables, counts) for _ in range(n)]
+    return meta, cos, sin, table, lengths, row_tables
+
+
+@pytest.mark.parametrize("options", [
+    dict(qk_norm=True),                                                 # Qwen3
+    dict(sandwich=True, act="gelu_tanh", softcap=1.5, window=8),        # Gemma 2
+    dict(sandwich=True, act="gelu_tanh", qk_norm=True, window=8),       # Gemma 3
+    dict(act="gelu_tanh", window=5, mlp_format="int8"),                 # act_mul after int8
+])
+def test_step_layer_options_match_a_float32_layer(options):
+    torch.manual_seed(len(options))
+    layer = _Layer(**options)
+    meta, cos, sin, table, lengths, row_tables = _layer_step()
+    step = layer.step_layer()
+    rows = meta.num_tokens
+    k_cache = torch.randn(2, 7 * 16, 64, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    kc_ref, vc_ref = k_cache.float(), v_cache.float()
+    h = torch.randn(rows, 256, dtype=torch.bfloat16)
+    residual = torch.randn(rows, 256, dtype=torch.bfloat16)
+    ref = layer.reference(h, residual, meta.positions, cos, sin, meta.slot_mapping, kc_ref,
+                          vc_ref, row_tables, lengths.tolist(), 16)
+    args = (meta.positions, cos, sin, meta.slot_mapping, k_cache, v_cache, table, lengths, 16)
+    out, res = step.forward(h, residual.clone(), *args)
+    # what the layer adds to the stream, within bf16 rounding (0.7%; an option ignored: 6-80%)
+    stream = h.float() + residual.float()
+    assert rel_err(res.float() + out.float() - stream, ref - stream) < 2e-2
+    assert rel_err(k_cache, kc_ref) < 1e-2
+    # the attention half, then the MLP half: the same as forward
+    normed, res2 = step.attention(h, residual.clone(), *args)
+    assert torch.equal(res2, res) and torch.equal(step.mlp(normed), out)
+
+
+def test_an_attention_only_step_layer_leaves_the_mlp_outside():
+    # a mixture-of-experts layer: StepLayer without MLP projections runs the attention half;
+    # the caller's MLP output continues the stream as forward's h does
+    torch.manual_seed(1)
+    layer = _Layer(sandwich=True)
+    full, attn_only = layer.step_layer(), layer.step_layer(mlp=False)
+    assert full.has_mlp and not attn_only.has_mlp
+    meta, cos, sin, table, lengths, _ = _layer_step()
+    k_cache = torch.randn(2, 7 * 16, 64, dtype=torch.bfloat16)
+    h = torch.randn(meta.num_tokens, 256, dtype=torch.bfloat16)
+    caches = [(k_cache.clone(), k_cache.clone()) for _ in range(2)]
+    args = lambda i: (meta.positions, cos, sin, meta.slot_mapping, *caches[i], table, lengths, 16)
+    out, res = full.forward(h, None, *args(0))
+    normed, res2 = attn_only.attention(h, None, *args(1))
+    assert torch.equal(res2, res) and torch.equal(full.mlp(normed), out)
+    with pytest.raises(RuntimeError, match="no MLP"):
+        attn_only.forward(h, None, *args(1))
+    with pytest.raises(RuntimeError, match="q_norm"):
+        K.StepLayer(layer.in_norm, layer.post_norm, 1e-6, full_lin := K.StepLinear(
+            K.WeightFormat.BF16, vnni_layout(layer.qkv), None, None, None, 512), full_lin,
+            None, None, 4, 2, 0.125, q_norm=torch.ones(32))
 
 
 # ---- the decode path on the real model -----------------------------------------------------

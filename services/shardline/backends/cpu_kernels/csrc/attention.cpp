@@ -11,14 +11,26 @@ namespace shardline::cpu_kernels {
 namespace {
 
 // One row's `heads` heads of hd channels, rotated in place ("rotate half": x * cos +
-// [x2, x1] * sin_signed, cos / sin the row's position's)
+// [x2, x1] * sin_signed, cos / sin the row's position's); with norm (float32 [hd]), each head
+// RMS-normalized by it first (Qwen3's, Gemma 3's q / k norm), in float32 before the rotation
 KERNEL void rope_row(bf16_t* row, int64_t heads, int64_t hd, const float* cos,
-                     const float* sin) {
+                     const float* sin, const float* norm, float eps) {
   std::vector<float> v(hd);
   int64_t half = hd / 2;
   for (int64_t hh = 0; hh < heads; ++hh) {
     bf16_t* x = row + hh * hd;
-    for (int64_t c = 0; c < hd; c += 16) _mm512_storeu_ps(v.data() + c, load_bf16x16(x + c));
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t c = 0; c < hd; c += 16) {
+      __m512 a = load_bf16x16(x + c);
+      ss = _mm512_fmadd_ps(a, a, ss);
+      _mm512_storeu_ps(v.data() + c, a);
+    }
+    if (norm) {
+      __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / hd + eps));
+      for (int64_t c = 0; c < hd; c += 16)
+        _mm512_storeu_ps(v.data() + c, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(v.data() + c), inv),
+                                                     _mm512_loadu_ps(norm + c)));
+    }
     for (int64_t c = 0; c < hd; c += 16) {
       int64_t sw = (c + half) % hd;     // half is a multiple of 16: a whole vector swaps
       __m512 r = _mm512_fmadd_ps(_mm512_loadu_ps(v.data() + sw), _mm512_loadu_ps(sin + c),
@@ -33,7 +45,9 @@ KERNEL void rope_row(bf16_t* row, int64_t heads, int64_t hd, const float* cos,
 
 void rope_store_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
                    const at::Tensor& sin, const at::Tensor& slots, at::Tensor& k_cache,
-                   at::Tensor& v_cache, int64_t heads, int64_t kv_heads) {
+                   at::Tensor& v_cache, int64_t heads, int64_t kv_heads,
+                   const c10::optional<at::Tensor>& q_norm,
+                   const c10::optional<at::Tensor>& k_norm, double eps) {
   check_rows(qkv, "qkv");
   int64_t t = qkv.size(0), hd = k_cache.size(2), n_slots = k_cache.size(1);
   check(qkv.size(1) == (heads + 2 * kv_heads) * hd && hd % 32 == 0,
@@ -43,6 +57,15 @@ void rope_store_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Tenso
             k_cache.size(0) == kv_heads, "rope_store_kv: caches");
   check(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.size(1) == hd,
         "rope_store_kv: float32 cos / sin tables [positions, head_dim]");
+  auto norm_ptr = [&](const c10::optional<at::Tensor>& w) -> const float* {
+    if (!w.has_value()) return nullptr;
+    check(w->scalar_type() == at::kFloat && w->is_contiguous() && w->numel() == hd,
+          "rope_store_kv: q / k norm weights float32 [head_dim]");
+    return w->data_ptr<float>();
+  };
+  const float* qn = norm_ptr(q_norm);
+  const float* kn = norm_ptr(k_norm);
+  float fe = static_cast<float>(eps);
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* sl = slots.data_ptr<int64_t>();
   bf16_t* kc = bf16_mut(k_cache);
@@ -57,7 +80,12 @@ void rope_store_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Tenso
   at::parallel_for(0, t, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       bf16_t* row = qp + i * width;
-      rope_row(row, heads + kv_heads, hd, cp + pos[i] * hd, sp + pos[i] * hd);
+      if (qn == kn) {                          // no norms: q and k heads in one pass
+        rope_row(row, heads + kv_heads, hd, cp + pos[i] * hd, sp + pos[i] * hd, qn, fe);
+      } else {
+        rope_row(row, heads, hd, cp + pos[i] * hd, sp + pos[i] * hd, qn, fe);
+        rope_row(row + heads * hd, kv_heads, hd, cp + pos[i] * hd, sp + pos[i] * hd, kn, fe);
+      }
       for (int64_t h = 0; h < kv_heads; ++h) {
         std::memcpy(kc + (h * n_slots + sl[i]) * hd, row + (heads + h) * hd, hd * 2);
         std::memcpy(vc + (h * n_slots + sl[i]) * hd, row + (heads + kv_heads + h) * hd, hd * 2);
@@ -70,17 +98,23 @@ void rope_store_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Tenso
 namespace {
 
 // One sequence, one KV head and its `group` query heads: softmax(q k^T * scale) v over the
-// sequence's `len` cached positions, read through its block table.
+// sequence's cached positions [first, len), read through its block table (softcap > 0: the
+// scores soft-capped first).
 KERNEL void attend(const bf16_t* q, int64_t group, int64_t hd, const bf16_t* kc,
-                   const bf16_t* vc, const int64_t* table, int64_t len, int64_t block,
-                   float scale, bf16_t* out, int64_t out_stride) {
-  std::vector<float> qf(group * hd), scores(group * len), acc(group * hd, 0.f);
+                   const bf16_t* vc, const int64_t* table, int64_t first, int64_t len,
+                   int64_t block, float scale, float softcap, bf16_t* out, int64_t out_stride) {
+  const int64_t n = len - first;
+  std::vector<float> qf(group * hd), scores(group * n), acc(group * hd, 0.f);
   for (int64_t c = 0; c < group * hd; c += 16) _mm512_storeu_ps(qf.data() + c, load_bf16x16(q + c));
   constexpr int64_t AHEAD = 8;      // positions to prefetch ahead (the cache is not in L2)
-  auto row = [&](const bf16_t* base, int64_t p) { return base + (table[p / block] * block + p % block) * hd; };
-  for (int64_t p = 0; p < len; ++p) {
+  // position first + i of the context
+  auto row = [&](const bf16_t* base, int64_t i) {
+    int64_t p = first + i;
+    return base + (table[p / block] * block + p % block) * hd;
+  };
+  for (int64_t p = 0; p < n; ++p) {
     const bf16_t* k = row(kc, p);
-    if (p + AHEAD < len) {
+    if (p + AHEAD < n) {
       const char* nk = reinterpret_cast<const char*>(row(kc, p + AHEAD));
       for (int64_t b = 0; b < hd * 2; b += 64) _mm_prefetch(nk + b, _MM_HINT_T0);
     }
@@ -88,13 +122,14 @@ KERNEL void attend(const bf16_t* q, int64_t group, int64_t hd, const bf16_t* kc,
       __m512 s = _mm512_setzero_ps();
       for (int64_t c = 0; c < hd; c += 16)
         s = _mm512_fmadd_ps(load_bf16x16(k + c), _mm512_loadu_ps(qf.data() + g * hd + c), s);
-      scores[g * len + p] = _mm512_reduce_add_ps(s) * scale;
+      scores[g * n + p] = _mm512_reduce_add_ps(s) * scale;
     }
   }
-  softmax_rows(scores.data(), group, len, len);
-  for (int64_t p = 0; p < len; ++p) {
+  if (softcap > 0) cap_scores(scores.data(), group * n, softcap);
+  softmax_rows(scores.data(), group, n, n);
+  for (int64_t p = 0; p < n; ++p) {
     const bf16_t* v = row(vc, p);
-    if (p + AHEAD < len) {
+    if (p + AHEAD < n) {
       const char* nv = reinterpret_cast<const char*>(row(vc, p + AHEAD));
       for (int64_t b = 0; b < hd * 2; b += 64) _mm_prefetch(nv + b, _MM_HINT_T0);
     }
@@ -102,7 +137,7 @@ KERNEL void attend(const bf16_t* q, int64_t group, int64_t hd, const bf16_t* kc,
       __m512 vv = load_bf16x16(v + c);
       for (int64_t g = 0; g < group; ++g) {
         float* a = acc.data() + g * hd + c;
-        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + p]), vv,
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + p]), vv,
                                             _mm512_loadu_ps(a)));
       }
     }
@@ -132,15 +167,17 @@ KERNEL inline __m512 reduce16(const __m512* v) {
 
 // attend() for head_dim HD (64 or 128) and up to 8 query heads per KV head: scores of 16
 // positions at a time with bf16 dot products and one transposed reduction; the weighted sum
-// of V in registers, with bf16 weights (as PyTorch's bf16 attention rounds them).
+// of V in registers, with bf16 weights (as PyTorch's bf16 attention rounds them). Positions
+// [first, end) of the context: `len` below counts them, p indexes them from first.
 // G (the query heads per KV head) is a template parameter so that the accumulators of the
 // weighted sum (G x HD / 16 vectors) live in registers: with G a run-time value they were
 // spilled to the stack and reloaded for every pair of positions.
 template <int HD, int G>
 KERNEL void attend_fast(const bf16_t* q, const bf16_t* kc, const bf16_t* vc,
-                        const int64_t* table, int64_t len, int64_t block, float scale,
-                        bf16_t* out, int64_t out_stride) {
+                        const int64_t* table, int64_t first, int64_t end, int64_t block,
+                        float scale, float softcap, bf16_t* out, int64_t out_stride) {
   constexpr int64_t group = G;
+  const int64_t len = end - first;
   constexpr int P = HD / 32;                // bf16 pair vectors per head row
   const int64_t padded = (len + 15) / 16 * 16;  // scores of a head: whole 16-position blocks
   // per-thread scratch, grown as needed (not three allocations per item and head); every
@@ -153,7 +190,7 @@ KERNEL void attend_fast(const bf16_t* q, const bf16_t* kc, const bf16_t* vc,
     sb.resize(group * padded);
   }
   if (static_cast<int64_t>(slot.size()) < len) slot.resize(len);
-  for (int64_t p = 0, b = 0, j = 0; p < len; ++p) {
+  for (int64_t p = 0, b = first / block, j = first % block; p < len; ++p) {
     slot[p] = table[b] * block + j;
     if (++j == block) { j = 0; ++b; }
   }
@@ -190,6 +227,7 @@ KERNEL void attend_fast(const bf16_t* q, const bf16_t* kc, const bf16_t* vc,
                        _mm512_mul_ps(reduce16(part), _mm512_set1_ps(scale)));
     }
   }
+  if (softcap > 0) cap_scores(scores.data(), group * padded, softcap);
   softmax_rows(scores.data(), group, len, padded);
   // the weighted sum of V two positions at a time, as bf16 pairs (p, p + 1) per channel:
   // unpacklo / unpackhi of rows p and p + 1 give, per 128-bit lane L of a 32-channel vector,
@@ -235,7 +273,7 @@ KERNEL void attend_fast(const bf16_t* q, const bf16_t* kc, const bf16_t* vc,
 // ATTEND_64[G - 1] = attend_fast<64, G>, G = 1 .. FAST_MAX_GROUP; ATTEND_128 likewise
 constexpr int FAST_MAX_GROUP = 8;
 using AttendFn = void (*)(const bf16_t*, const bf16_t*, const bf16_t*, const int64_t*, int64_t,
-                         int64_t, float, bf16_t*, int64_t);
+                         int64_t, int64_t, float, float, bf16_t*, int64_t);
 template <int HD, int... Gs>
 constexpr std::array<AttendFn, sizeof...(Gs)> attend_table(std::integer_sequence<int, Gs...>) {
   return {&attend_fast<HD, Gs + 1>...};
@@ -253,12 +291,13 @@ AttendFn attend_fast_for(int64_t hd, int64_t group) {
 }
 
 // ---- paged_attention --------------------------------------------------------------------------
-// every row's length within its table, and the blocks it reads within the cache's slots
+// every row's length within its table, and the blocks it reads (those holding positions
+// [window_start, len)) within the cache's slots
 void check_tables(const int64_t* tables, const int64_t* lens, int64_t d, int64_t max_blocks,
-                  int64_t block, int64_t n_slots) {
+                  int64_t block, int64_t n_slots, int64_t window) {
   for (int64_t i = 0; i < d; ++i) {
     TORCH_CHECK(lens[i] >= 1 && lens[i] <= max_blocks * block, "paged_attention: length");
-    for (int64_t b = 0; b < (lens[i] + block - 1) / block; ++b)
+    for (int64_t b = window_start(lens[i], window) / block; b < (lens[i] + block - 1) / block; ++b)
       TORCH_CHECK(tables[i * max_blocks + b] >= 0 && (tables[i * max_blocks + b] + 1) * block <= n_slots,
                   "paged_attention: block id out of range");
   }
@@ -291,8 +330,9 @@ bool find_runs(bool amx, const int64_t* tables, const int64_t* lens, int64_t d,
 at::Tensor paged_attention(const at::Tensor& qkv, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& block_tables,
                            const at::Tensor& lengths, int64_t block, int64_t heads,
-                           double scale) {
+                           double scale, int64_t window, double softcap) {
   check_rows(qkv, "qkv");
+  check(window >= 0 && softcap >= 0, "paged_attention: window and softcap >= 0");
   int64_t d = qkv.size(0), kv_heads = k_cache.size(0), n_slots = k_cache.size(1),
           hd = k_cache.size(2);
   check(heads % kv_heads == 0, "paged_attention: heads a multiple of kv_heads");
@@ -302,13 +342,13 @@ at::Tensor paged_attention(const at::Tensor& qkv, const at::Tensor& k_cache,
   int64_t group = heads / kv_heads, max_blocks = block_tables.size(1), width = qkv.size(1);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = lengths.data_ptr<int64_t>();
-  check_tables(tables, lens, d, max_blocks, block, n_slots);
+  check_tables(tables, lens, d, max_blocks, block, n_slots, window);
   at::Tensor out = at::empty({d, heads * hd}, qkv.options());
   const bf16_t* qp = bf16_ptr(qkv);
   const bf16_t* kc = bf16_ptr(k_cache);
   const bf16_t* vc = bf16_ptr(v_cache);
   bf16_t* op = bf16_mut(out);
-  float sc = static_cast<float>(scale);
+  float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
   // With AMX, a run of several rows goes to attend_run_amx: its rows are the columns of
   // attend_columns_amx, a query head at a time. Single rows (decode rows) go through attend_fast
   // (or attend) even with AMX: a decode row's few query heads as AMX columns would leave most of
@@ -341,22 +381,25 @@ at::Tensor paged_attention(const at::Tensor& qkv, const at::Tensor& k_cache,
           cols.q[r] = qh + r * width + g * hd;
           cols.o[r] = oh + r * heads * hd + g * hd;
           cols.len[r] = lens[i] + r;
+          cols.first[r] = window_start(cols.len[r], window);
         }
       }
-      amx(per_head.data(), group, kh, vh, table, block, sc);
+      amx(per_head.data(), group, kh, vh, table, block, sc, cap);
       return;
     }
     for (int64_t r = 0; r < rows; ++r) {
-      if (fast) fast(qh + r * width, kh, vh, table, lens[i + r], block, sc, oh + r * heads * hd, hd);
-      else attend(qh + r * width, group, hd, kh, vh, table, lens[i + r], block, sc,
+      int64_t len = lens[i + r], first = window_start(len, window);
+      if (fast) fast(qh + r * width, kh, vh, table, first, len, block, sc, cap, oh + r * heads * hd, hd);
+      else attend(qh + r * width, group, hd, kh, vh, table, first, len, block, sc, cap,
                   oh + r * heads * hd, hd);
     }
   };
-  // the first KPF blocks of K of an item, prefetched while the item before it runs
-  // (attend_fast prefetches 16 * KPF positions ahead from there on)
+  // the first KPF blocks of K an item reads (from its window's start), prefetched while the
+  // item before it runs (attend_fast prefetches 16 * KPF positions ahead from there on)
   auto prefetch_start = [&](int64_t t) {
     int64_t i = runs[t / kv_heads].first, h = t % kv_heads;
-    for (int64_t b = 0; b < KPF && b * block < lens[i]; ++b) {
+    int64_t b0 = window_start(lens[i], window) / block;
+    for (int64_t b = b0; b < b0 + KPF && b * block < lens[i]; ++b) {
       const char* kb = reinterpret_cast<const char*>(
           kc + (h * n_slots + tables[i * max_blocks + b] * block) * hd);
       for (int64_t o = 0; o < std::min<int64_t>(block, lens[i] - b * block) * hd * 2; o += 64)

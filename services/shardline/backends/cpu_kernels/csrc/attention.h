@@ -12,18 +12,28 @@ namespace cpu_kernels __attribute__((visibility("hidden"))) {
 constexpr int64_t AMX_COLUMNS = 16;
 
 // Up to AMX_COLUMNS query "columns" against one sequence's cache and one KV head: column c is a
-// query (q[c], head_dim channels) attending positions [0, len[c]), its output written to o[c]
+// query (q[c], head_dim channels) attending positions [first[c], len[c]) (first[c] > 0: a
+// sliding window), its output written to o[c]
 struct Columns {
   const bf16_t* q[AMX_COLUMNS];
   bf16_t* o[AMX_COLUMNS];
+  int64_t first[AMX_COLUMNS];
   int64_t len[AMX_COLUMNS];
   int64_t n = 0;
 };
 
+// the first position a row attending `len` positions sees under a sliding window of `window`
+// positions (0: no window): max(0, len - window)
+inline int64_t window_start(int64_t len, int64_t window) {
+  return window > 0 && len > window ? len - window : 0;
+}
+
 // A run's query heads (`group` of them, heads[g] the run's rows for query head g) against one
-// KV head's cache (kc, vc: [slots, head_dim]), through the run's block table
+// KV head's cache (kc, vc: [slots, head_dim]), through the run's block table; softcap > 0:
+// scores soft-capped (cap_scores)
 using AttendRunFn = void (*)(const Columns* heads, int64_t group, const bf16_t* kc,
-                             const bf16_t* vc, const int64_t* table, int64_t block, float scale);
+                             const bf16_t* vc, const int64_t* table, int64_t block, float scale,
+                             float softcap);
 
 // the AMX kernel for runs (attention_amx.cpp), for head_dim 64 or 128 where amx_supported() and
 // the cache block size is a multiple of 16; else null (paged_attention takes rows one by one)
@@ -32,6 +42,23 @@ AttendRunFn attend_run_for(int64_t hd, int64_t block);
 // The helpers below have internal linkage in each file that includes them, as when the kernels
 // were one file: GCC specialises softmax_rows for its callers' constant arguments.
 namespace {
+
+// tanh(x) = sign(x) (1 - e^-2|x|) / (1 + e^-2|x|)
+KERNEL inline __m512 tanh512(__m512 x) {
+  __m512 e = exp512(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-2.f)));
+  __m512 t = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.f), e), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+  return _mm512_or_ps(t, _mm512_and_ps(x, _mm512_set1_ps(-0.f)));      // x's sign
+}
+
+// In place: n scores s -> cap * tanh(s / cap) (Gemma 2's attention-logit soft-capping)
+KERNEL void cap_scores(float* s, int64_t n, float cap) {
+  const __m512 inv = _mm512_set1_ps(1.f / cap), c = _mm512_set1_ps(cap);
+  for (int64_t p = 0; p < n; p += 16) {
+    __mmask16 m = n - p >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - p)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(m, s + p);
+    _mm512_mask_storeu_ps(s + p, m, _mm512_mul_ps(c, tanh512(_mm512_mul_ps(v, inv))));
+  }
+}
 
 // In place: each of `rows` rows of `len` scores (rows `stride` apart) -> its softmax.
 KERNEL void softmax_rows(float* scores, int64_t rows, int64_t len, int64_t stride) {

@@ -4,8 +4,10 @@
 //   scores^T = K . Q^T per 16 positions: A = the K block as it is in the cache (16 positions x
 //     32 channels per tile, rows HD * 2 bytes apart), B = the columns' queries as channel
 //     pairs, C = 16 positions x 16 columns;
-//   softmax per column over its own length (as attend_fast: float32, weights rounded to bf16,
-//     positions past a column's length weigh 0);
+//   softmax per column over its own positions [first, len) (as attend_fast: float32, weights
+//     rounded to bf16, other positions weigh 0);
+// Positions start at lo, the columns' smallest first rounded down to 16 (with a sliding window,
+// the blocks before it are not read).
 //   out = P . V per 32 positions: A = P (16 columns x 32 positions), B = V as position pairs
 //     (v_pairs, built once for all the query heads of a KV head: channels in attend_fast's
 //     lane order, put back on store), C = 16 columns x 16 channels, four tiles per 64 channels.
@@ -74,17 +76,17 @@ KERNEL inline void prefetch_rows(const bf16_t* rows, int64_t hd) {
   for (int64_t o = 0; o < 16 * hd * 2; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
 }
 
-// V of positions [0, ctx) as AMX B tiles of position pairs: per 32 positions and 64 channels,
-// four tiles of 16 pairs x 64 bytes (unpacklo / unpackhi of channels c0 .. c0 + 31, then c0 + 32
-// .. c0 + 63), zeros past ctx; tile t of (p0, c0) at vv + ((p0 / 32 * HD / 64 + c0 / 64) * 4 + t)
-// * 512
+// V of positions [lo, ctx) (lo a multiple of 16) as AMX B tiles of position pairs: per 32
+// positions and 64 channels, four tiles of 16 pairs x 64 bytes (unpacklo / unpackhi of channels
+// c0 .. c0 + 31, then c0 + 32 .. c0 + 63), zeros past ctx; tile t of (p0, c0) at
+// vv + (((p0 - lo) / 32 * HD / 64 + c0 / 64) * 4 + t) * 512
 template <int HD>
-KERNEL void v_pairs(const bf16_t* vc, const int64_t* table, int64_t block, int64_t ctx,
-                    bf16_t* vv) {
+KERNEL void v_pairs(const bf16_t* vc, const int64_t* table, int64_t block, int64_t lo,
+                    int64_t ctx, bf16_t* vv) {
   auto slot = [&](int64_t p) { return table[p / block] * block + p % block; };
-  for (int64_t p0 = 0; p0 < ctx; p0 += 32)
+  for (int64_t p0 = lo; p0 < ctx; p0 += 32)
     for (int64_t c0 = 0; c0 < HD; c0 += 64) {
-      bf16_t* tiles = vv + ((p0 / 32) * (HD / 64) + c0 / 64) * 4 * 512;
+      bf16_t* tiles = vv + (((p0 - lo) / 32) * (HD / 64) + c0 / 64) * 4 * 512;
       for (int64_t half = 0; half < 2; ++half) {   // positions p0 + 16 half + 2 pr, + 1
         int64_t h0 = p0 + 16 * half;
         const bf16_t* vb0 = h0 < ctx ? vc + slot(h0) * HD + c0 : nullptr;   // 16 rows
@@ -102,15 +104,25 @@ KERNEL void v_pairs(const bf16_t* vc, const int64_t* table, int64_t block, int64
     }
 }
 
+// [lo, ctx): the positions any of the columns attends, lo rounded down to 16
+inline std::pair<int64_t, int64_t> column_span(const Columns& cols) {
+  int64_t lo = cols.first[0], ctx = 0;
+  for (int64_t c = 0; c < cols.n; ++c) {
+    lo = std::min(lo, cols.first[c]);
+    ctx = std::max(ctx, cols.len[c]);
+  }
+  return {lo / 16 * 16, ctx};
+}
+
 template <int HD>
 AMX_KERNEL void attend_columns_amx(const Columns& cols, const bf16_t* kc, const bf16_t* vv,
-                                   const int64_t* table, int64_t block, float scale) {
+                                   const int64_t* table, int64_t block, float scale,
+                                   float softcap) {
   static_assert(HD % 64 == 0, "attend_columns_amx: head_dim a multiple of 64");
   constexpr int S = HD / 32;                       // 32-channel slices of a head
   const int64_t n = cols.n;
-  int64_t ctx = 0;                                 // positions the longest column attends
-  for (int64_t c = 0; c < n; ++c) ctx = std::max(ctx, cols.len[c]);
-  const int64_t cp = (ctx + 31) / 32 * 32;         // scores per column: whole 32-position groups
+  auto [lo, ctx] = column_span(cols);              // scores of column c: sc[c * cp + p - lo]
+  const int64_t cp = (ctx - lo + 31) / 32 * 32;    // scores per column: whole 32-position groups
   thread_local std::vector<uint32_t> qt;           // [S][16 pairs][16 columns]
   thread_local std::vector<float> sc;              // [16 columns][cp]
   thread_local std::vector<bf16_t> pb;             // [16 columns][cp]
@@ -131,27 +143,32 @@ AMX_KERNEL void attend_columns_amx(const Columns& cols, const bf16_t* kc, const 
     _tile_loadd(TILE_Q0, qt.data(), 64);
     _tile_loadd(TILE_Q1, qt.data() + 256, 64);
   }
-  for (int64_t p0 = 0; p0 < ctx; p0 += 32) {
+  for (int64_t p0 = lo; p0 < ctx; p0 += 32) {
     bool second_block = p0 + 16 < ctx;
     for (int64_t b = p0 + 32; b < std::min(ctx, p0 + 64); b += 16) prefetch_rows(kc + slot(b) * HD, HD);
     SCORES_TILE(TILE_S0, kc + slot(p0) * HD, qt.data());
     if (second_block) SCORES_TILE(TILE_S1, kc + slot(p0 + 16) * HD, qt.data());
     _tile_stored(TILE_S0, st, 64);                 // st[position j][column c]
-    scores_to_rows(st, n, scale, sc.data() + p0, cp);
+    scores_to_rows(st, n, scale, sc.data() + p0 - lo, cp);
     if (second_block) {
       _tile_stored(TILE_S1, st, 64);
-      scores_to_rows(st, n, scale, sc.data() + p0 + 16, cp);
+      scores_to_rows(st, n, scale, sc.data() + p0 - lo + 16, cp);
     }
   }
-  // softmax per column over its own length; weights in bf16, 0 past the length and for
-  // columns past n
+  // softmax per column over its own positions [first, len) (relative to lo: [f, l)), scores
+  // soft-capped first where softcap > 0; weights in bf16, 0 elsewhere and for columns past n
   for (int64_t c = 0; c < 16; ++c) {
     bf16_t* pc = pb.data() + c * cp;
-    int64_t len = c < n ? cols.len[c] : 0;
-    if (len) softmax_rows(sc.data() + c * cp, 1, len, cp);
+    int64_t f = c < n ? cols.first[c] - lo : 0, l = c < n ? cols.len[c] - lo : 0;
+    if (l > f) {
+      if (softcap > 0) cap_scores(sc.data() + c * cp + f, l - f, softcap);
+      softmax_rows(sc.data() + c * cp + f, 1, l - f, cp);
+    }
     for (int64_t i = 0; i < cp; i += 16) {
-      int64_t m = std::min<int64_t>(16, std::max<int64_t>(0, len - i));
-      __mmask16 mask = m >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << m) - 1);
+      int64_t m = std::min<int64_t>(16, std::max<int64_t>(0, l - i));
+      int64_t skip = std::min<int64_t>(16, std::max<int64_t>(0, f - i));   // before first
+      uint32_t bits = ((m >= 16 ? 0xFFFFu : (1u << m) - 1) >> skip) << skip;
+      __mmask16 mask = static_cast<__mmask16>(bits);
       __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, sc.data() + c * cp + i));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pc + i), reinterpret_cast<__m256i&>(h));
     }
@@ -159,11 +176,11 @@ AMX_KERNEL void attend_columns_amx(const Columns& cols, const bf16_t* kc, const 
   // out = P . V, 64 channels (four C tiles) per pass
   for (int64_t c0 = 0; c0 < HD; c0 += 64) {
     _tile_zero(TILE_O0); _tile_zero(TILE_O1); _tile_zero(TILE_O2); _tile_zero(TILE_O3);
-    for (int64_t p0 = 0; p0 < ctx; p0 += 32) {
-      const bf16_t* tiles = vv + ((p0 / 32) * (HD / 64) + c0 / 64) * 4 * 512;
+    for (int64_t p0 = lo; p0 < ctx; p0 += 32) {
+      const bf16_t* tiles = vv + (((p0 - lo) / 32) * (HD / 64) + c0 / 64) * 4 * 512;
       // B: TILE_V0, V1, V2, then the fourth V tile into TILE_V0 again, whose product was
       // issued first
-      _tile_loadd(TILE_P, pb.data() + p0, cp * 2);
+      _tile_loadd(TILE_P, pb.data() + p0 - lo, cp * 2);
       _tile_loadd(TILE_V0, tiles, 64);
       _tile_loadd(TILE_V1, tiles + 512, 64);
       _tile_loadd(TILE_V2, tiles + 2 * 512, 64);
@@ -205,15 +222,14 @@ AMX_KERNEL void attend_columns_amx(const Columns& cols, const bf16_t* kc, const 
 // attend_columns_amx per query head
 template <int HD>
 void attend_run_amx(const Columns* heads, int64_t group, const bf16_t* kc, const bf16_t* vc,
-                    const int64_t* table, int64_t block, float scale) {
-  int64_t ctx = 0;
-  for (int64_t c = 0; c < heads[0].n; ++c) ctx = std::max(ctx, heads[0].len[c]);
+                    const int64_t* table, int64_t block, float scale, float softcap) {
+  auto [lo, ctx] = column_span(heads[0]);          // the same positions for every query head
   thread_local std::vector<bf16_t> vv;
-  int64_t need = (ctx + 31) / 32 * (HD / 64) * 4 * 512;
+  int64_t need = (ctx - lo + 31) / 32 * (HD / 64) * 4 * 512;
   if (static_cast<int64_t>(vv.size()) < need) vv.resize(need);
-  v_pairs<HD>(vc, table, block, ctx, vv.data());
+  v_pairs<HD>(vc, table, block, lo, ctx, vv.data());
   for (int64_t g = 0; g < group; ++g)
-    attend_columns_amx<HD>(heads[g], kc, vv.data(), table, block, scale);
+    attend_columns_amx<HD>(heads[g], kc, vv.data(), table, block, scale, softcap);
 }
 
 }  // namespace

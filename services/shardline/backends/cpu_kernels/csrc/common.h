@@ -6,7 +6,8 @@
 // run a whole decoder layer in one call (StepLayer). The files, each building on those above:
 //
 //   common.h           this file: target attributes, bf16 loads and stores, argument checks,
-//                      the thread helper `parallel`, exp and SiLU
+//                      the thread helper `parallel`, exp and the MLP's
+//                      activations (SiLU, GELU-tanh)
 //   amx.h, amx.cpp     AMX: whether the CPU has it and the process may use it, tile set-up
 //   kernels.h          the ops the files below define, as step_layer.cpp and bindings.cpp call them
 //   linear_bf16.cpp    linear_vnni: bf16 weights in the VNNI-blocked layout (GEMV, AMX tiles,
@@ -62,6 +63,13 @@ KERNEL inline __m512 load_bf16x16(const bf16_t* p) {
 KERNEL inline void store_bf16x16(bf16_t* p, __m512 v) {      // round to nearest even
   __m256bh h = _mm512_cvtneps_pbh(v);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i&>(h));
+}
+
+// v rounded to bf16 (nearest even) and back to float32
+KERNEL inline __m512 round_bf16x16(__m512 v) {
+  __m256bh h = _mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i&>(h)), 16));
 }
 
 inline const bf16_t* bf16_ptr(const at::Tensor& t) {
@@ -130,13 +138,28 @@ KERNEL inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// silu(g) * u = g / (1 + e^-g) * u: the reciprocal estimate (14 bits) refined by one Newton
-// step, not a division
-KERNEL inline __m512 silu_mul16(__m512 g, __m512 u) {
-  __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+// The gated MLP's activation (Python: kernels.Activation): act(gate) * up
+enum class Activation : int {
+  SILU = 0,         // silu(g) = g * sigmoid(g) (SwiGLU)
+  GELU_TANH = 1,    // gelu with the tanh approximation (GeGLU: Gemma), F.gelu(approximate="tanh")
+};
+
+// g * sigmoid(z) * u = g / (1 + e^-z) * u: the reciprocal estimate (14 bits) refined by one
+// Newton step, not a division
+KERNEL inline __m512 sigmoid_mul16(__m512 g, __m512 z, __m512 u) {
+  __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), z)));
   __m512 r = _mm512_rcp14_ps(d);
   r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
   return _mm512_mul_ps(_mm512_mul_ps(g, r), u);
+}
+
+// act(g) * u. silu: g * sigmoid(g). gelu_tanh: 0.5 g (1 + tanh(c (g + 0.044715 g^3))), which is
+// g * sigmoid(2 c (g + 0.044715 g^3)), c = sqrt(2 / pi)
+KERNEL inline __m512 act_mul16(Activation act, __m512 g, __m512 u) {
+  if (act == Activation::SILU) return sigmoid_mul16(g, g, u);
+  const __m512 two_c = _mm512_set1_ps(1.5957691216057308f);           // 2 sqrt(2 / pi)
+  __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(g, g), _mm512_set1_ps(0.044715f), _mm512_set1_ps(1.f));
+  return sigmoid_mul16(g, _mm512_mul_ps(_mm512_mul_ps(g, inner), two_c), u);
 }
 
 }  // namespace cpu_kernels

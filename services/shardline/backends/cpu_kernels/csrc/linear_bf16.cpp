@@ -189,14 +189,14 @@ KERNEL void store_out(const float* v, int64_t count, const float* bias, float* y
   }
 }
 
-// 16 outputs silu(gate) * up from a row's 32 (16 gate, then 16 up), bias added first
-KERNEL void glu_out(const float* c, const float* bias, float* yf, bf16_t* yb) {
+// 16 outputs act(gate) * up from a row's 32 (16 gate, then 16 up), bias added first
+KERNEL void glu_out(const float* c, const float* bias, Activation act, float* yf, bf16_t* yb) {
   __m512 g = _mm512_loadu_ps(c), u = _mm512_loadu_ps(c + 16);
   if (bias) {
     g = _mm512_add_ps(g, _mm512_loadu_ps(bias));
     u = _mm512_add_ps(u, _mm512_loadu_ps(bias + 16));
   }
-  __m512 v = silu_mul16(g, u);
+  __m512 v = act_mul16(act, g, u);
   if (yf) _mm512_storeu_ps(yf, v);
   else store_bf16x16(yb, v);
 }
@@ -206,6 +206,7 @@ struct VnniOut {
   int64_t n;              // outputs of the weight
   int64_t width;          // outputs per row of y: n, or (glu) n / 2
   bool glu;
+  Activation act;         // of the glu epilogue
   const float* b;         // bias [n], or null
   float* yf;
   bf16_t* yb;
@@ -216,14 +217,14 @@ struct VnniOut {
               yb ? yb + row * n + col : nullptr);
   }
 
-  // one row's 32 outputs of the block pair p: as they are, or (glu) silu(gate) * up, 16 wide
+  // one row's 32 outputs of the block pair p: as they are, or (glu) act(gate) * up, 16 wide
   void emit(int64_t row, int64_t p, const float* c) const {
     if (!glu) {
       int64_t cols = std::min<int64_t>(32, n - p * 32);
       if (cols > 0) put(row, p * 32, c, cols);
       return;
     }
-    glu_out(c, b ? b + p * 32 : nullptr, yf ? yf + row * width + p * 16 : nullptr,
+    glu_out(c, b ? b + p * 32 : nullptr, act, yf ? yf + row * width + p * 16 : nullptr,
             yb ? yb + row * width + p * 16 : nullptr);
   }
 };
@@ -325,7 +326,8 @@ void amx_rows(const VnniOut& y, const bf16_t* xp, int64_t m, int64_t k, const bf
 }  // namespace
 
 at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
-                       const c10::optional<at::Tensor>& bias, bool out_f32, bool glu) {
+                       const c10::optional<at::Tensor>& bias, bool out_f32, bool glu,
+                       Activation act) {
   check_rows(x, "x");
   int64_t m = x.size(0), k = x.size(1);
   check(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 4 && w.size(1) * 2 == k &&
@@ -335,7 +337,7 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& w, int64_t n,
         "linear_vnni: glu weights interleave 16 gate and 16 up rows (glu_layout), n a multiple of 32");
   int64_t width = glu ? n / 2 : n;           // outputs per row
   at::Tensor y = at::empty({m, width}, x.options().dtype(out_f32 ? at::kFloat : at::kBFloat16));
-  VnniOut out{n, width, glu, bias.has_value() ? bias->data_ptr<float>() : nullptr,
+  VnniOut out{n, width, glu, act, bias.has_value() ? bias->data_ptr<float>() : nullptr,
               out_f32 ? y.data_ptr<float>() : nullptr, out_f32 ? nullptr : bf16_mut(y)};
   const bf16_t* wp = bf16_ptr(w);
   const bf16_t* xp = bf16_ptr(x);
