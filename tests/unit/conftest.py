@@ -45,6 +45,13 @@ TINY_FAMILIES = {
                                                                "rope_theta": 1e6},
                                             "sliding_attention": {"rope_type": "default",
                                                                   "rope_theta": 1e4}})),
+    # LongRoPE: short factors up to 32 tokens, long ones past (factor 16 from 512 / 32)
+    "phi3-longrope": ("Phi3Config", dict(pad_token_id=0, original_max_position_embeddings=32,
+                                         rope_scaling={"rope_type": "longrope",
+                                                       "short_factor": [1.0 + i / 8
+                                                                        for i in range(8)],
+                                                       "long_factor": [2.0 + i for i in
+                                                                       range(8)]})),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     # layer 1 dense; the others 4 experts, top 2, probabilities not renormalized
     "qwen3-moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2,

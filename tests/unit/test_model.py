@@ -250,3 +250,39 @@ def test_gemma3_multimodal_checkpoint_serves_its_language_model(tmp_path):
         ref = hf(input_ids=torch.tensor([ids])).logits[0]
     ours = _our_logits(runner, ids, 0, list(range(10)))
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_longrope_short_and_long_factors_as_hf(tiny_model_dir):
+    """LongRoPE (Phi-3): a sequence up to original_max_position_embeddings (32) takes the
+    short factors, a longer one the long factors (rope_long on admission): HF's logits."""
+    from transformers import AutoModelForCausalLM
+    path = tiny_model_dir("phi3-longrope")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    runner = load_runner(path, 0, 4, dtype=torch.float32, kv_cache_bytes=1 << 20, block_size=4)
+    assert runner.config.rope_long_after == 32
+    ids = torch.randint(0, 128, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    for seq_id, n, long in ((1, 30, False), (2, 60, True)):
+        with torch.inference_mode():
+            ref = hf(torch.tensor([ids[:n]])).logits[0]
+        sampled = []
+        blocks = list(range(16 * seq_id, 16 * seq_id + 16))
+        # prefill in two chunks, then decodes, all with the mode given on admission
+        runner.step([SeqStep(seq_id, ids[:n - 6], 0, blocks, True, admit=True,
+                             rope_long=long)], [], None)
+        for i in range(n - 6, n):
+            _, out = runner.step([SeqStep(seq_id, [ids[i]], i, [], True)], [], None)
+            sampled.append(out[0].token_id)
+        assert sampled == ref[n - 6:].argmax(-1).tolist()
+        with torch.inference_mode():
+            meta = AttentionMetadata.build([0], [n], [blocks], 4, runner.device)
+            if long:
+                meta.rope_positions = meta.positions + runner.config.max_position_embeddings
+            x = runner.model(runner.model.embed(torch.tensor(ids[:n])), meta,
+                             runner.kv_cache.layers)
+            torch.testing.assert_close(runner.model.logits(x), ref, atol=2e-4, rtol=1e-4)
+        runner.step([], [seq_id], None)
+    # the long factors differ from the short ones: the wrong mode gives other logits
+    with torch.inference_mode():
+        meta = AttentionMetadata.build([0], [60], [list(range(16))], 4, runner.device)
+        x = runner.model(runner.model.embed(torch.tensor(ids)), meta, runner.kv_cache.layers)
+        assert (runner.model.logits(x) - hf(torch.tensor([ids])).logits[0]).abs().max() > 1e-2

@@ -84,8 +84,7 @@ def test_qwen3_normalizes_q_and_k_and_keeps_its_head_dim():
     ({"num_key_value_heads": 3}, "multiple"),
     ({"layer_types": ["full_attention", "chunked_attention"]}, "chunked_attention"),
     ({"model_type": "phi3", "partial_rotary_factor": 0.75}, "partial_rotary_factor"),
-    ({"model_type": "phi3", "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0],
-                                             "long_factor": [2.0]}}, "longrope"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "mrope"}}, "mrope"),
     ({"layer_types": ["sliding_attention", "full_attention"]}, "without a sliding_window"),
 ])
 def test_unsupported_configs_are_refused(change, message):

@@ -37,6 +37,10 @@ def select_backend(model: StageModel, *, cpu_kernels: bool = True, compiled: boo
     if gpu_engine not in GPU_ENGINE_MODES:
         raise ValueError(f"gpu_engine must be one of {GPU_ENGINE_MODES}, got {gpu_engine!r}")
     device = next(model.parameters()).device
+    if model.config.rope_long_after:           # per-sequence RoPE tables: the reference's
+        log.info("LongRoPE switches tables per sequence, which only the PyTorch reference "
+                 "backend reads: this stage runs on it")
+        return TorchBackend(model, compiled=compiled)
     if not compiled and (gpu_engine == "on" or (gpu_engine == "auto" and device.type == "cuda")):
         return GpuEngineBackend(model, **engine_options)
     if cpu_kernels and not compiled:

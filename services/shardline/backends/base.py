@@ -50,6 +50,18 @@ class StepInputs:
     block_size: int
     # the sequence's token is the one this stage sampled for it last step (single stage)
     fed_back: Optional[Sequence[bool]] = None
+    # LongRoPE: the sequence reads the long factors' RoPE table (None: no sequence does)
+    rope_long: Optional[Sequence[bool]] = None
+
+    def rope_positions(self, positions: torch.Tensor, table_rows: int) -> Optional[torch.Tensor]:
+        """[T] rows of a LongRoPE table (layers.RotaryEmbedding) for rows at `positions`:
+        position + table_rows for the rows of sequences on the long factors; None when no
+        sequence is."""
+        if not self.rope_long or not any(self.rope_long):
+            return None
+        long_rows = torch.tensor([bool(f) for f, n in zip(self.rope_long, self.num_tokens)
+                                  for _ in range(n)], device=positions.device)
+        return positions + long_rows.long() * table_rows
 
     def sample_rows(self) -> list[int]:
         """The batch row of each sampling sequence's last token, in sequence order."""
@@ -83,6 +95,8 @@ class StepBackend(ABC):
         sampled token per sampling sequence, in order)."""
         meta = self.build_metadata(inputs.start_positions, inputs.num_tokens,
                                    inputs.block_tables, inputs.block_size)
+        meta.rope_positions = inputs.rope_positions(meta.positions,
+                                                    self.model.config.max_position_embeddings)
         x = (self.embed(inputs.token_ids) if hidden is None
              else hidden.to(device=self.device, dtype=self.dtype))
         x = self.forward(x, meta, kv_cache)                                 # [T, hidden]

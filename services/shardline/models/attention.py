@@ -61,6 +61,9 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     # (start positions, token counts, block tables, block size), for per_row
     plan: Optional[tuple] = field(default=None, repr=False)
+    # [T] the row of the RoPE tables each row reads, where it differs from its position
+    # (LongRoPE: position + max_pos for sequences on the long factors; layers.RotaryEmbedding)
+    rope_positions: Optional[torch.Tensor] = None
     _per_row: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
 
     @property

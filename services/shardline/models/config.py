@@ -13,7 +13,7 @@ from shardline.models.families import FAMILIES
 SUPPORTED_MODEL_TYPES = tuple(f.model_type for f in FAMILIES)
 # "dynamic" (NTK) changes frequencies only past max_position_embeddings, the end of the
 # context served: within it the default frequencies are exact (as transformers computes them)
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 MOE_TYPES = ("mixtral", "qwen3_moe")
 # what transformers' Gemma3TextConfig assumes where a multimodal checkpoint's text_config is
@@ -82,6 +82,14 @@ class ModelConfig:
     def scale(self) -> float:
         """The attention scores' scale."""
         return self.attn_scale or self.head_dim ** -0.5
+
+    @property
+    def rope_long_after(self) -> int:
+        """LongRoPE: the length (original_max_position_embeddings) past which a sequence's
+        RoPE takes the long factors (0: no such switch)."""
+        if self.rope_type != "longrope":
+            return 0
+        return int(self.rope_scaling["original_max_position_embeddings"])
 
     def is_moe(self, layer: int) -> bool:
         """Whether layer `layer`'s MLP is a mixture of experts."""
@@ -235,6 +243,15 @@ def _rope(d: dict[str, Any], model_type: str
     else:
         merged = dict(params)
         merged.update(d.get("rope_scaling") or {})
+        if model_type == "phi3" and _rope_type(merged) in ("su", "yarn"):
+            merged["rope_type"] = "longrope"       # transformers reads both as longrope
+            merged.pop("type", None)
+        if _rope_type(merged) == "longrope":
+            merged.setdefault("original_max_position_embeddings",
+                              d.get("original_max_position_embeddings"))
+            if merged.get("factor") is None:       # Phi-3: the ratio of the two lengths
+                merged["factor"] = (d.get("max_position_embeddings", 4096)
+                                    / merged["original_max_position_embeddings"])
         theta, scaling = _rope_params(merged, default_theta)
         local = None
         if model_type == "gemma3_text":      # transformers 4: the local base beside the global

@@ -118,8 +118,10 @@ class StageModel(nn.Module):
                 kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Run this stage's layers. x: [T, hidden] residual stream; kv_layers[i] is layer i's
         (k_cache, v_cache), each [kv_heads, slots, head_dim]. Returns [T, hidden]."""
-        cos, sin = self.rotary(meta.positions)                         # [T, 1, head_dim]
-        local = self.rotary_local(meta.positions) if self.rotary_local is not None else None
+        pos = getattr(meta, "rope_positions", None)
+        pos = meta.positions if pos is None else pos
+        cos, sin = self.rotary(pos)                                    # [T, 1, head_dim]
+        local = self.rotary_local(pos) if self.rotary_local is not None else None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_layers):
             c, s = local if layer.uses_local_rope else (cos, sin)
             x = layer(x, c, s, k_cache, v_cache, meta)

@@ -111,12 +111,17 @@ class MLP(nn.Module):
         return [self]
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] (float32), with linear or llama3 scaling applied."""
+def rope_inv_freq(config: ModelConfig, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] (float32), with linear, llama3, yarn or longrope
+    scaling applied (longrope: its short factors, or with `long` its long ones)."""
     dim = config.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    inv_freq = 1.0 / (config.rope_theta ** exponents)
     scaling = config.rope_scaling or {}
+    if config.rope_type == "longrope":
+        ext = torch.tensor(scaling["long_factor" if long else "short_factor"],
+                           dtype=torch.float32)
+        return 1.0 / (ext * config.rope_theta ** exponents)
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
     if config.rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif config.rope_type == "llama3":
@@ -157,12 +162,15 @@ def _yarn_inv_freq(inv_freq: torch.Tensor, config: ModelConfig, scaling: dict) -
 
 
 def rope_attention_factor(config: ModelConfig) -> float:
-    """The factor YaRN scales cos and sin by (1 for every other RoPE type)."""
-    if config.rope_type != "yarn":
+    """The factor YaRN and LongRoPE scale cos and sin by (1 for every other RoPE type)."""
+    if config.rope_type not in ("yarn", "longrope"):
         return 1.0
     scaling = config.rope_scaling
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
+    if config.rope_type == "longrope":
+        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_len))
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -178,14 +186,21 @@ class RotaryEmbedding(nn.Module):
     Rotation in the "rotate half" convention of HF Llama checkpoints:
         rope(x) = x * cos + rotate_half(x) * sin,  rotate_half(x) = [-x2, x1]
     computed as x * cos + swap_halves(x) * sin_signed with sin_signed = [-sin, sin].
+
+    LongRoPE has two tables in one: rows [0, max_pos) with the short factors, rows
+    [max_pos, 2 max_pos) with the long ones; a sequence past `config.rope_long_after` tokens
+    reads the second half (AttentionMetadata.rope_positions = position + max_pos).
     """
 
     def __init__(self, config: ModelConfig, device: Optional[torch.device] = None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        inv_freq = rope_inv_freq(config).to(device)
         positions = torch.arange(config.max_position_embeddings, device=device).float()
+        inv_freq = rope_inv_freq(config).to(device)
         freqs = torch.outer(positions, inv_freq)                       # [max_pos, head_dim / 2]
+        if config.rope_long_after:
+            long = torch.outer(positions, rope_inv_freq(config, long=True).to(device))
+            freqs = torch.cat([freqs, long])                           # [2 max_pos, head_dim / 2]
         factor = rope_attention_factor(config)
         cos, sin = freqs.cos() * factor, freqs.sin() * factor
         self.register_buffer("cos", torch.cat([cos, cos], -1).to(dtype), persistent=False)

@@ -76,6 +76,9 @@ class SeqStep:
     prefix_token_ids: list[int] = field(default_factory=list)
     # token_ids is empty: the token is the one the worker sampled for this sequence last step
     last_sampled: bool = False
+    # on admission, LongRoPE models: the sequence is longer than original_max_position_embeddings
+    # and takes the long factors (the scheduler recomputes a sequence that grows past it)
+    rope_long: bool = False
 
     @property
     def num_tokens(self) -> int:

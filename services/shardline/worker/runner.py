@@ -42,6 +42,7 @@ class SeqCacheState:
     num_computed: int = 0               # tokens of the sequence whose K/V are in the cache
     # single-stage workers: the token sampled for it last and the position it takes
     last_sampled: Optional[tuple[int, int]] = None
+    rope_long: bool = False             # LongRoPE: on the long factors (set on admission)
 
 
 class StageRunner:
@@ -172,7 +173,8 @@ class StageRunner:
             num_tokens=[len(s.token_ids) for s in seqs], block_tables=tables,
             new_block_ids=[s.new_block_ids for s in seqs], admitted=[s.admit for s in seqs],
             sample=[s.sample for s in seqs], num_generated=[s.num_generated for s in seqs],
-            block_size=self.block_size, fed_back=fed_back)
+            block_size=self.block_size, fed_back=fed_back,
+            rope_long=[self.seqs[s.seq_id].rope_long for s in seqs])
         if n_dec:
             self._add_decode(inputs, decode, dec_states, dec_tokens)
         x, tokens = self.backend.step(inputs, hidden, self.kv_cache, self.sampler)
@@ -260,7 +262,8 @@ class StageRunner:
         tables = []
         for s, state in zip(seqs, planned):
             if s.admit:
-                state = self.seqs[s.seq_id] = SeqCacheState(list(s.new_block_ids))
+                state = self.seqs[s.seq_id] = SeqCacheState(list(s.new_block_ids),
+                                                             rope_long=s.rope_long)
                 if self.sampler is not None:
                     self.sampler.add(s.seq_id, s.sampling)
                     if s.prefix_token_ids:       # cached prefix: the penalty must see it too
@@ -333,3 +336,4 @@ class StageRunner:
         inputs.sample = inputs.sample + [True] * n
         inputs.num_generated = inputs.num_generated + rows.num_generated.tolist()
         inputs.fed_back = inputs.fed_back + rows.last_sampled.tolist()
+        inputs.rope_long = inputs.rope_long + [s.rope_long for s in states]
