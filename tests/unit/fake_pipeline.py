@@ -35,8 +35,10 @@ async def until(event: asyncio.Event, predicate, timeout_s: float = STEP_TIMEOUT
 class FakePipeline:
     def __init__(self, replica_id: str = "0", addresses=("fake:0",), num_blocks: int = 16,
                  block_size: int = 4, num_stages: int = 1, fail_at_step: int | None = None,
-                 connect_error: Exception | None = None, max_step_tokens: int = 0):
+                 connect_error: Exception | None = None, max_step_tokens: int = 0,
+                 attention_window: int = 0):
         self.replica_id = replica_id
+        self.attention_window = attention_window # the stages' window (0: none)
         self.max_step_tokens = max_step_tokens   # what the stages' GetInfo says (0: nothing)
         self.addresses = list(addresses)
         self.num_blocks = num_blocks

@@ -42,8 +42,10 @@ class PipelineEngine:
                  clock=time.monotonic):
         self.pipeline = pipeline
         self.replica_id = pipeline.replica_id
+        # a sliding window on every layer: blocks a sequence's window has passed are released
         self.blocks = BlockManager(pipeline.num_blocks, pipeline.block_size,
-                                   enable_prefix_caching=enable_prefix_caching, listener=listener)
+                                   enable_prefix_caching=enable_prefix_caching, listener=listener,
+                                   window=pipeline.attention_window)
         # async scheduling (one stage): step N + 1 is planned and sent while step N runs, its
         # decodes computing the tokens N samples (the worker substitutes them), so the worker
         # never waits for the scheduler between steps
@@ -98,6 +100,12 @@ class PipelineEngine:
         self.scheduler.abort(seq, reason)
         self._wake.set()
         self._progress.set()
+
+    @property
+    def capacity_tokens(self) -> int:
+        """The most tokens one sequence may reach on this replica (BlockManager.
+        seq_capacity_tokens: the pool's, or unbounded with a window the pool can hold)."""
+        return self.blocks.seq_capacity_tokens(self.scheduler.max_num_batched_tokens)
 
     @property
     def accepting(self) -> bool:

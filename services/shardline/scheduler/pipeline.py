@@ -42,6 +42,14 @@ class PipelineClient:
         return self.infos[0].block_size
 
     @property
+    def attention_window(self) -> int:
+        """The window every layer of the model attends within: the largest of the stages'
+        (StageInfo.attention_window), 0 if any stage has a layer that sees every position or
+        does not say (a worker from before the field): then no block is released early."""
+        windows = [i.attention_window for i in self.infos]
+        return 0 if not windows or 0 in windows else max(windows)
+
+    @property
     def max_step_tokens(self) -> int:
         """The most tokens a step may carry to every stage (0: no stage says)."""
         caps = [i.max_step_tokens for i in self.infos if i.max_step_tokens > 0]
@@ -74,8 +82,9 @@ class PipelineClient:
         stub = worker_pb2_grpc.StageWorkerStub(self._channels[0])
         self._call = stub.Step(metadata=((ROUTE_KEY, ",".join(self.addresses[1:])),
                                          (SESSION_KEY, SESSION_ID)))
-        log.info("replica %s: %d stages, %d KV blocks of %d", self.replica_id, self.num_stages,
-                 self.num_blocks, self.block_size)
+        log.info("replica %s: %d stages, %d KV blocks of %d, attention window %s",
+                 self.replica_id, self.num_stages, self.num_blocks, self.block_size,
+                 self.attention_window or "none (every position)")
 
     async def _wait_info(self, i: int, deadline: float) -> worker_pb2.StageInfo:
         stub = worker_pb2_grpc.StageWorkerStub(self._channels[i])

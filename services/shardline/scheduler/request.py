@@ -43,6 +43,8 @@ class Sequence:
     block_hashes: list[str] = field(default_factory=list)   # memo of full_block_hash
     hash_block_size: int = 0      # the block size block_hashes were computed for
     num_committed_blocks: int = 0 # leading blocks of block_table already hashed into the cache
+    num_released_blocks: int = 0  # leading blocks of block_table released, outside every
+                                  # layer's window: placeholders, not held (block_manager.py)
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     # Admission (waiting_queue.py): higher priority first, turns between tenants; the times
@@ -94,6 +96,7 @@ class Sequence:
         self.block_table = []
         self.num_computed_tokens = 0
         self.num_committed_blocks = 0
+        self.num_released_blocks = 0
         self.admitted = False
         self.in_flight = self.in_flight_tokens = self.in_flight_samples = 0
         self.status = SeqStatus.WAITING

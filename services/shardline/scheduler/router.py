@@ -124,9 +124,9 @@ class Router:
                 self._spawn(self.remove_pipeline(ev.replica_id, drain=ev.drain))
 
     def capacity_tokens(self) -> int:
-        """KV tokens one sequence may use: the least over live replicas."""
-        live = self.live
-        return min((e.blocks.num_blocks * e.blocks.block_size for e in live), default=0)
+        """Tokens one sequence may reach: the least over live replicas (their KV blocks'
+        worth, or unbounded on a sliding-window model; PipelineEngine.capacity_tokens)."""
+        return min((e.capacity_tokens for e in self.live), default=0)
 
     async def wait_for_replica(self, timeout_s: float) -> Optional[PipelineEngine]:
         """The first live replica, waiting up to timeout_s for one."""

@@ -2,9 +2,11 @@
 
 schedule() -> StepBatch -> (pipeline runs it) -> postprocess(batch, tokens). Decodes first,
 then prefill chunks within a per-step token budget; when blocks run out the newest running
-sequence is preempted and later recomputed from prompt + generated tokens. Waiting sequences
-are admitted in WaitingQueue's order (preempted first, then priority with aging, tenants in
-turn); expire_waiting() takes out those that waited longer than max_queue_wait_s.
+sequence is preempted and later recomputed from prompt + generated tokens. On a model whose
+every layer has a sliding window, the blocks a sequence's window has left behind are released
+after each of its steps (BlockManager.release_outside_window). Waiting sequences are admitted
+in WaitingQueue's order (preempted first, then priority with aging, tenants in turn);
+expire_waiting() takes out those that waited longer than max_queue_wait_s.
 
 A sequence is in one in-flight micro-batch at a time, except with lookahead (async scheduling,
 single-stage replicas): a sequence whose in-flight step samples its next token gets the step
@@ -160,6 +162,7 @@ class Scheduler:
                 seq.first_admitted_at = now
             seq.block_table = prefix + new_blocks
             seq.num_computed_tokens = cached
+            seq.num_released_blocks = self.blocks.num_outside_window(cached)
             if seq.num_preemptions == 0:         # usage reports the first admission's hits
                 seq.num_cached_tokens = cached
             seq.status = SeqStatus.RUNNING
@@ -212,7 +215,8 @@ class Scheduler:
 
     def _preemption_victim(self, exclude: Sequence) -> Optional[Sequence]:
         for seq in reversed(self.running):
-            if seq is not exclude and not seq.in_flight and seq.block_table:
+            if seq is not exclude and not seq.in_flight and \
+                    len(seq.block_table) > seq.num_released_blocks:
                 return seq
         return None
 
@@ -239,6 +243,7 @@ class Scheduler:
                 continue
             seq.num_computed_tokens += step.num_tokens
             seq.num_committed_blocks = self.blocks.commit_full_blocks(seq)
+            seq.num_released_blocks = self.blocks.release_outside_window(seq)
             by_id[seq.seq_id] = seq
         events = []
         for tok in tokens:
@@ -257,7 +262,7 @@ class Scheduler:
         seq.finish_reason = reason
         self.blocks.free(seq)
         seq.block_table = []
-        seq.num_committed_blocks = 0
+        seq.num_committed_blocks = seq.num_released_blocks = 0
         if seq in self.running:
             self.running.remove(seq)
         if seq.admitted:

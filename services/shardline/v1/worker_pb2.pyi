@@ -12,7 +12,7 @@ class StageInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("model", "layer_start", "layer_end", "num_layers", "is_first", "is_last", "num_blocks", "block_size", "max_position", "vocab_size", "dtype", "device", "quantization", "instance_id", "max_step_tokens", "default_max_num_seqs", "default_max_num_batched_tokens")
+    __slots__ = ("model", "layer_start", "layer_end", "num_layers", "is_first", "is_last", "num_blocks", "block_size", "max_position", "vocab_size", "dtype", "device", "quantization", "instance_id", "max_step_tokens", "default_max_num_seqs", "default_max_num_batched_tokens", "attention_window")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class StageInfo(_message.Message):
     MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_WINDOW_FIELD_NUMBER: _ClassVar[int]
     model: str
     layer_start: int
     layer_end: int
@@ -47,7 +48,8 @@ class StageInfo(_message.Message):
     max_step_tokens: int
     default_max_num_seqs: int
     default_max_num_batched_tokens: int
-    def __init__(self, model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_position: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., instance_id: _Optional[str] = ..., max_step_tokens: _Optional[int] = ..., default_max_num_seqs: _Optional[int] = ..., default_max_num_batched_tokens: _Optional[int] = ...) -> None: ...
+    attention_window: int
+    def __init__(self, model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_position: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., instance_id: _Optional[str] = ..., max_step_tokens: _Optional[int] = ..., default_max_num_seqs: _Optional[int] = ..., default_max_num_batched_tokens: _Optional[int] = ..., attention_window: _Optional[int] = ...) -> None: ...
 
 class SeqPlan(_message.Message):
     __slots__ = ("seq_id", "token_ids", "start_pos", "new_block_ids", "sample", "admit", "sampling", "num_generated", "prefix_token_ids", "trace_context", "last_sampled")

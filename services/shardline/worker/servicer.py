@@ -55,6 +55,13 @@ class _Stream:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def stage_attention_window(config, layer_start: int, layer_end: int) -> int:
+    """StageInfo.attention_window: the widest sliding window of layers [layer_start,
+    layer_end) of config (a ModelConfig) when every one has a window, else 0."""
+    windows = [config.window(i) for i in range(layer_start, layer_end)]
+    return max(windows) if windows and all(w > 0 for w in windows) else 0
+
+
 def _host_port(address: str) -> tuple[str, str]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port:
@@ -120,7 +127,8 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
             vocab_size=r.vocab_size, dtype=r.dtype_name, device=r.device_name,
             quantization=r.quantization, instance_id=self.instance_id,
             max_step_tokens=self.max_step_tokens, default_max_num_seqs=max_num_seqs,
-            default_max_num_batched_tokens=max_num_batched_tokens)
+            default_max_num_batched_tokens=max_num_batched_tokens,
+            attention_window=stage_attention_window(r.config, r.layer_start, r.layer_end))
 
     async def Profile(self, request, context):
         """Record the next request.steps steps (worker/profiler.py) and return them."""
