@@ -4,17 +4,24 @@ A decode step computes one token per sequence: a few rows against every weight, 
 memory bandwidth and per-op overhead. This backend runs each layer as one call of the kernels'
 StepLayer, which chains
 
-    rms_norm (+ residual add) -> qkv linear -> rope + KV store -> attention
-    -> o linear -> rms_norm (+ residual add) -> gate_up linear + silu * up -> down linear
+    rms_norm (+ residual add) -> qkv linear -> (q / k head norms +) rope + KV store
+    -> attention (sliding window, soft-capping) -> o linear (-> sandwich norm)
+    -> rms_norm (+ residual add) -> gate_up linear + act(gate) * up -> down linear
+    (-> sandwich norm)
 
-with the residual carried beside the hidden state (its add fused into the next norm). Weights
-are converted once, at build, into the layout their kernel streams (layouts.py), one
-StepLinear per projection, by weight format:
+with the residual carried beside the hidden state (its add fused into the next norm). The
+options follow the model's layer: Qwen3 / Gemma 3's q/k norms, per-layer sliding windows and
+RoPE tables (Gemma 3's local / global), Gemma 2's soft-capped attention and logits, Gemma's
+sandwich norms and GELU-tanh. A mixture-of-experts layer (Mixtral, Qwen3-MoE) runs its
+attention half in StepLayer.attention and its experts from Python (projections.KernelMoE: one
+StepLinear per expert projection on the rows routed to it). Weights are converted once, at
+build, into the layout their kernel streams (layouts.py), one StepLinear per projection, by
+weight format:
 
   * bf16 (WeightFormat.BF16, linear_vnni at any row count): up to 4 rows an AVX512-BF16 GEMV;
     more rows AMX tiles (blocks of 16 rows up to 16, of 32 beyond), or AVX512-BF16 register
-    tiles on CPUs without AMX. gate_up is interleaved (glu_layout) so that SiLU * up happens in
-    the projection's epilogue.
+    tiles on CPUs without AMX. gate_up is interleaved (glu_layout) so that act(gate) * up
+    happens in the projection's epilogue.
   * int8 (q + 128, per-channel scale) and int4 (group 32): up to 16 rows (a decode step of up
     to 16 sequences reads the weights once) VNNI tile kernels with the activations quantized
     to int8 per group of 32; more rows dequantize the weights, for that call only, into
@@ -25,7 +32,8 @@ each row against its own context in the cache (AttentionMetadata.per_row); runs 
 rows of one prefill chunk go on AMX tiles where the CPU has them. The backend computes what
 the PyTorch reference (models/decoder.py) computes, within bf16 rounding
 (tests/unit/test_cpu_kernels.py). Other dtypes or devices, unfused stages, sizes the kernels
-do not tile and CPUs without AVX512-BF16 run on the reference backend (backends/torch_ref.py).
+do not tile and CPUs without AVX512-BF16 run on the reference backend (backends/torch_ref.py),
+with a log line saying why.
 """
 from __future__ import annotations
 
@@ -37,63 +45,61 @@ from torch import nn
 
 from shardline.backends.base import StepBackend
 from shardline.backends.cpu_kernels import build as cpu_kernels
-from shardline.backends.cpu_kernels.layouts import (glu_layout, int4_kernel_layout,
-                                                    int8_kernel_layout, vnni_layout)
+from shardline.backends.cpu_kernels.projections import (KernelMoE, Unsupported, layer_mlp,
+                                                        linear)
 from shardline.models.attention import AttentionMetadata
-from shardline.models.decoder import StageModel
+from shardline.models.decoder import StageModel, projection_parents
 from shardline.models.kv_cache import KVCache
-from shardline.models.layers import Linear
-from shardline.transforms.quantize import Int4Linear, Int8Linear
 
 log = logging.getLogger(__name__)
 
-def _linear(kernels, m: nn.Module):
-    """m as a kernels.StepLinear (x [T, in] bf16 -> [T, out]; called with out_f32=True for
-    float32) in the layout of m's weight format (bf16, int8 or int4); None when no kernel
-    fits m."""
-    # the kernels' own copies of everything they read (never a view of the module's tensors,
-    # which release_module_weights frees)
-    bias = getattr(m, "bias", None)
-    bias = None if bias is None else bias.detach().to(torch.float32, copy=True).contiguous()
-    if type(m) in (Linear, nn.Linear) and m.weight.dtype == torch.bfloat16 \
-            and m.in_features % 32 == 0:
-        return kernels.StepLinear(kernels.WeightFormat.BF16, vnni_layout(m.weight.detach()), None,
-                                  None, bias, m.out_features)
-    if isinstance(m, Int8Linear) and m.in_features % 64 == 0:
-        return kernels.StepLinear(kernels.WeightFormat.INT8, int8_kernel_layout(m),
-                                  m.scale.detach().to(torch.float32, copy=True).contiguous(), None,
-                                  bias, m.out_features)
-    if isinstance(m, Int4Linear) and m.group_size == 32 and m.in_features % 64 == 0:
-        return kernels.StepLinear(kernels.WeightFormat.INT4, *int4_kernel_layout(m), bias,
-                                  m.out_features)
+# the projections a decoder layer's modules hold, which the kernels keep their own copies of
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def _weight(norm: Optional[nn.Module]) -> Optional[torch.Tensor]:
+    """A norm's weight as the kernels keep it (a float32 copy), or None."""
+    return None if norm is None else norm.weight.detach().to(torch.float32, copy=True).contiguous()
+
+
+def _layer(kernels, layer) -> tuple[object, Optional[KernelMoE]]:
+    """A decoder layer as (kernels.StepLayer, None), its whole step in one call; a
+    mixture-of-experts layer as (StepLayer without MLP projections, KernelMoE). Raises
+    Unsupported where a kernel does not take one of its parts."""
+    attn = layer.self_attn
+    eps = layer.input_layernorm.eps
+    sandwich = layer.pre_feedforward_layernorm is not None
+    # the norm before the MLP (with the residual add): Gemma's pre_feedforward_layernorm, else
+    # post_attention_layernorm; Gemma's post_attention_layernorm is after attention
+    pre_mlp = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
+    norms = [layer.input_layernorm, pre_mlp, attn.q_norm, attn.k_norm]
+    if sandwich:
+        norms += [layer.post_attention_layernorm, layer.post_feedforward_layernorm]
+    if any(n is not None and n.eps != eps for n in norms):
+        raise Unsupported("norms with different eps in one layer")
+    qkv, o = linear(kernels, attn.qkv_proj), linear(kernels, attn.o_proj)
+    if qkv is None or o is None:
+        raise Unsupported(f"no kernel for an attention projection ({type(attn.qkv_proj).__name__}"
+                          f", {type(attn.o_proj).__name__})")
+    gate_up, down, moe = layer_mlp(kernels, layer.mlp)
+    step = kernels.StepLayer(
+        _weight(layer.input_layernorm), _weight(pre_mlp), eps, qkv, o, gate_up, down,
+        attn.num_heads, attn.num_kv_heads, attn.scale, q_norm=_weight(attn.q_norm),
+        k_norm=_weight(attn.k_norm), window=attn.sliding_window, softcap=attn.softcap,
+        attn_out_norm=_weight(layer.post_attention_layernorm) if sandwich else None,
+        mlp_out_norm=_weight(layer.post_feedforward_layernorm) if sandwich else None)
+    return step, moe
+
+
+def _unsupported(model: StageModel) -> Optional[str]:
+    """Why the kernels do not take this bf16 CPU stage's shape, or None where they do."""
+    cfg = model.config
+    if cfg.hidden_size % 32 or cfg.head_dim % 32:
+        return f"hidden size {cfg.hidden_size} and head_dim {cfg.head_dim} must be multiples of 32"
+    for layer in model.layers:
+        if getattr(layer.self_attn, "qkv_proj", None) is None:
+            return "an unfused stage (the kernels take qkv_proj and gate_up_proj)"
     return None
-
-
-def _gate_up(kernels, m: nn.Module):
-    """The fused gate_up projection; bf16 weights as one linear with the SiLU * up epilogue."""
-    if type(m) in (Linear, nn.Linear) and m.weight.dtype == torch.bfloat16 \
-            and m.in_features % 32 == 0 and m.out_features % 32 == 0:
-        bias = getattr(m, "bias", None)
-        if bias is not None:
-            bias = glu_layout(bias.detach().float().view(-1, 1)).view(-1).contiguous()
-        return kernels.StepLinear(kernels.WeightFormat.BF16,
-                                  vnni_layout(glu_layout(m.weight.detach())), None, None,
-                                  bias, m.out_features, glu=True)
-    return _linear(kernels, m)
-
-
-def _layer(kernels, layer) -> Optional[object]:
-    """A decoder layer as a kernels.StepLayer (its whole step in one call), or None when one of
-    its projections has no kernel."""
-    attn, mlp = layer.self_attn, layer.mlp
-    lins = [_linear(kernels, attn.qkv_proj), _linear(kernels, attn.o_proj),
-            _gate_up(kernels, mlp.gate_up_proj), _linear(kernels, mlp.down_proj)]
-    if any(lin is None for lin in lins):
-        return None
-    return kernels.StepLayer(layer.input_layernorm.weight.detach().float().contiguous(),
-                             layer.post_attention_layernorm.weight.detach().float().contiguous(),
-                             layer.input_layernorm.eps, *lins, attn.num_heads, attn.num_kv_heads,
-                             attn.scale)
 
 
 class ReleasedProjection(nn.Module):
@@ -118,43 +124,47 @@ class CpuKernelBackend(StepBackend):
     def __init__(self, kernels, model: StageModel):
         super().__init__(model)
         self.kernels = kernels
-        self.layers = [_layer(kernels, layer) for layer in model.layers]
-        rot = model.rotary
-        self.cos = rot.cos.float().contiguous()                       # [max_pos, head_dim]
-        self.sin = rot.sin_signed.float().contiguous()
+        # per layer: (StepLayer, cos, sin, KernelMoE or None); cos / sin float32
+        # [max_pos, head_dim], one copy per RoPE table (Gemma 3: local and global)
+        tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.steps = []
+        for j, layer in enumerate(model.layers):
+            rot = model.rotary_for(j)
+            if id(rot) not in tables:
+                tables[id(rot)] = (rot.cos.float().contiguous(), rot.sin_signed.float().contiguous())
+            step, moe = _layer(kernels, layer)
+            self.steps.append((step, *tables[id(rot)], moe))
+        # the MoE layers' norm of their experts' output (sandwich norms), by layer
+        self.moe_out_norms = [_weight(layer.post_feedforward_layernorm) if moe else None
+                              for layer, (_, _, _, moe) in zip(model.layers, self.steps)]
+        self.eps = model.layers[0].input_layernorm.eps
         self.head = None
         if model.is_last:
             self.norm = model.norm.weight.detach().float().contiguous()
             self.norm_eps = model.norm.eps
-            self.head = _linear(kernels, model.lm_head)
+            self.head = linear(kernels, model.lm_head)
 
     @classmethod
     def build(cls, model: StageModel) -> Optional["CpuKernelBackend"]:
         """The backend for `model`, or None where the kernels do not apply: another device or
-        dtype, an unfused stage, sizes the kernels do not tile, a CPU without AVX512-BF16."""
+        dtype, an unfused stage, sizes or modules the kernels do not take, a CPU without
+        AVX512-BF16 (each but the first logged with its reason)."""
         p = next(model.parameters())
         if p.device.type != "cpu" or p.dtype != torch.bfloat16:
             return None
-        cfg = model.config
-        if cfg.hidden_size % 32 or cfg.head_dim % 32:
-            return None
-        if cfg.qk_norm:                               # (Qwen3) not in the layer kernel yet
-            log.info("the CPU kernels have no q/k norm (%s): this stage runs on the PyTorch "
-                     "reference", cfg.model_type)
-            return None
-        windows = [cfg.window(i) for i in range(model.layer_start, model.layer_end)]
-        if any(0 < w < cfg.max_position_embeddings for w in windows):
-            log.info("the CPU kernels have no sliding window (%s, window %d): this stage runs "
-                     "on the PyTorch reference", cfg.model_type, max(windows))
-            return None
-        if any(getattr(layer.self_attn, "qkv_proj", None) is None
-               or getattr(layer.mlp, "gate_up_proj", None) is None for layer in model.layers):
-            return None                               # the kernels take fused projections
-        kernels = cpu_kernels.load()
-        if kernels is None:
-            return None
-        backend = cls(kernels, model)
-        if any(layer is None for layer in backend.layers):
+        reason = _unsupported(model)
+        kernels = cpu_kernels.load() if reason is None else None
+        if reason is None and kernels is None:
+            return None                               # build.load logged why
+        backend = None
+        if reason is None:
+            try:
+                backend = cls(kernels, model)
+            except Unsupported as e:
+                reason = str(e)
+        if reason is not None:
+            log.info("the CPU kernels do not take this stage (%s: %s): it runs on the PyTorch "
+                     "reference", model.config.model_type, reason)
             return None
         log.info("steps run on the CPU kernels (AVX512-BF16 / VNNI%s)",
                  ", AMX" if kernels.amx_supported() else "")
@@ -165,11 +175,15 @@ class CpuKernelBackend(StepBackend):
         with ReleasedProjection: the model kept a second copy of every layer weight (and of an
         untied head). The embedding, norms and rotary tables stay (the step uses them)."""
         for i, layer in enumerate(self.model.layers):
-            for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
-                                 (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+            parents = [(p, name) for p in projection_parents(layer) for name in PROJECTIONS
+                       if isinstance(getattr(p, name, None), nn.Module)]
+            if hasattr(layer.mlp, "experts"):         # a MoE's router
+                parents.append((layer.mlp, "gate"))
+            for parent, name in parents:
                 m = getattr(parent, name)
-                setattr(parent, name, ReleasedProjection(f"layers.{i}.{name}", m.in_features,
-                                                         m.out_features))
+                if not isinstance(m, ReleasedProjection):
+                    setattr(parent, name, ReleasedProjection(f"layers.{i}.{name}",
+                                                             m.in_features, m.out_features))
         head, embed = self.model.lm_head, self.model.embed_tokens
         tied = (head is not None and embed is not None and hasattr(head, "weight")
                 and head.weight.data_ptr() == embed.weight.data_ptr())
@@ -177,22 +191,31 @@ class CpuKernelBackend(StepBackend):
             self.model.lm_head = ReleasedProjection("lm_head", head.in_features, head.out_features)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
-        """x: [T, hidden] bf16 -> [T, hidden]. Each layer is one StepLayer call; attention
-        takes every row against its own context (meta.per_row)."""
+        """x: [T, hidden] bf16 -> [T, hidden]. Each layer is one StepLayer call (a MoE layer:
+        StepLayer.attention, then its experts); attention takes every row against its own
+        context (meta.per_row)."""
         h, residual = x.contiguous(), None
         table, lengths = meta.per_row()
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_cache.layers):
-            h, residual = layer.forward(h, residual, meta.positions, self.cos, self.sin,
-                                        meta.slot_mapping, k_cache, v_cache, table, lengths,
-                                        meta.block_size)
+        pos, slots, bs = meta.positions, meta.slot_mapping, meta.block_size
+        for (layer, cos, sin, moe), (k_cache, v_cache), out_norm in zip(
+                self.steps, kv_cache.layers, self.moe_out_norms):
+            if moe is None:
+                h, residual = layer.forward(h, residual, pos, cos, sin, slots, k_cache, v_cache,
+                                            table, lengths, bs)
+                continue
+            normed, residual = layer.attention(h, residual, pos, cos, sin, slots, k_cache,
+                                               v_cache, table, lengths, bs)
+            h = moe(normed)
+            if out_norm is not None:
+                h = self.kernels.rms_norm(h, None, out_norm, self.eps)
         return residual.add_(h)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [S, hidden] -> [S, vocab] float32."""
+        """x: [S, hidden] -> [S, vocab] float32 (soft-capped where the model caps them)."""
         normed = self.kernels.rms_norm(x.contiguous(), None, self.norm, self.norm_eps)
         if self.head is None:                    # a head the kernels do not take (fp8, ...)
-            return self.model.lm_head(normed).float()
-        return self.head(normed, True)
+            return self.model.cap_logits(self.model.lm_head(normed).float())
+        return self.model.cap_logits(self.head(normed, True))
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """argmax_rows (AVX512, torch.argmax's tie and NaN rules) for row-major float32."""

@@ -72,6 +72,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("act") = ck::Activation::SILU)
       .def_readonly("format", &ck::StepLinear::format)
       .def_readonly("act", &ck::StepLinear::act)
+      .def_readonly("glu", &ck::StepLinear::glu)
       .def("__call__", &ck::StepLinear::operator(), py::arg("x"), py::arg("out_f32") = false);
   // the layer's step arguments: h, residual, positions, cos, sin, slots, k_cache, v_cache,
   // tables, lengths, block
