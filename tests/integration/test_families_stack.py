@@ -48,3 +48,16 @@ def test_greedy_through_the_stack_equals_hf(family_dir, family, stages):
         for prompt, want in zip(PROMPTS, expected):
             out = c.generate(token_ids=prompt, max_tokens=NEW_TOKENS, ignore_eos=True)
             assert out.token_ids == want, (family, stages, prompt)
+
+
+def test_longrope_through_the_stack_equals_hf(family_dir):
+    """Phi-3 with LongRoPE switching at 32 tokens: a 40-token prompt on the long factors from
+    the start, a 25-token one that grows past 32 (HF recomputes it on the long factors; the
+    scheduler preempts and recomputes it), a 5-token one that stays short."""
+    path = family_dir("phi3-longrope")
+    prompts = [list(range(10, 50)), list(range(60, 85)), [5, 6, 7, 8, 9]]
+    expected = hf_greedy(path, prompts, NEW_TOKENS)
+    with RunningStack(path, stages=2, kv_cache_memory="8MiB") as s, Client(s.address) as c:
+        for prompt, want in zip(prompts, expected):
+            out = c.generate(token_ids=prompt, max_tokens=NEW_TOKENS, ignore_eos=True)
+            assert out.token_ids == want, prompt

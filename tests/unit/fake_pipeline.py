@@ -39,6 +39,7 @@ class FakePipeline:
                  attention_window: int = 0):
         self.replica_id = replica_id
         self.attention_window = attention_window # the stages' window (0: none)
+        self.rope_long_after = 0                # not a LongRoPE model
         self.max_step_tokens = max_step_tokens   # what the stages' GetInfo says (0: nothing)
         self.addresses = list(addresses)
         self.num_blocks = num_blocks

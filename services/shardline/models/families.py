@@ -29,8 +29,10 @@ FAMILIES = (
            "CPU kernels; reference with a window shorter than the context"),
     Family("qwen3", "Qwen3", f"{ROPE}, per-head q/k RMSNorm, `head_dim` of its own, "
            "sliding windows as Qwen2", "reference (no q/k norm in the kernels yet)"),
-    Family("phi3", "Phi-3", f"{ROPE} (not longrope), fused `qkv_proj` / `gate_up_proj`, "
-           "`sliding_window`", "CPU kernels; reference with a window shorter than the context"),
+    Family("phi3", "Phi-3", f"{ROPE}, LongRoPE (su; a sequence that grows past "
+           "`original_max_position_embeddings` is recomputed on the long factors, as "
+           "transformers does), fused `qkv_proj` / `gate_up_proj`, `sliding_window`",
+           "CPU kernels; reference with LongRoPE"),
     Family("gemma2", "Gemma 2", f"{ROPE}, alternating sliding / global layers, attention and "
            "final logit soft-capping, `query_pre_attn_scalar`, GeGLU (tanh), sqrt(hidden) "
            "embedding scale, (1 + w) RMSNorm, norms before and after attention and MLP",

@@ -91,7 +91,7 @@ class SeqStep:
                    new_block_ids=list(pb.new_block_ids), sample=pb.sample, admit=pb.admit,
                    sampling=SamplingConfig.from_pb(pb.sampling) if pb.admit else None,
                    num_generated=pb.num_generated, prefix_token_ids=list(pb.prefix_token_ids),
-                   last_sampled=pb.last_sampled)
+                   last_sampled=pb.last_sampled, rope_long=pb.admit and pb.rope_long)
 
     def to_pb(self) -> worker_pb2.SeqPlan:
         pb = worker_pb2.SeqPlan(seq_id=self.seq_id, token_ids=self.token_ids,
@@ -99,7 +99,8 @@ class SeqStep:
                                 sample=self.sample, admit=self.admit,
                                 num_generated=self.num_generated,
                                 prefix_token_ids=self.prefix_token_ids,
-                                last_sampled=self.last_sampled)
+                                last_sampled=self.last_sampled,
+                                rope_long=self.admit and self.rope_long)
         if self.admit and self.sampling is not None:
             pb.sampling.CopyFrom(self.sampling.to_pb())
         return pb

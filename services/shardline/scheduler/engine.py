@@ -62,7 +62,8 @@ class PipelineEngine:
         self.scheduler = Scheduler(self.blocks, self.limits.max_num_seqs,
                                    self.limits.max_num_batched_tokens,
                                    lookahead=lookahead, max_queue_wait_s=max_queue_wait_s,
-                                   priority_aging_s=priority_aging_s, clock=clock)
+                                   priority_aging_s=priority_aging_s, clock=clock,
+                                   rope_long_after=pipeline.rope_long_after)
         self.max_in_flight = pipeline.num_stages + (LOOKAHEAD_STEPS if lookahead else 0)
         self.step_timeout_s = step_timeout_s
         self.on_failure = on_failure

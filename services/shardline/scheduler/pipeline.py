@@ -50,6 +50,12 @@ class PipelineClient:
         return 0 if not windows or 0 in windows else max(windows)
 
     @property
+    def rope_long_after(self) -> int:
+        """LongRoPE: the length past which sequences take the long factors (0: not such a
+        model); every stage of a pipeline serves the same model."""
+        return max((i.rope_long_after for i in self.infos), default=0)
+
+    @property
     def max_step_tokens(self) -> int:
         """The most tokens a step may carry to every stage (0: no stage says)."""
         caps = [i.max_step_tokens for i in self.infos if i.max_step_tokens > 0]

@@ -41,11 +41,14 @@ class Sequence:
     num_cached_tokens: int = 0    # prompt tokens served from the prefix cache
     cache_salt: str = ""          # tenant: hashes of different tenants never match
     block_hashes: list[str] = field(default_factory=list)   # memo of full_block_hash
-    hash_block_size: int = 0      # the block size block_hashes were computed for
+    hash_key: Any = 0      # (block size, rope_long) block_hashes were computed for
     num_committed_blocks: int = 0 # leading blocks of block_table already hashed into the cache
     num_released_blocks: int = 0  # leading blocks of block_table released, outside every
                                   # layer's window: placeholders, not held (block_manager.py)
     num_preemptions: int = 0
+    # LongRoPE models: admitted longer than the model's original length, on the long factors
+    # (scheduler.py decides; its blocks hash under their own salt)
+    rope_long: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
     # Admission (waiting_queue.py): higher priority first, turns between tenants; the times
     # are the replica scheduler's clock: first queued, first admitted into a batch.
@@ -77,14 +80,17 @@ class Sequence:
         """Chained hash of full block i (tokens [i * block_size, (i + 1) * block_size)) under
         this tenant's salt. Memoized here: a full block's tokens never change. A sequence moved
         to a replica with another block size starts a new memo."""
-        if block_size != self.hash_block_size:
-            self.block_hashes, self.hash_block_size = [], block_size
+        key = (block_size, self.rope_long)
+        if key != self.hash_key:
+            self.block_hashes, self.hash_key = [], key
         hashes = self.block_hashes
+        # blocks computed on LongRoPE's long factors never match those on its short ones
+        salt = self.cache_salt + ("\x00rope-long" if self.rope_long else "")
         while len(hashes) <= i:
             j = len(hashes)
             hashes.append(block_hash(hashes[-1] if hashes else ROOT_HASH,
                                      self.token_ids(j * block_size, (j + 1) * block_size),
-                                     self.cache_salt))
+                                     salt))
         return hashes[i]
 
     @property

@@ -55,10 +55,12 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, lookahead: bool = False,
                  max_queue_wait_s: float = 0.0, priority_aging_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, rope_long_after: int = 0):
         """max_queue_wait_s: expire_waiting() takes out requests never admitted that waited
-        longer (0: never); priority_aging_s: see WaitingQueue; clock: seconds, for waits."""
+        longer (0: never); priority_aging_s: see WaitingQueue; clock: seconds, for waits;
+        rope_long_after: LongRoPE's switch length (0: the model has none)."""
         self.blocks = block_manager
+        self.rope_long_after = rope_long_after
         self.lookahead = lookahead
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -132,6 +134,9 @@ class Scheduler:
                     self._mark_in_flight(seq, step)
                     budget -= 1
                 continue
+            if self._outgrew_short_rope(seq.num_tokens, seq):
+                self._preempt(seq)       # recomputed on the long factors, as transformers does
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n <= 0:
                 continue
@@ -152,6 +157,7 @@ class Scheduler:
         now = self.clock()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.peek(now)
+            seq.rope_long = bool(self.rope_long_after) and seq.num_tokens > self.rope_long_after
             prefix, cached = self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - cached, budget)
             new_blocks = self.blocks.allocate(seq, n, prefix=prefix)
@@ -188,7 +194,14 @@ class Scheduler:
             sampling=seq.sampling if admit else None,
             num_generated=len(seq.output_token_ids),
             prefix_token_ids=seq.token_ids(0, start)
-            if admit and start and seq.sampling.repetition_penalty != 1.0 else [])
+            if admit and start and seq.sampling.repetition_penalty != 1.0 else [],
+            rope_long=admit and seq.rope_long)
+
+    def _outgrew_short_rope(self, length: int, seq: Sequence) -> bool:
+        """Whether seq, on LongRoPE's short factors, would compute a step at total length
+        `length` past the switch: transformers then recomputes the whole sequence on the
+        long factors, and so does this scheduler (a preemption)."""
+        return bool(self.rope_long_after) and not seq.rope_long and length > self.rope_long_after
 
     def _lookahead_step(self, seq: Sequence) -> Optional[SeqStep]:
         """The step after seq's in-flight one, computing the token that one samples; None when
@@ -198,6 +211,8 @@ class Scheduler:
                 seq.num_computed_tokens + seq.in_flight_tokens != seq.num_tokens:
             return None
         if len(seq.output_token_ids) + 1 >= seq.max_tokens or seq.num_tokens + 1 >= seq.max_context:
+            return None
+        if self._outgrew_short_rope(seq.num_tokens + 1, seq):
             return None
         new_blocks = self.blocks.allocate(seq, seq.in_flight_tokens + 1)
         if new_blocks is None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shardline.v1 import common_pb2 as shardline_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardline/v1/worker.proto\x12\x0cshardline.v1\x1a\x19shardline/v1/common.proto\"\x12\n\x10StageInfoRequest\"\x8e\x03\n\tStageInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x10\n\x08is_first\x18\x05 \x01(\x08\x12\x0f\n\x07is_last\x18\x06 \x01(\x08\x12\x12\n\nnum_blocks\x18\x07 \x01(\x05\x12\x12\n\nblock_size\x18\x08 \x01(\x05\x12\x14\n\x0cmax_position\x18\t \x01(\x05\x12\x12\n\nvocab_size\x18\n \x01(\x05\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x14\n\x0cquantization\x18\r \x01(\t\x12\x13\n\x0binstance_id\x18\x0e \x01(\t\x12\x17\n\x0fmax_step_tokens\x18\x0f \x01(\x05\x12\x1c\n\x14\x64\x65\x66\x61ult_max_num_seqs\x18\x10 \x01(\x05\x12&\n\x1e\x64\x65\x66\x61ult_max_num_batched_tokens\x18\x11 \x01(\x05\x12\x18\n\x10\x61ttention_window\x18\x12 \x01(\x05\"\xe1\x02\n\x07SeqPlan\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x11\n\tstart_pos\x18\x03 \x01(\x05\x12\x15\n\rnew_block_ids\x18\x04 \x03(\x05\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\r\n\x05\x61\x64mit\x18\x06 \x01(\x08\x12.\n\x08sampling\x18\x07 \x01(\x0b\x32\x1c.shardline.v1.SamplingParams\x12\x15\n\rnum_generated\x18\x08 \x01(\x05\x12\x18\n\x10prefix_token_ids\x18\t \x03(\x05\x12>\n\rtrace_context\x18\n \x03(\x0b\x32\'.shardline.v1.SeqPlan.TraceContextEntry\x12\x14\n\x0clast_sampled\x18\x0b \x01(\x08\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa5\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12#\n\x04seqs\x18\x02 \x03(\x0b\x32\x15.shardline.v1.SeqPlan\x12\x14\n\x0c\x66ree_seq_ids\x18\x03 \x03(\x04\x12$\n\x06hidden\x18\x04 \x01(\x0b\x32\x14.shardline.v1.Tensor\x12\x42\n\rtrace_context\x18\x05 \x03(\x0b\x32+.shardline.v1.StepRequest.TraceContextEntry\x12+\n\x06\x64\x65\x63ode\x18\x06 \x01(\x0b\x32\x1b.shardline.v1.DecodeColumns\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa4\x01\n\rDecodeColumns\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x11\n\tstart_pos\x18\x03 \x03(\x05\x12\x15\n\rnum_generated\x18\x04 \x03(\x05\x12\x14\n\x0clast_sampled\x18\x05 \x03(\x08\x12\x18\n\x10new_block_counts\x18\x06 \x03(\x05\x12\x15\n\rnew_block_ids\x18\x07 \x03(\x05\"n\n\x0cSampledToken\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"\x94\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12*\n\x06tokens\x18\x02 \x03(\x0b\x32\x1a.shardline.v1.SampledToken\x12\x15\n\rstage_seconds\x18\x03 \x03(\x02\x12\x17\n\x0fsampled_seq_ids\x18\x04 \x03(\x04\x12\x19\n\x11sampled_token_ids\x18\x05 \x03(\x05\x32\xd8\x01\n\x0bStageWorker\x12\x42\n\x07GetInfo\x12\x1e.shardline.v1.StageInfoRequest\x1a\x17.shardline.v1.StageInfo\x12?\n\x04Step\x12\x19.shardline.v1.StepRequest\x1a\x18.shardline.v1.StepResult(\x01\x30\x01\x12\x44\n\x07Profile\x12\x1c.shardline.v1.ProfileRequest\x1a\x1b.shardline.v1.ProfileResultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardline/v1/worker.proto\x12\x0cshardline.v1\x1a\x19shardline/v1/common.proto\"\x12\n\x10StageInfoRequest\"\xa7\x03\n\tStageInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x10\n\x08is_first\x18\x05 \x01(\x08\x12\x0f\n\x07is_last\x18\x06 \x01(\x08\x12\x12\n\nnum_blocks\x18\x07 \x01(\x05\x12\x12\n\nblock_size\x18\x08 \x01(\x05\x12\x14\n\x0cmax_position\x18\t \x01(\x05\x12\x12\n\nvocab_size\x18\n \x01(\x05\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x14\n\x0cquantization\x18\r \x01(\t\x12\x13\n\x0binstance_id\x18\x0e \x01(\t\x12\x17\n\x0fmax_step_tokens\x18\x0f \x01(\x05\x12\x1c\n\x14\x64\x65\x66\x61ult_max_num_seqs\x18\x10 \x01(\x05\x12&\n\x1e\x64\x65\x66\x61ult_max_num_batched_tokens\x18\x11 \x01(\x05\x12\x18\n\x10\x61ttention_window\x18\x12 \x01(\x05\x12\x17\n\x0frope_long_after\x18\x13 \x01(\x05\"\xf4\x02\n\x07SeqPlan\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x11\n\tstart_pos\x18\x03 \x01(\x05\x12\x15\n\rnew_block_ids\x18\x04 \x03(\x05\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\r\n\x05\x61\x64mit\x18\x06 \x01(\x08\x12.\n\x08sampling\x18\x07 \x01(\x0b\x32\x1c.shardline.v1.SamplingParams\x12\x15\n\rnum_generated\x18\x08 \x01(\x05\x12\x18\n\x10prefix_token_ids\x18\t \x03(\x05\x12>\n\rtrace_context\x18\n \x03(\x0b\x32\'.shardline.v1.SeqPlan.TraceContextEntry\x12\x14\n\x0clast_sampled\x18\x0b \x01(\x08\x12\x11\n\trope_long\x18\x0c \x01(\x08\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa5\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12#\n\x04seqs\x18\x02 \x03(\x0b\x32\x15.shardline.v1.SeqPlan\x12\x14\n\x0c\x66ree_seq_ids\x18\x03 \x03(\x04\x12$\n\x06hidden\x18\x04 \x01(\x0b\x32\x14.shardline.v1.Tensor\x12\x42\n\rtrace_context\x18\x05 \x03(\x0b\x32+.shardline.v1.StepRequest.TraceContextEntry\x12+\n\x06\x64\x65\x63ode\x18\x06 \x01(\x0b\x32\x1b.shardline.v1.DecodeColumns\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa4\x01\n\rDecodeColumns\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x11\n\tstart_pos\x18\x03 \x03(\x05\x12\x15\n\rnum_generated\x18\x04 \x03(\x05\x12\x14\n\x0clast_sampled\x18\x05 \x03(\x08\x12\x18\n\x10new_block_counts\x18\x06 \x03(\x05\x12\x15\n\rnew_block_ids\x18\x07 \x03(\x05\"n\n\x0cSampledToken\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"\x94\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12*\n\x06tokens\x18\x02 \x03(\x0b\x32\x1a.shardline.v1.SampledToken\x12\x15\n\rstage_seconds\x18\x03 \x03(\x02\x12\x17\n\x0fsampled_seq_ids\x18\x04 \x03(\x04\x12\x19\n\x11sampled_token_ids\x18\x05 \x03(\x05\x32\xd8\x01\n\x0bStageWorker\x12\x42\n\x07GetInfo\x12\x1e.shardline.v1.StageInfoRequest\x1a\x17.shardline.v1.StageInfo\x12?\n\x04Step\x12\x19.shardline.v1.StepRequest\x1a\x18.shardline.v1.StepResult(\x01\x30\x01\x12\x44\n\x07Profile\x12\x1c.shardline.v1.ProfileRequest\x1a\x1b.shardline.v1.ProfileResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,21 +39,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEINFOREQUEST']._serialized_start=70
   _globals['_STAGEINFOREQUEST']._serialized_end=88
   _globals['_STAGEINFO']._serialized_start=91
-  _globals['_STAGEINFO']._serialized_end=489
-  _globals['_SEQPLAN']._serialized_start=492
-  _globals['_SEQPLAN']._serialized_end=845
-  _globals['_SEQPLAN_TRACECONTEXTENTRY']._serialized_start=794
-  _globals['_SEQPLAN_TRACECONTEXTENTRY']._serialized_end=845
-  _globals['_STEPREQUEST']._serialized_start=848
-  _globals['_STEPREQUEST']._serialized_end=1141
-  _globals['_STEPREQUEST_TRACECONTEXTENTRY']._serialized_start=794
-  _globals['_STEPREQUEST_TRACECONTEXTENTRY']._serialized_end=845
-  _globals['_DECODECOLUMNS']._serialized_start=1144
-  _globals['_DECODECOLUMNS']._serialized_end=1308
-  _globals['_SAMPLEDTOKEN']._serialized_start=1310
-  _globals['_SAMPLEDTOKEN']._serialized_end=1420
-  _globals['_STEPRESULT']._serialized_start=1423
-  _globals['_STEPRESULT']._serialized_end=1571
-  _globals['_STAGEWORKER']._serialized_start=1574
-  _globals['_STAGEWORKER']._serialized_end=1790
+  _globals['_STAGEINFO']._serialized_end=514
+  _globals['_SEQPLAN']._serialized_start=517
+  _globals['_SEQPLAN']._serialized_end=889
+  _globals['_SEQPLAN_TRACECONTEXTENTRY']._serialized_start=838
+  _globals['_SEQPLAN_TRACECONTEXTENTRY']._serialized_end=889
+  _globals['_STEPREQUEST']._serialized_start=892
+  _globals['_STEPREQUEST']._serialized_end=1185
+  _globals['_STEPREQUEST_TRACECONTEXTENTRY']._serialized_start=838
+  _globals['_STEPREQUEST_TRACECONTEXTENTRY']._serialized_end=889
+  _globals['_DECODECOLUMNS']._serialized_start=1188
+  _globals['_DECODECOLUMNS']._serialized_end=1352
+  _globals['_SAMPLEDTOKEN']._serialized_start=1354
+  _globals['_SAMPLEDTOKEN']._serialized_end=1464
+  _globals['_STEPRESULT']._serialized_start=1467
+  _globals['_STEPRESULT']._serialized_end=1615
+  _globals['_STAGEWORKER']._serialized_start=1618
+  _globals['_STAGEWORKER']._serialized_end=1834
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ class StageInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("model", "layer_start", "layer_end", "num_layers", "is_first", "is_last", "num_blocks", "block_size", "max_position", "vocab_size", "dtype", "device", "quantization", "instance_id", "max_step_tokens", "default_max_num_seqs", "default_max_num_batched_tokens", "attention_window")
+    __slots__ = ("model", "layer_start", "layer_end", "num_layers", "is_first", "is_last", "num_blocks", "block_size", "max_position", "vocab_size", "dtype", "device", "quantization", "instance_id", "max_step_tokens", "default_max_num_seqs", "default_max_num_batched_tokens", "attention_window", "rope_long_after")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class StageInfo(_message.Message):
     DEFAULT_MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    ROPE_LONG_AFTER_FIELD_NUMBER: _ClassVar[int]
     model: str
     layer_start: int
     layer_end: int
@@ -49,10 +50,11 @@ class StageInfo(_message.Message):
     default_max_num_seqs: int
     default_max_num_batched_tokens: int
     attention_window: int
-    def __init__(self, model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_position: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., instance_id: _Optional[str] = ..., max_step_tokens: _Optional[int] = ..., default_max_num_seqs: _Optional[int] = ..., default_max_num_batched_tokens: _Optional[int] = ..., attention_window: _Optional[int] = ...) -> None: ...
+    rope_long_after: int
+    def __init__(self, model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_position: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., instance_id: _Optional[str] = ..., max_step_tokens: _Optional[int] = ..., default_max_num_seqs: _Optional[int] = ..., default_max_num_batched_tokens: _Optional[int] = ..., attention_window: _Optional[int] = ..., rope_long_after: _Optional[int] = ...) -> None: ...
 
 class SeqPlan(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "start_pos", "new_block_ids", "sample", "admit", "sampling", "num_generated", "prefix_token_ids", "trace_context", "last_sampled")
+    __slots__ = ("seq_id", "token_ids", "start_pos", "new_block_ids", "sample", "admit", "sampling", "num_generated", "prefix_token_ids", "trace_context", "last_sampled", "rope_long")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +73,7 @@ class SeqPlan(_message.Message):
     PREFIX_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     LAST_SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    ROPE_LONG_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     start_pos: int
@@ -82,7 +85,8 @@ class SeqPlan(_message.Message):
     prefix_token_ids: _containers.RepeatedScalarFieldContainer[int]
     trace_context: _containers.ScalarMap[str, str]
     last_sampled: bool
-    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., admit: _Optional[bool] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_generated: _Optional[int] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., last_sampled: _Optional[bool] = ...) -> None: ...
+    rope_long: bool
+    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., admit: _Optional[bool] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_generated: _Optional[int] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., last_sampled: _Optional[bool] = ..., rope_long: _Optional[bool] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("step_id", "seqs", "free_seq_ids", "hidden", "trace_context", "decode")

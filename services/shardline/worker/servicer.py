@@ -128,7 +128,8 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
             quantization=r.quantization, instance_id=self.instance_id,
             max_step_tokens=self.max_step_tokens, default_max_num_seqs=max_num_seqs,
             default_max_num_batched_tokens=max_num_batched_tokens,
-            attention_window=stage_attention_window(r.config, r.layer_start, r.layer_end))
+            attention_window=stage_attention_window(r.config, r.layer_start, r.layer_end),
+            rope_long_after=r.config.rope_long_after)
 
     async def Profile(self, request, context):
         """Record the next request.steps steps (worker/profiler.py) and return them."""
