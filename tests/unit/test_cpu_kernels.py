@@ -350,10 +350,11 @@ def _windowed_reference(q, k_cache, v_cache, tables, lengths, bs, scale, window=
 
 # decode rows and prefill chunks (runs of up to 16 rows on AMX where the CPU has it), windows
 # shorter than, as long as and longer than the contexts, with and without soft-capping;
-# head_dim 64 / 128 (attend_fast, AMX) and 96 (the generic attend)
+# head_dim 64 / 128 (attend_fast, AMX), 256 (Gemma: AMX, decode rows on the generic attend) and
+# 96 (the generic attend)
 @pytest.mark.parametrize("hd,group,window,softcap", [
     (64, 3, 7, 0.0), (128, 2, 16, 0.0), (64, 1, 20, 5.0), (128, 2, 0, 5.0), (96, 2, 9, 3.0),
-    (64, 2, 1, 0.0), (64, 4, 1000, 0.0)])
+    (64, 2, 1, 0.0), (64, 4, 1000, 0.0), (256, 2, 12, 2.0), (256, 4, 0, 0.0)])
 def test_paged_attention_window_and_softcap_match_float32(hd, group, window, softcap):
     torch.manual_seed(hd + group + window)
     kv_heads, bs = 2, 16

@@ -35,7 +35,7 @@ using AttendRunFn = void (*)(const Columns* heads, int64_t group, const bf16_t* 
                              const bf16_t* vc, const int64_t* table, int64_t block, float scale,
                              float softcap);
 
-// the AMX kernel for runs (attention_amx.cpp), for head_dim 64 or 128 where amx_supported() and
+// the AMX kernel for runs (attention_amx.cpp), for head_dim 64, 128 or 256 where amx_supported() and
 // the cache block size is a multiple of 16; else null (paged_attention takes rows one by one)
 AttendRunFn attend_run_for(int64_t hd, int64_t block);
 

@@ -6,11 +6,11 @@
 //     pairs, C = 16 positions x 16 columns;
 //   softmax per column over its own positions [first, len) (as attend_fast: float32, weights
 //     rounded to bf16, other positions weigh 0);
-// Positions start at lo, the columns' smallest first rounded down to 16 (with a sliding window,
-// the blocks before it are not read).
 //   out = P . V per 32 positions: A = P (16 columns x 32 positions), B = V as position pairs
 //     (v_pairs, built once for all the query heads of a KV head: channels in attend_fast's
 //     lane order, put back on store), C = 16 columns x 16 channels, four tiles per 64 channels.
+// Positions start at lo, the columns' smallest first rounded down to 16 (with a sliding window,
+// the blocks before it are not read).
 // The caller (paged_attention) has configured the thread's tiles (amx_config).
 #include "amx.h"
 #include "attention.h"
@@ -234,12 +234,13 @@ void attend_run_amx(const Columns* heads, int64_t group, const bf16_t* kc, const
 
 }  // namespace
 
-// attend_run_amx for head_dim 64 or 128 where AMX is there and the cache block size is a
-// multiple of 16 (a block of 16 positions never straddles two cache blocks), else null
+// attend_run_amx for head_dim 64, 128 or 256 (Gemma) where AMX is there and the cache block
+// size is a multiple of 16 (a block of 16 positions never straddles two cache blocks), else null
 AttendRunFn attend_run_for(int64_t hd, int64_t block) {
   if (block % 16 != 0 || !amx_supported()) return nullptr;
   if (hd == 64) return &attend_run_amx<64>;
   if (hd == 128) return &attend_run_amx<128>;
+  if (hd == 256) return &attend_run_amx<256>;
   return nullptr;
 }
 
