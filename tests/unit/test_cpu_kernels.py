@@ -732,6 +732,11 @@ def test_a_build_killed_midway_does_not_block_the_next(tmp_path):
 # conftest's tiny families with other head sizes (the kernels take head_dim 32, 64, 128, ...;
 # 64 runs attention on attend_fast and the AMX runs)
 VARIANTS = {"gemma2-hd64": ("gemma2", dict(head_dim=64, query_pre_attn_scalar=64)),
+            # LongRoPE's short factors up to 32 tokens, its long ones past
+            "llama-longrope-hd32": ("llama", dict(head_dim=32, rope_scaling={
+                "rope_type": "longrope", "original_max_position_embeddings": 32, "factor": 16.0,
+                "short_factor": [1.0 + i / 16 for i in range(16)],
+                "long_factor": [2.0 + i / 2 for i in range(16)]})),
             "mixtral-hd64": ("mixtral", dict(head_dim=64)),
             "mistral-swa-hd32": ("mistral-swa", dict(head_dim=32))}
 # a 90-token sequence's steps: prefill chunks (from 0, and after cached positions) and decodes
@@ -760,9 +765,11 @@ def family_dir(tiny_model_dir, tmp_path_factory):
 
 
 @torch.inference_mode()
-def _forced_logits(stages: list[StageRunner], ids: list[int], chunks=CHUNKS) -> torch.Tensor:
+def _forced_logits(stages: list[StageRunner], ids: list[int], chunks=CHUNKS,
+                   rope_long=False) -> torch.Tensor:
     """Every position's logits [len(ids), vocab], the sequence fed in `chunks` through the
-    stages' backends (teacher-forced: each step gets the sequence's next tokens)."""
+    stages' backends (teacher-forced: each step gets the sequence's next tokens); rope_long:
+    on LongRoPE's long factors."""
     bs = stages[0].block_size
     table = list(range(-(-len(ids) // bs)))
     out, start = [], 0
@@ -771,6 +778,8 @@ def _forced_logits(stages: list[StageRunner], ids: list[int], chunks=CHUNKS) -> 
         for r in stages:
             b = r.backend
             meta = b.build_metadata([start], [n], [table], bs)
+            if rope_long:
+                meta.rope_positions = meta.positions + r.model.config.max_position_embeddings
             x = b.forward(b.embed(ids[start:start + n]) if x is None else x, meta, r.kv_cache)
         out.append(stages[-1].backend.logits(x))
         start += n
@@ -875,6 +884,25 @@ def test_a_two_stage_split_gives_the_single_stage_logits(family_dir):
     split = _forced_logits([_runner(path, "bfloat16", layers=(0, 1)),
                             _runner(path, "bfloat16", layers=(1, 4))], ids)
     assert torch.equal(whole, split)
+
+
+@pytest.mark.parametrize("rope_long", [False, True])
+def test_longrope_tables_by_the_rows_rope_positions(family_dir, rope_long):
+    # LongRoPE: a sequence on the long factors reads rows position + max_pos of the stage's
+    # RoPE table (AttentionMetadata.rope_positions), on the kernels as on the reference
+    from shardline.backends.cpu_kernels.backend import CpuKernelBackend
+    from shardline.transforms.stage import build_stage
+    path = family_dir("llama-longrope-hd32")
+    fp32 = _runner(path, "float32")
+    kern = _runner(path, "bfloat16", kernels=False)
+    kern.backend = CpuKernelBackend.build(build_stage(path, 0, 4, "cpu", torch.bfloat16).model)
+    assert kern.backend is not None          # (select_backend keeps LongRoPE on the reference)
+    ids = torch.randint(0, 128, (90,), generator=torch.Generator().manual_seed(3)).tolist()
+    eager = _runner(path, "bfloat16", kernels=False)
+    ref, got, bf16 = (_forced_logits([r], ids, rope_long=rope_long) for r in (fp32, kern, eager))
+    other = _forced_logits([fp32], ids, rope_long=not rope_long)       # the other table
+    err = lambda x: ((x - ref).norm(dim=-1) / ref.norm(dim=-1)).mean()
+    assert err(got) <= 1.25 * err(bf16) + 0.005 and err(other) > 0.5     # 0.035, 0.038, 1.1
 
 
 def test_a_moe_stage_releases_its_experts_and_router(family_dir):

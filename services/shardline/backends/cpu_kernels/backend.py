@@ -11,8 +11,9 @@ StepLayer, which chains
 
 with the residual carried beside the hidden state (its add fused into the next norm). The
 options follow the model's layer: Qwen3 / Gemma 3's q/k norms, per-layer sliding windows and
-RoPE tables (Gemma 3's local / global), Gemma 2's soft-capped attention and logits, Gemma's
-sandwich norms and GELU-tanh. A mixture-of-experts layer (Mixtral, Qwen3-MoE) runs its
+RoPE tables (Gemma 3's local / global; the rows of LongRoPE's long half where the step's
+metadata says so), Gemma 2's soft-capped attention and logits, Gemma's sandwich norms and
+GELU-tanh. A mixture-of-experts layer (Mixtral, Qwen3-MoE) runs its
 attention half in StepLayer.attention and its experts from Python (projections.KernelMoE: one
 StepLinear per expert projection on the rows routed to it). Weights are converted once, at
 build, into the layout their kernel streams (layouts.py), one StepLinear per projection, by
@@ -196,7 +197,10 @@ class CpuKernelBackend(StepBackend):
         context (meta.per_row)."""
         h, residual = x.contiguous(), None
         table, lengths = meta.per_row()
-        pos, slots, bs = meta.positions, meta.slot_mapping, meta.block_size
+        slots, bs = meta.slot_mapping, meta.block_size
+        # the rows of the RoPE tables (LongRoPE's long half: position + max_pos)
+        pos = getattr(meta, "rope_positions", None)
+        pos = meta.positions if pos is None else pos
         for (layer, cos, sin, moe), (k_cache, v_cache), out_norm in zip(
                 self.steps, kv_cache.layers, self.moe_out_norms):
             if moe is None:
