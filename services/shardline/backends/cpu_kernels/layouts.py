@@ -22,8 +22,8 @@ def vnni_layout(w: torch.Tensor) -> torch.Tensor:
 def glu_layout(gate_up: torch.Tensor) -> torch.Tensor:
     """A fused gate_up weight [2 I, k] (gate rows, then up rows) as linear_vnni(glu=True)
     takes it: per 32 output rows, 16 gate rows and the 16 up rows of the same channels, so
-    each 32-output block it computes yields silu(gate) * up for 16 channels in its epilogue
-    (the [T, 2 I] intermediate and the separate silu_mul pass go away)."""
+    each 32-output block it computes yields act(gate) * up for 16 channels in its epilogue
+    (the [T, 2 I] intermediate and the separate act_mul pass go away)."""
     n, k = gate_up.shape
     inter = n // 2
     return gate_up.view(2, inter // 16, 16, k).transpose(0, 1).reshape(n, k)

@@ -6,19 +6,21 @@
 // run a whole decoder layer in one call (StepLayer). The files, each building on those above:
 //
 //   common.h           this file: target attributes, bf16 loads and stores, argument checks,
-//                      the thread helper `parallel`, exp and the MLP's
-//                      activations (SiLU, GELU-tanh)
+//                      the thread helper `parallel`, exp and the gated MLP's activations
+//                      (Activation: SiLU, GELU-tanh)
 //   amx.h, amx.cpp     AMX: whether the CPU has it and the process may use it, tile set-up
 //   kernels.h          the ops the files below define, as step_layer.cpp and bindings.cpp call them
 //   linear_bf16.cpp    linear_vnni: bf16 weights in the VNNI-blocked layout (GEMV, AMX tiles,
 //                      AVX512-BF16 register tiles)
 //   linear_quant.cpp   linear_int8 / linear_int4 (VNNI dpbusd tiles, activations quantized to
 //                      int8 per group of 32) and the dequantization of their weights
-//   norm_act.cpp       rms_norm, silu_mul, argmax_rows
+//   norm_act.cpp       rms_norm, act_mul, argmax_rows
 //   attention.h        what the two attention files share
-//   attention.cpp      rope_store_kv; paged_attention and its AVX512 kernels
+//   attention.cpp      rope_store_kv (q / k head norms, RoPE, KV store); paged_attention
+//                      (sliding windows, soft-capping) and its AVX512 kernels
 //   attention_amx.cpp  paged_attention's runs of prefill rows on AMX tiles
 //   step_layer.h, .cpp WeightFormat, StepLinear (one projection in its weight format), StepLayer
+//                      (a decoder layer, or its attention half for a mixture of experts)
 //   bindings.cpp       the Python module
 //
 // Kernels are compiled for their instruction sets by function attribute (KERNEL, AMX_KERNEL),
@@ -118,7 +120,7 @@ void parallel(int64_t n, F&& f, int64_t per_thread = STREAM_CHUNKS_PER_THREAD) {
 // int8 / int4 tiles) prefetch into L1; lines prefetched further ahead were evicted before use.
 constexpr int64_t PF_BYTES = 4096;
 
-// ---- exp, SiLU --------------------------------------------------------------------------------
+// ---- exp, the gated MLP's activations ---------------------------------------------------------
 // exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor series to r^7
 // (relative error below 2e-7 on [-87, 88]).
 KERNEL inline __m512 exp512(__m512 x) {
