@@ -90,13 +90,3 @@ def test_a_new_backend_plugs_in_without_touching_the_runner(tiny_model_dir):
     assert custom.outputs == reference.outputs
     assert backend.calls[:5] == ["build_metadata", "embed", "forward", "logits", "argmax"]
     assert backend.calls.count("forward") == 5
-
-
-def test_a_qwen3_bf16_stage_runs_on_the_reference(tiny_model_dir, caplog):
-    """The CPU kernels have no q/k norm: such a stage says so and runs on the reference."""
-    model = build_stage(tiny_model_dir("qwen3"), 0, 4, "cpu", torch.bfloat16).model
-    with caplog.at_level("INFO"):
-        backend = select_backend(model)
-    assert type(backend) is TorchBackend
-    if KERNELS:
-        assert "no q/k norm" in caplog.text

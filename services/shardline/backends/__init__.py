@@ -37,11 +37,12 @@ def select_backend(model: StageModel, *, cpu_kernels: bool = True, compiled: boo
     if gpu_engine not in GPU_ENGINE_MODES:
         raise ValueError(f"gpu_engine must be one of {GPU_ENGINE_MODES}, got {gpu_engine!r}")
     device = next(model.parameters()).device
-    if model.config.rope_long_after:           # per-sequence RoPE tables: the reference's
-        log.info("LongRoPE switches tables per sequence, which only the PyTorch reference "
-                 "backend reads: this stage runs on it")
-        return TorchBackend(model, compiled=compiled)
-    if not compiled and (gpu_engine == "on" or (gpu_engine == "auto" and device.type == "cuda")):
+    engine = not compiled and (gpu_engine == "on" or (gpu_engine == "auto"
+                                                      and device.type == "cuda"))
+    if engine and model.config.rope_long_after:
+        log.info("LongRoPE switches RoPE tables per sequence, which the GPU engine does not "
+                 "read yet: this stage runs on the other backends")
+    elif engine:
         return GpuEngineBackend(model, **engine_options)
     if cpu_kernels and not compiled:
         backend = CpuKernelBackend.build(model)

@@ -18,43 +18,44 @@ class Family:
     name: str
     options: str                  # what of the family's config is honoured
     cpu_kernels: str              # where its bf16 CPU stages run
+    gpu: str = "GPU engine"       # what runs its CUDA stages
 
 
 FAMILIES = (
     Family("llama", "Llama 2 / 3, SmolLM2", f"{ROPE}, tied embeddings", "CPU kernels"),
     Family("mistral", "Mistral", f"{ROPE}, `sliding_window` on every layer",
-           "CPU kernels; reference with a window shorter than the context"),
+           "CPU kernels"),
     Family("qwen2", "Qwen2 / 2.5", f"{ROPE}, q/k/v bias, `use_sliding_window` from "
            "`max_window_layers`, `layer_types`",
-           "CPU kernels; reference with a window shorter than the context"),
+           "CPU kernels"),
     Family("qwen3", "Qwen3", f"{ROPE}, per-head q/k RMSNorm, `head_dim` of its own, "
-           "sliding windows as Qwen2", "reference (no q/k norm in the kernels yet)"),
+           "sliding windows as Qwen2", "CPU kernels"),
     Family("phi3", "Phi-3", f"{ROPE}, LongRoPE (su; a sequence that grows past "
            "`original_max_position_embeddings` is recomputed on the long factors, as "
            "transformers does), fused `qkv_proj` / `gate_up_proj`, `sliding_window`",
-           "CPU kernels; reference with LongRoPE"),
+           "CPU kernels", "GPU engine; eager PyTorch with LongRoPE"),
     Family("gemma2", "Gemma 2", f"{ROPE}, alternating sliding / global layers, attention and "
            "final logit soft-capping, `query_pre_attn_scalar`, GeGLU (tanh), sqrt(hidden) "
            "embedding scale, (1 + w) RMSNorm, norms before and after attention and MLP",
-           "reference (soft-capping, GeGLU and sandwich norms not in the kernels yet)"),
+           "CPU kernels"),
     Family("gemma3_text", "Gemma 3 (text)", f"{ROPE}, as Gemma 2 plus q/k RMSNorm, "
            "`sliding_window_pattern` / `layer_types`, separate local / global RoPE bases",
-           "reference (q/k norm, GeGLU and sandwich norms not in the kernels yet)"),
+           "CPU kernels"),
     Family("gemma3", "Gemma 3 (multimodal checkpoints)", "the language model of a "
            "`Gemma3ForConditionalGeneration` checkpoint, as Gemma 3 (text); images are not "
-           "served", "reference (as Gemma 3)"),
+           "served", "CPU kernels"),
     Family("mixtral", "Mixtral", f"{ROPE}, top-k of E experts (softmax over the chosen), "
-           "`sliding_window`", "reference (experts not in the kernels yet)"),
+           "`sliding_window`", "CPU kernels (tokens grouped per expert)"),
     Family("qwen3_moe", "Qwen3-MoE", f"{ROPE}, top-k experts with `norm_topk_prob`, "
            "`decoder_sparse_step`, `mlp_only_layers`, q/k RMSNorm, `use_sliding_window`",
-           "reference (experts not in the kernels yet)"),
+           "CPU kernels (tokens grouped per expert)"),
 )
 
 
 def markdown_table() -> str:
     rows = ["| family | `model_type` | honoured | bf16 on the CPU | GPU | quantization |",
             "|---|---|---|---|---|---|"]
-    rows += [f"| {f.name} | `{f.model_type}` | {f.options} | {f.cpu_kernels} | GPU engine | "
+    rows += [f"| {f.name} | `{f.model_type}` | {f.options} | {f.cpu_kernels} | {f.gpu} | "
              f"{QUANTIZATION} |" for f in FAMILIES]
     return "\n".join(rows) + "\n"
 
