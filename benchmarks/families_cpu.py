@@ -2,15 +2,16 @@
 
 Random-weight checkpoints of two shapes, made once with transformers from a config (no hub)
 and cached under ~/.cache/shardline/bench-models/:
-  * qwen3-0.6b: Qwen3-0.6B's shape (28 layers, hidden 1024, 16 / 8 heads of 128, q/k norm,
-    vocab 151936, tied embeddings);
+  * qwen3-0.6b: Qwen3-0.6B's layers (28 layers, hidden 1024, 16 / 8 heads of 128, q/k norm,
+    MLP 3072, tied embeddings) with the default model's 49152-token vocabulary (the stack
+    detokenizes what it generates with that tokenizer; Qwen3's own has 151936), 0.5B in all;
   * moe-1b: a Qwen3-MoE of about 1B parameters (16 layers, hidden 1024, 8 experts of 2048,
     top-2, q/k norm, vocab 49152).
 Each is served in bf16 (`shardline up` processes: tokenizer, scheduler, one worker) and
 measured, round by round, beside HF transformers `generate` in float32 and in bfloat16 on the
 same weights: batch-1 decode tok/s and 16-concurrent output tok/s for 128-token prompts. The
 ratio is against HF's best dtype in the same round. The tokenizer files are the default
-model's (prompts are token ids; the vocabulary only matters for detokenizing).
+model's (prompts are token ids).
 
     .venv/bin/python benchmarks/families_cpu.py --rounds 2 --json /tmp/families.json
 """
@@ -29,7 +30,7 @@ import time
 SHAPES = {
     "qwen3-0.6b": ("Qwen3Config", dict(
         hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+        num_key_value_heads=8, head_dim=128, vocab_size=49152, tie_word_embeddings=True,
         max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6)),
     "moe-1b": ("Qwen3MoeConfig", dict(
         hidden_size=1024, intermediate_size=3072, moe_intermediate_size=2048,
@@ -72,7 +73,7 @@ def bench_shape(shape: str, model_dir: pathlib.Path, a) -> dict:
 
     vocab = 49152                                  # the tokenizer's: prompts it can decode
     stack = build_stack(str(model_dir), shape, 1, free_port(), "cpu", "bfloat16", "1GiB",
-                        a.threads, quiet=not a.verbose)
+                        a.threads, quiet=not a.verbose, worker_extra=a.worker_args.split())
     hfs = {dt: HFBaseline(str(model_dir), a.prompt_tokens, dt, "cpu", 0, threads=a.threads)
            for dt in ("float32", "bfloat16")}
     print(f"{shape}: starting the stack", file=sys.stderr, flush=True)
@@ -121,6 +122,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/shardline/bench-models"))
+    p.add_argument("--worker-args", default="",
+                   help="extra worker flags, e.g. '--quantize int8' (weights int8, bf16 compute)")
     p.add_argument("--json", default=None)
     p.add_argument("--verbose", action="store_true")
     a = p.parse_args()
@@ -133,7 +136,8 @@ def main() -> int:
         res["shapes"].append(bench_shape(shape, model_dir, a))
     n = a.concurrency
     print(f"\n{res['machine']}, {res['date']}")
-    print(f"| model | metric | shardline bf16 | HF fp32 | HF bf16 | ratio to HF's best, "
+    ours = f"shardline bf16 {a.worker_args}".strip()
+    print(f"| model | metric | {ours} | HF fp32 | HF bf16 | ratio to HF's best, "
           f"median (per round) |")
     print("|---|---|---|---|---|---|")
     for s in res["shapes"]:

@@ -37,7 +37,7 @@ def _timed(fn, steps: int, device: str) -> tuple[float, float]:
 def bench_runner(model_dir, dtype, batch: int, ctx: int, steps: int, device: str):
     num_layers = ModelConfig.from_dir(model_dir).num_layers
     runner = load_runner(model_dir, 0, num_layers, device=device, dtype=dtype,
-                         kv_cache_bytes=256 << 20)
+                         kv_cache_bytes=1 << 30)
     blocks_per_seq = -(-(ctx + steps + 2) // runner.block_size)
     if blocks_per_seq * batch > runner.num_blocks:
         raise SystemExit(f"KV cache too small for batch {batch} x {ctx + steps} tokens")
