@@ -1,4 +1,5 @@
 """`shardline up`: tokenizer, scheduler and S stage workers as local processes over gRPC.
+(With --tensor-parallel-size T each worker starts T - 1 rank processes of its own.)
 
 Every child is a separate process started as a container would start it (`python -m
 shardline <service> ...`, through common/spawn.py: it gets SIGTERM if this process dies);
@@ -274,7 +275,11 @@ def build_stack(model_dir: str, model_name: str, stages: int, port: int, device:
                 extra_scheduler: list[str] = (), replicas: int = 1,
                 log_level: str = "INFO", quiet: bool = False, metrics: bool = False,
                 worker_extra: list[str] = (), http_port: int = 0,
-                drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> Stack:
+                drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+                tensor_parallel_size: int = 1) -> Stack:
+    """The children of one local deployment: a tokenizer, `replicas` pipelines of `stages`
+    workers (each worker starts tensor_parallel_size rank processes of its own and splits
+    its `threads`, by default cores / workers, over them), and the scheduler."""
     # internal services listen on loopback only and take calls presenting the stack's
     # generated cluster token (common/auth.py); the scheduler is the public door
     tok_port = free_port()
@@ -290,6 +295,8 @@ def build_stack(model_dir: str, model_name: str, stages: int, port: int, device:
                     "--stage-index", str(s), "--num-stages", str(stages), "--device", device,
                     "--threads", str(per_worker_threads), "--log-level", log_level,
                     *worker_extra]
+            if tensor_parallel_size > 1:
+                argv += ["--tensor-parallel-size", str(tensor_parallel_size)]
             if s + 1 < stages:
                 argv += ["--next-stage", addrs[s + 1]]
             if dtype:
@@ -357,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1,
                    help="pipeline replicas behind the scheduler (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per worker (default: cores / workers)")
+                   help="torch threads per worker, split over its tensor-parallel ranks "
+                        "(default: cores / workers)")
     add_config_args(TokenizerConfig, p, ["log_level", "drain_timeout_s"])
     p.add_argument("--demo", action="store_true", help="run a demo generation once ready")
     p.add_argument("--exit-after-demo", action="store_true",
@@ -368,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="port of the OpenAI-compatible HTTP API (0 = off; default: "
                             "%(default)s)")
     workers = p.add_argument_group("workers", "passed on to every `shardline worker`")
-    add_config_args(WorkerConfig, workers, ["device", "dtype", "kv_cache_memory", *UP_WORKER_FIELDS])
+    add_config_args(WorkerConfig, workers, ["device", "dtype", "kv_cache_memory",
+                                            "tensor_parallel_size", *UP_WORKER_FIELDS])
     return p
 
 
@@ -381,14 +390,15 @@ def stack_from_args(a: argparse.Namespace, model_dir: str) -> Stack:
                        a.kv_cache_memory, a.threads,
                        config_argv(SchedulerConfig, a, UP_SCHEDULER_FIELDS), a.replicas,
                        a.log_level, metrics=True, worker_extra=worker_extra,
-                       http_port=a.http_port, drain_timeout_s=a.drain_timeout_s)
+                       http_port=a.http_port, drain_timeout_s=a.drain_timeout_s,
+                       tensor_parallel_size=a.tensor_parallel_size)
 
 
 def main(argv: list[str]) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    if a.stages < 1 or a.replicas < 1:
-        p.error("--stages and --replicas must be >= 1")
+    if a.stages < 1 or a.replicas < 1 or a.tensor_parallel_size < 1:
+        p.error("--stages, --replicas and --tensor-parallel-size must be >= 1")
     print(f"shardline up: resolving model {a.model}", file=sys.stderr, flush=True)
     stack = stack_from_args(a, str(resolve_model(a.model)))
     stopping = threading.Event()
@@ -406,8 +416,10 @@ def main(argv: list[str]) -> int:
             return _stop(stack, crash)
         stopping.wait(0.25)
     http = f", OpenAI API on {stack.http_url}/v1" if stack.http_url else ""
+    ranks = f" x {a.tensor_parallel_size} ranks" if a.tensor_parallel_size > 1 else ""
     print(f"shardline up: ready on {stack.scheduler_address}{http} after "
-          f"{time.monotonic() - t0:.1f}s ({a.replicas} replica(s) x {a.stages} stage(s)); "
+          f"{time.monotonic() - t0:.1f}s ({a.replicas} replica(s) x {a.stages} stage(s)"
+          f"{ranks}); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
     print("shardline up: metrics " + ", ".join(f"{n} http://127.0.0.1:{p}/metrics"
                                                for n, p in stack.metrics_ports.items()),

@@ -22,7 +22,9 @@ class RunningStack:
                                  kw.pop("extra_scheduler", []), replicas=kw.pop("replicas", 1),
                                  quiet=not os.environ.get("SHARDLINE_TEST_LOGS"),
                                  metrics=kw.pop("metrics", False),
-                                 http_port=free_port() if kw.pop("http", False) else 0)
+                                 http_port=free_port() if kw.pop("http", False) else 0,
+                                 worker_extra=kw.pop("worker_extra", []),
+                                 tensor_parallel_size=kw.pop("tensor_parallel_size", 1))
         self.env = kw.pop("env", None)
         self.address = f"127.0.0.1:{self.port}"
 

@@ -8,7 +8,8 @@ Each field declared with `option(...)` becomes one flag:
 name `--kebab-case` of the field (or metadata "flag"), dest the field name, type from the
 annotation (Optional[X] -> X; metadata "parse" overrides it), default the field's default,
 choices from metadata, bool fields as --x / --no-x (argparse.BooleanOptionalAction), list
-fields as a repeatable flag. A field without a default is a required flag. Metadata "env"
+fields as a repeatable flag, metadata "aliases" more names of the same flag (`--tp`). A field
+without a default is a required flag. Metadata "env"
 names an environment variable read by `config_from_args` (not at import) when the flag is
 absent. Fields declared with plain `field()` or `option(cli=False)` get no flag.
 
@@ -31,10 +32,11 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL") 
 def option(default: Any = dataclasses.MISSING, *, help: str, flag: Optional[str] = None,
            choices: Optional[Sequence] = None, parse: Optional[Callable[[str], Any]] = None,
            env: Optional[str] = None, metavar: Optional[str] = None,
-           default_factory: Any = dataclasses.MISSING, cli: bool = True) -> Any:
+           default_factory: Any = dataclasses.MISSING, cli: bool = True,
+           aliases: Sequence[str] = ()) -> Any:
     """dataclasses.field() with the metadata of its flag (see the module docstring)."""
     metadata = dict(help=help, flag=flag, choices=choices, parse=parse, env=env,
-                    metavar=metavar, cli=cli)
+                    metavar=metavar, cli=cli, aliases=tuple(aliases) or None)
     return dataclasses.field(default=default, default_factory=default_factory,
                              metadata={k: v for k, v in metadata.items() if v is not None})
 
@@ -112,7 +114,7 @@ def add_config_args(cls, parser: argparse.ArgumentParser,
                 kw.update(action="append", default=None)
             elif default is not dataclasses.MISSING:
                 kw["default"] = default
-        action = parser.add_argument(flag_name(f), **kw)
+        action = parser.add_argument(flag_name(f), *f.metadata.get("aliases", ()), **kw)
         if default not in (None, "", dataclasses.MISSING) and not is_list \
                 and "%(default)" not in action.help:
             action.help += " (default: %(default)s)"

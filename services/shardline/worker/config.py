@@ -38,6 +38,8 @@ BATCH_DEFAULTS = {"cpu": (CPU_MAX_NUM_SEQS, CPU_MAX_NUM_BATCHED_TOKENS),
                   "cuda": (CUDA_MAX_NUM_SEQS, CUDA_MAX_NUM_BATCHED_TOKENS)}
 
 
+DEFAULT_TP_TIMEOUT_S = 300.0               # a collective between tensor-parallel ranks
+
 GPU_ENGINE_MODES = ("auto", "on", "off")      # backends.select_backend's
 # sequences one step may hold on the GPU engine (its buffers), as a multiple of the device's
 # default --max-num-seqs: an explicit larger flag still fits (steps past 256 run eagerly)
@@ -83,7 +85,18 @@ class WorkerConfig:
         None, metavar="SIZE",
         help="largest gRPC message accepted (a longer one is refused unread); default: "
              "--max-step-tokens float32 hidden states of the model (config.json) and their plan")
-    threads: int = option(0, help="torch intra-op threads; 0 = torch's default")
+    threads: int = option(0, help="torch intra-op threads of this worker, split evenly over its "
+                                  "tensor-parallel ranks (at least 1 each); 0 = torch's default "
+                                  "(with --tensor-parallel-size T: the cores / T each)")
+    tensor_parallel_size: int = option(
+        1, aliases=("--tp",),
+        help="devices this stage spans: the worker starts T - 1 more processes (ranks), one per "
+             "device (cuda:0..T-1 from --device's index; on the CPU they split --threads), and "
+             "sends each every step; T must divide the model's attention and KV heads")
+    tp_timeout_s: float = option(
+        DEFAULT_TP_TIMEOUT_S,
+        help="with --tensor-parallel-size > 1: seconds a collective between the ranks may wait "
+             "(a rank that is alive but stuck) before the stage gives up and exits")
     cache_dir: Optional[str] = option(
         None, env="SHARDLINE_CACHE",
         help="where converted models are kept (default: $SHARDLINE_CACHE, else "
@@ -133,6 +146,10 @@ class WorkerConfig:
             raise ValueError("max_step_tokens must be > 0")
         if self.max_message_bytes is not None:
             parse_bytes(self.max_message_bytes)
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if not self.tp_timeout_s > 0:
+            raise ValueError(f"tp_timeout_s must be > 0, got {self.tp_timeout_s}")
 
     def layer_range(self, num_layers: int) -> tuple[int, int]:
         """This stage's layers: the --layers override, else an even split."""
@@ -145,6 +162,22 @@ class WorkerConfig:
             raise ValueError(f"{self.num_stages} stages for {num_layers} layers")
         bounds = [round(i * num_layers / self.num_stages) for i in range(self.num_stages + 1)]
         return bounds[self.stage_index], bounds[self.stage_index + 1]
+
+    def rank_device(self, rank: int) -> str:
+        """The device of tensor-parallel rank `rank`: the CPU, or the rank-th CUDA device from
+        --device's index (cuda:2 with T = 2: ranks on cuda:2 and cuda:3)."""
+        if self.device == "cpu" or self.tensor_parallel_size == 1:
+            return self.device
+        _, _, index = self.device.partition(":")
+        return f"cuda:{int(index or 0) + rank}"
+
+    def rank_threads(self, cpu_count: int) -> int:
+        """torch threads of each rank: --threads split over the ranks (at least 1); without
+        --threads, torch's default (0) for one rank, cpu_count / T for several."""
+        t = self.tensor_parallel_size
+        if self.threads > 0:
+            return max(1, self.threads // t)
+        return 0 if t == 1 else max(1, cpu_count // t)
 
     def receive_bytes(self, hidden_size: int, max_position: int) -> int:
         """The gRPC receive limit: --max-message-bytes, else what a Step of --max-step-tokens

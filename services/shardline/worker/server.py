@@ -4,8 +4,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import asyncio
+import inspect
 import logging
+import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -17,27 +20,60 @@ from shardline.models.config import ModelConfig
 from shardline.worker.build import load_runner
 from shardline.worker.config import ENGINE_SEQS_PER_DEFAULT, WorkerConfig, batch_defaults
 from shardline.worker.heap import keep_freed_memory
+from shardline.worker.rank_group import RankGroup
 from shardline.worker.runner import StageRunner
 from shardline.worker.servicer import StageWorkerServicer
 
 log = logging.getLogger(__name__)
 
 
-def build_runner(cfg: WorkerConfig, model_dir) -> StageRunner:
-    """Load this stage's layers of the model in model_dir (slow: runs off the event loop)."""
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    if cfg.device == "cpu":
+# whether load_runner builds a rank's shard of a stage (tensor_parallel=(rank, T)); without
+# it every tensor-parallel rank holds the whole stage (the same outputs, no memory saved)
+SHARDED_LOADING = "tensor_parallel" in inspect.signature(load_runner).parameters
+
+
+def build_runner(cfg: WorkerConfig, model_dir, rank: int = 0) -> StageRunner:
+    """Load tensor-parallel rank `rank`'s part of this stage's layers of the model in
+    model_dir (slow: runs off the event loop); on an initialized process group when
+    --tensor-parallel-size > 1."""
+    threads = cfg.rank_threads(os.cpu_count() or 1)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = cfg.rank_device(rank)
+    if device == "cpu":
         keep_freed_memory()              # steps reuse their activations' memory (heap.py)
     start, end = cfg.layer_range(ModelConfig.from_dir(model_dir).num_layers)
+    sharding = {}
+    if cfg.tensor_parallel_size > 1:
+        log.info("stage %d/%d: tensor-parallel rank %d of %d on %s, %d thread(s), %s",
+                 cfg.stage_index, cfg.num_stages, rank, cfg.tensor_parallel_size, device,
+                 torch.get_num_threads(), "its shard" if SHARDED_LOADING else
+                 "the whole stage (load_runner cannot shard it yet)")
+        if SHARDED_LOADING:
+            sharding["tensor_parallel"] = (rank, cfg.tensor_parallel_size)
     log.info("stage %d/%d: layers [%d, %d) of %s on %s in %s", cfg.stage_index, cfg.num_stages,
-             start, end, cfg.model, cfg.device, cfg.dtype)
-    return load_runner(model_dir, start, end, device=cfg.device, dtype=cfg.dtype,
+             start, end, cfg.model, device, cfg.dtype)
+    return load_runner(model_dir, start, end, device=device, dtype=cfg.dtype,
                        kv_cache_bytes=cfg.kv_cache_bytes(),
                        kv_cache_fraction=cfg.kv_cache_fraction, block_size=cfg.block_size,
                        cpu_kernels=cfg.cpu_kernels, gpu_engine=cfg.gpu_engine,
-                       engine_options=engine_options(cfg),
+                       engine_options=engine_options(cfg), **sharding,
                        **dataclasses.asdict(cfg.transforms()))
+
+
+def load_stage(cfg: WorkerConfig, model_dir, ranks: Optional[RankGroup]) -> StageRunner:
+    """Compute thread: join the other ranks (tensor parallel), build rank 0's runner, free
+    the module weights the backend does not need, and wait until every rank is ready."""
+    if ranks is not None:
+        ranks.join()
+    runner = build_runner(cfg, model_dir)
+    freed = runner.release_module_weights()     # the CPU kernels hold their own copy
+    if freed:
+        log.info("released %.0f MiB of module weights (the CPU kernels hold their own layout)",
+                 freed / 2**20)
+    if ranks is not None:
+        ranks.ready(runner.num_blocks)
+    return runner
 
 
 def engine_options(cfg: WorkerConfig) -> dict:
@@ -69,12 +105,11 @@ async def serve(cfg: WorkerConfig) -> None:
     await service.start()
     await service.set_serving(False)
     log.info("listening on %s:%d, loading model", cfg.host, service.port)
-    servicer.runner = await loop.run_in_executor(servicer.executor, build_runner, cfg, model_dir)
-    r = servicer.runner
-    freed = r.release_module_weights()     # the CPU kernels hold their own copy
-    if freed:
-        log.info("released %.0f MiB of module weights (the CPU kernels hold their own layout)",
-                 freed / 2**20)
+    if cfg.tensor_parallel_size > 1:      # ranks 1..T-1, started from this (the main) thread
+        ranks = servicer.ranks = RankGroup.start(cfg, str(model_dir))
+        service.on_stop(lambda: ranks.stop(servicer.executor))
+    r = servicer.runner = await loop.run_in_executor(servicer.executor, load_stage, cfg,
+                                                     model_dir, servicer.ranks)
     log.info("ready: %d KV blocks of %d tokens", r.num_blocks, r.block_size)
     await service.set_serving(True)
     await service.serve_until_stopped()

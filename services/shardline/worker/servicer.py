@@ -3,12 +3,14 @@
 Step stream of stage k:  upstream --StepRequest--> [run layers] --StepRequest(hidden)--> stage k+1
                          upstream <--StepResult--  [relay]     <--StepResult--         stage k+1
 The last stage samples and answers directly. Requests are processed strictly in order, so
-micro-batches pipeline across stages while each stage sees them one at a time.
+micro-batches pipeline across stages while each stage sees them one at a time. With tensor
+parallelism the other ranks of the stage (`ranks`, worker/rank_group.py) get every step first.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import logging
 import time
@@ -62,6 +64,14 @@ def stage_attention_window(config, layer_start: int, layer_end: int) -> int:
     return max(windows) if windows and all(w > 0 for w in windows) else 0
 
 
+def step_args(req: worker_pb2.StepRequest) -> tuple[list[SeqStep], list[int],
+                                                  Optional[DecodeRows]]:
+    """(seqs, free_seq_ids, decode) of StageRunner.step from a StepRequest's plan."""
+    seqs = [SeqStep.from_pb(s) for s in req.seqs]
+    decode = DecodeRows.from_pb(req.decode) if req.HasField("decode") else None
+    return seqs, list(req.free_seq_ids), decode
+
+
 def _host_port(address: str) -> tuple[str, str]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port:
@@ -76,6 +86,7 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
         self._stream: Optional[_Stream] = None
         self.max_step_tokens = 0                # --max-step-tokens (0: not said)
         self.runner = None                      # set once the model is loaded
+        self.ranks = None                       # the other tensor-parallel ranks (RankGroup)
         self.instance_id = uuid.uuid4().hex
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.stage_index = 0
@@ -173,11 +184,13 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
         span, admits = self._trace_step(req) if telemetry.tracing_enabled() else (None, ())
         try:
             with StageProfiler.range(DECODE_RANGE):
-                seqs = [SeqStep.from_pb(s) for s in req.seqs]
-                decode = DecodeRows.from_pb(req.decode) if req.HasField("decode") else None
+                seqs, free_seq_ids, decode = step_args(req)
                 # host memory: the backend moves it (the GPU engine: pinned, non-blocking)
                 hidden = pb_to_tensor(req.hidden) if req.HasField("hidden") else None
-            hidden_out, tokens = runner.step(seqs, list(req.free_seq_ids), hidden, decode)
+            # tensor parallel: the other ranks get the same step first
+            with (self.ranks.step(req, hidden) if self.ranks is not None
+                  else contextlib.nullcontext()):
+                hidden_out, tokens = runner.step(seqs, free_seq_ids, hidden, decode)
             if forward:
                 with StageProfiler.range(ENCODE_RANGE):
                     out = worker_pb2.StepRequest(step_id=req.step_id, seqs=req.seqs,
@@ -204,6 +217,12 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
                 s.end()
             if span is not None:
                 span.end()
+
+    def _forget_all(self) -> None:
+        """Compute thread: every sequence forgotten, on every rank."""
+        if self.ranks is not None:
+            self.ranks.forget_all()
+        self.runner.forget_all()
 
     async def _may_forward_to(self, address: str) -> bool:
         """Whether address is a configured next stage: equal to a --next-stage entry, or
@@ -329,7 +348,7 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
                 t.cancel()
             # the stream's sequences go with it; `done` once they are gone (the compute thread
             # runs this after the stream's last step), so a successor starts from a clean stage
-            forget = loop.run_in_executor(self.executor, runner.forget_all)
+            forget = loop.run_in_executor(self.executor, self._forget_all)
             forget.add_done_callback(lambda _: stream.done.set())
             if downstream_call is not None:
                 downstream_call.cancel()

@@ -1,0 +1,87 @@
+"""The worker's tensor-parallel plumbing, without processes: the flags (--tensor-parallel-size,
+--tp), each rank's device and threads, a rank's command line (the worker's flags back on the
+other side), the plan that travels between ranks, and `shardline up` passing the flag on.
+(tests/integration/test_tensor_parallel_stack.py runs real ranks; test_tensor_parallel.py
+the sharded stage itself.)"""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from shardline import launcher
+from shardline.v1 import common_pb2, worker_pb2
+from shardline.worker.config import WorkerConfig
+from shardline.worker.rank import build_parser as rank_parser
+from shardline.worker.rank_group import rank_argv
+from shardline.worker.step_broadcast import plan_bytes
+
+
+def parse(argv: list[str]) -> WorkerConfig:
+    p = argparse.ArgumentParser()
+    WorkerConfig.add_args(p)
+    return WorkerConfig.from_args(p.parse_args(argv))
+
+
+def test_flags_and_validation():
+    assert parse([]).tensor_parallel_size == 1
+    assert parse(["--tensor-parallel-size", "4"]).tensor_parallel_size == 4
+    assert parse(["--tp", "2", "--tp-timeout-s", "30"]) == \
+        WorkerConfig(tensor_parallel_size=2, tp_timeout_s=30.0)
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        WorkerConfig(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="tp_timeout_s"):
+        WorkerConfig(tp_timeout_s=0)
+
+
+def test_rank_devices_and_threads():
+    assert [WorkerConfig(tensor_parallel_size=2).rank_device(r) for r in (0, 1)] == ["cpu"] * 2
+    cuda = WorkerConfig(device="cuda", tensor_parallel_size=2)
+    assert [cuda.rank_device(r) for r in (0, 1)] == ["cuda:0", "cuda:1"]
+    assert WorkerConfig(device="cuda:2", tensor_parallel_size=2).rank_device(1) == "cuda:3"
+    assert WorkerConfig(device="cuda").rank_device(0) == "cuda"      # one rank: as given
+    assert WorkerConfig().rank_threads(16) == 0                       # torch's default
+    assert WorkerConfig(threads=8).rank_threads(16) == 8
+    assert WorkerConfig(threads=8, tensor_parallel_size=2).rank_threads(16) == 4
+    assert WorkerConfig(threads=1, tensor_parallel_size=2).rank_threads(16) == 1
+    assert WorkerConfig(tensor_parallel_size=4).rank_threads(16) == 4
+
+
+def test_a_rank_gets_the_workers_flags():
+    cfg = WorkerConfig(model="smollm2", port=7, host="127.0.0.1", stage_index=1, num_stages=2,
+                       next_stages=["127.0.0.1:9"], layers="10:30", dtype="float32",
+                       kv_cache_memory="64MiB", block_size=32, threads=4, quantize="int8",
+                       cpu_kernels=False, gpu_engine="off", tensor_parallel_size=2,
+                       tp_timeout_s=20, metrics_port=9, log_level="DEBUG")
+    ns = rank_parser().parse_args(rank_argv(cfg, "/models/m", 1, 1234, 99))
+    assert (ns.rank, ns.store_port, ns.seed) == (1, 1234, 99)
+    got = WorkerConfig.from_args(ns)
+    # the rank serves nothing, forwards nothing, and loads the directory rank 0 resolved
+    assert got == WorkerConfig(**{**cfg.__dict__, "model": "/models/m", "port": 50061,
+                                  "host": "0.0.0.0", "next_stages": [], "metrics_port": 0})
+
+
+def test_the_plan_travels_without_hidden_states():
+    req = worker_pb2.StepRequest(
+        step_id=5, seqs=[worker_pb2.SeqPlan(seq_id=1, token_ids=[3, 4], start_pos=0)],
+        free_seq_ids=[2], hidden=common_pb2.Tensor(dtype="float32", shape=[2, 1],
+                                                   data=b"\0" * 8),
+        trace_context={"traceparent": "x"})
+    req.decode.seq_ids.append(9)
+    plan = worker_pb2.StepRequest.FromString(plan_bytes(req))
+    assert not plan.HasField("hidden") and not plan.trace_context
+    assert (plan.step_id, list(plan.free_seq_ids), plan.seqs[0].token_ids[:],
+            list(plan.decode.seq_ids)) == (5, [2], [3, 4], [9])
+
+
+def test_up_passes_the_flag_to_every_worker():
+    a = launcher.build_parser().parse_args(["--stages", "2", "--replicas", "2", "--tp", "2",
+                                            "--threads", "4"])
+    stack = launcher.stack_from_args(a, "/models/m")
+    workers = [c for c in stack.children if c.argv[0] == "worker"]
+    assert len(workers) == 4
+    for c in workers:
+        cfg = parse(c.argv[1:])
+        assert (cfg.tensor_parallel_size, cfg.threads, cfg.rank_threads(64)) == (2, 4, 2)
+    plain = launcher.stack_from_args(launcher.build_parser().parse_args([]), "/models/m")
+    assert "--tensor-parallel-size" not in plain.child("worker-0").argv
