@@ -450,6 +450,7 @@ def test_worker_command_lines(rendered, name):
         assert flag(args, "--num-stages") == str(stages)
         assert flag(args, "--port") == "50061" and flag(args, "--host") == "0.0.0.0"
         assert flag(args, "--block-size") == "16"
+        assert flag(args, "--tensor-parallel-size") == "1"
         assert flag(args, "--max-step-tokens") == "8192"      # >= scheduler.maxNumBatchedTokens
         assert int(flag(args, "--threads")) >= 1
         gpu = name == "gpu"
@@ -466,6 +467,24 @@ def test_worker_command_lines(rendered, name):
             assert "--quantize" not in args and "--kv-cache-fraction" not in args
             assert flag(args, "--kv-cache-memory")
         assert flag(args, "--log-level") in ("INFO", "DEBUG")
+
+
+def test_tensor_parallel_stages(helm):
+    """pipeline.tensorParallel=T: every stage's worker runs T ranks and, on GPUs, its pod
+    requests T of them (one per rank; worker.gpu.count when that is more)."""
+    def worker(manifests, k=0):
+        return container(one(manifests, "StatefulSet", f"{FULLNAME}-worker-{k}"))
+    gpu = render_set(helm, "pipeline.tensorParallel=4", values=VALUE_SETS["gpu"])
+    for k in range(SHAPES["gpu"][0]):
+        c = worker(gpu, k)
+        assert flag(c["args"], "--tensor-parallel-size") == "4"
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
+    more = render_set(helm, "pipeline.tensorParallel=2", "worker.gpu.count=8",
+                      values=VALUE_SETS["gpu"])
+    assert worker(more)["resources"]["limits"]["nvidia.com/gpu"] == 8
+    cpu = worker(render_set(helm, "pipeline.tensorParallel=2"))
+    assert flag(cpu["args"], "--tensor-parallel-size") == "2"
+    assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
 
 
 def test_worker_threads_follow_the_cpu_limit(rendered):
@@ -710,6 +729,7 @@ def test_no_telemetry_by_default(rendered):
 BAD_VALUES = [
     ("pipeline.stages=0", "/pipeline/stages"),
     ("pipeline.replicas=0", "/pipeline/replicas"),
+    ("pipeline.tensorParallel=0", "/pipeline/tensorParallel"),
     ("scheduler.maxNumSeqs=-1", "/scheduler/maxNumSeqs"),
     ("worker.dtype=int3", "/worker/dtype"),
     ("worker.device=tpu", "/worker/device"),

@@ -142,12 +142,14 @@ smollm2-135m-instruct
 {{- $t -}}
 {{- end -}}
 
-{{/* Worker resources, with the GPUs added when worker.gpu.enabled. */}}
+{{/* Worker resources, with the GPUs added when worker.gpu.enabled: worker.gpu.count, at least
+one per tensor-parallel rank. */}}
 {{- define "shardline.workerResources" -}}
 {{- $res := deepCopy .Values.worker.resources -}}
 {{- if .Values.worker.gpu.enabled -}}
 {{- $limits := $res.limits | default dict -}}
-{{- $_ := set $limits "nvidia.com/gpu" (int .Values.worker.gpu.count) -}}
+{{- $gpus := max (int .Values.worker.gpu.count) (int (.Values.pipeline.tensorParallel | default 1)) -}}
+{{- $_ := set $limits "nvidia.com/gpu" (int $gpus) -}}
 {{- $_ := set $res "limits" $limits -}}
 {{- end -}}
 {{- toYaml $res -}}
