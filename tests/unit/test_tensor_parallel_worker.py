@@ -1,6 +1,7 @@
 """The worker's tensor-parallel plumbing, without processes: the flags (--tensor-parallel-size,
 --tp), each rank's device and threads, a rank's command line (the worker's flags back on the
-other side), the plan that travels between ranks, and `shardline up` passing the flag on.
+other side), the plan that travels between ranks, `shardline up` passing the flag on, and
+rank 0's failure handling over a fake wire (a failed step or send, a rank that exits).
 (tests/integration/test_tensor_parallel_stack.py runs real ranks; test_tensor_parallel.py
 the sharded stage itself.)"""
 from __future__ import annotations
@@ -13,8 +14,9 @@ from shardline import launcher
 from shardline.v1 import common_pb2, worker_pb2
 from shardline.worker.config import WorkerConfig
 from shardline.worker.rank import build_parser as rank_parser
+from shardline.worker import rank_group
 from shardline.worker.rank_group import rank_argv
-from shardline.worker.step_broadcast import plan_bytes
+from shardline.worker.step_broadcast import Op, plan_bytes
 
 
 def parse(argv: list[str]) -> WorkerConfig:
@@ -85,3 +87,72 @@ def test_up_passes_the_flag_to_every_worker():
         assert (cfg.tensor_parallel_size, cfg.threads, cfg.rank_threads(64)) == (2, 4, 2)
     plain = launcher.stack_from_args(launcher.build_parser().parse_args([]), "/models/m")
     assert "--tensor-parallel-size" not in plain.child("worker-0").argv
+
+
+class FakeWire:
+    def __init__(self, fail: bool = False):
+        self.sent, self.fail = [], fail
+
+    def send(self, op, req=None, hidden=None):
+        if self.fail:
+            raise RuntimeError("Connection closed by peer")
+        self.sent.append(op)
+
+
+class FakeProc:
+    def __init__(self, rc=None):
+        self.rc, self.pid, self.killed = rc, 42, False
+
+    def wait(self, timeout=None):
+        return self.rc
+
+    def poll(self):
+        return self.rc
+
+    def kill(self):
+        self.killed = True
+
+
+@pytest.fixture
+def group(monkeypatch):
+    """A RankGroup over a fake wire and rank process; os._exit raises Exited instead."""
+    class Exited(Exception):
+        pass
+
+    def exit_(code):
+        raise Exited(code)
+    monkeypatch.setattr(rank_group.os, "_exit", exit_)
+    g = rank_group.RankGroup(WorkerConfig(tensor_parallel_size=2), None, {1: FakeProc()}, 0)
+    g.wire = FakeWire()
+    g.Exited = Exited
+    return g
+
+
+def test_a_step_is_sent_first_and_a_bad_plan_is_not_a_failure(group):
+    req = worker_pb2.StepRequest(step_id=3)
+    with group.step(req, None):
+        assert group.wire.sent == [Op.STEP]          # the other ranks have it before rank 0 runs
+    with pytest.raises(ValueError):                 # every rank refuses it alike: serve on
+        with group.step(req, None):
+            raise ValueError("bad plan")
+    group.forget_all()
+    assert group.wire.sent == [Op.STEP, Op.STEP, Op.FORGET_ALL]
+
+
+def test_a_failed_step_or_send_takes_the_stage_down(group):
+    with pytest.raises(group.Exited) as e:          # e.g. a collective past --tp-timeout-s
+        with group.step(worker_pb2.StepRequest(step_id=3), None):
+            raise RuntimeError("gloo timeout")
+    assert e.value.args == (rank_group.EXIT_RANK_FAILED,) and group.procs[1].killed
+    group._failing.release()
+    group.wire = FakeWire(fail=True)                 # a rank gone: the send breaks
+    with pytest.raises(group.Exited):
+        group.forget_all()
+
+
+def test_a_rank_that_exits_takes_the_stage_down_unless_stopping(group):
+    with pytest.raises(group.Exited):
+        group._watch(1, FakeProc(rc=-9))
+    group._failing.release()
+    group.stopping = True                            # after STOP the ranks exit: expected
+    group._watch(1, FakeProc(rc=0))
