@@ -53,6 +53,10 @@ TINY_FAMILIES = {
                                                        "long_factor": [2.0 + i for i in
                                                                        range(8)]})),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # one KV head (fewer than 2 tensor-parallel ranks), an odd vocab (uneven vocab slices),
+    # an intermediate size whose halves are int4 groups of 32
+    "llama-mqa": ("LlamaConfig", dict(num_key_value_heads=1, vocab_size=125,
+                                      intermediate_size=192)),
     # layer 1 dense; the others 4 experts, top 2, probabilities not renormalized
     "qwen3-moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=32, mlp_only_layers=[1],
@@ -62,14 +66,15 @@ TINY_FAMILIES = {
 
 def make_tiny_model(path: pathlib.Path, family: str = "llama", num_layers: int = 4,
                     seed: int = 0) -> pathlib.Path:
-    """Save a random-weight HF model of `family` (safetensors) into `path`."""
+    """Save a random-weight HF model of `family` (safetensors) into `path` (the family's extra
+    config over these shapes)."""
     import transformers
 
     cls_name, extra = TINY_FAMILIES[family]
-    config = getattr(transformers, cls_name)(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-        max_position_embeddings=512, rms_norm_eps=1e-6, **extra)
+    shape = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=num_layers,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                 max_position_embeddings=512, rms_norm_eps=1e-6)
+    config = getattr(transformers, cls_name)(**{**shape, **extra})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():                    # larger weights than the init: peaked logits

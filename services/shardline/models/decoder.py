@@ -95,6 +95,7 @@ class StageModel(nn.Module):
                         if self.is_last else None)
         self.rotary: Optional[RotaryEmbedding] = None   # built with the weights (see weights.py)
         self.rotary_local: Optional[RotaryEmbedding] = None   # sliding layers' own (Gemma 3)
+        self.shard = None       # the tensor-parallel slice held (parallel.ShardSpec), if any
 
     def init_rotary(self, device: torch.device, dtype: torch.dtype) -> None:
         self.rotary = RotaryEmbedding(self.config, device=device, dtype=dtype)

@@ -51,8 +51,9 @@ class SparseMoE(nn.Module):
         return grouped_experts(x, weights, ids, self.experts)
 
     def projection_parents(self) -> list[nn.Module]:
-        """The experts (the router stays in full precision: quantize and fuse skip it)."""
-        return list(self.experts)
+        """The experts held here (the router stays in full precision: quantize and fuse skip
+        it; a tensor-parallel rank holds only its own experts: parallel.AbsentExpert)."""
+        return [e for e in self.experts if isinstance(e, MLP)]
 
 
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

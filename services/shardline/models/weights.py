@@ -14,6 +14,11 @@ Mixtral's expert names map onto the project's (Qwen3-MoE's): block_sparse_moe.ga
 block_sparse_moe.experts.{e}.w1 / w3 / w2 -> mlp.experts.{e}.gate_proj / up_proj / down_proj.
 Gemma's RMSNorm weights w (applied as 1 + w) are stored as 1 + w, so every backend's norm
 is the plain one.
+
+Tensor parallelism: given a rank's parallel.ShardSpec, the skeleton is cut to the rank's shapes
+first (parallel.slice_stage, on the meta device) and each sharded tensor is read as its slice
+only (safetensors' get_slice), the embedding and LM head included: no rank reads a whole
+sharded weight.
 """
 from __future__ import annotations
 
@@ -23,13 +28,14 @@ import pathlib
 import time
 import zlib
 from collections import defaultdict
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
 
 from shardline.models.decoder import StageModel
 from shardline.models.config import ModelConfig
+from shardline.models.parallel import Shard, ShardSpec, slice_stage
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +142,29 @@ def _fused_part(src: str, config: ModelConfig):
     return f"{prefix}.{rows[0]}.weight", rows[1], rows[2]
 
 
+def _read(f, src: str, part: Optional[tuple[str, int, int]],
+          shard: Optional[Shard]) -> torch.Tensor:
+    """Checkpoint tensor src from the open file f: whole, or the rows `part` of a fused tensor
+    holds (_fused_part), and of those only `shard`'s slice where given."""
+    if part is None and shard is None:
+        return f.get_tensor(src)
+    sliced = f.get_slice(part[0] if part else src)
+    start, end = (part[1], part[2]) if part else (0, sliced.get_shape()[0])
+    if shard is None:
+        return sliced[start:end]
+    if shard.dim == 0:
+        return sliced[start + shard.start:start + shard.end]
+    return sliced[start:end, shard.start:shard.end]
+
+
 def load_stage_model(model_dir: Union[str, pathlib.Path], config: ModelConfig,
                      layer_start: int, layer_end: int, dtype: torch.dtype,
-                     device: Union[str, torch.device]) -> StageModel:
+                     device: Union[str, torch.device],
+                     shard: Optional[ShardSpec] = None) -> StageModel:
     """Build StageModel(config, layer_start, layer_end) with its weights in dtype on device
-    (random ones where the directory holds RANDOM_WEIGHTS_FILE instead of weights)."""
+    (random ones where the directory holds RANDOM_WEIGHTS_FILE instead of weights); with a
+    tensor-parallel `shard` (parallel.shard_spec), only that rank's slices, read as slices
+    (random weights are made whole, then cut)."""
     t0 = time.perf_counter()
     model_dir = pathlib.Path(model_dir)
     device = torch.device(device)
@@ -151,9 +175,12 @@ def load_stage_model(model_dir: Union[str, pathlib.Path], config: ModelConfig,
                                    int(spec.get("seed", 0)), float(spec.get("std", 0.02)))
         log.info("random weights (%s) for layers [%d, %d) in %.1fs", spec, layer_start,
                  layer_end, time.perf_counter() - t0)
-        return model
+        return model if shard is None else slice_stage(model, shard)
     with torch.device("meta"):
         model = StageModel(config, layer_start, layer_end)
+    if shard is not None:
+        slice_stage(model, shard)
+    slices = {} if shard is None else shard.params
     names = checkpoint_names(model)
     share_embedding = model.is_first and model.is_last and config.tie_word_embeddings
     if share_embedding:
@@ -176,11 +203,7 @@ def load_stage_model(model_dir: Union[str, pathlib.Path], config: ModelConfig,
     for path, pairs in by_file.items():
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name, src in pairs:
-                if src in parts:             # a slice of rows of a fused checkpoint tensor
-                    fused, start, end = parts[src]
-                    tensor = f.get_slice(fused)[start:end]
-                else:
-                    tensor = f.get_tensor(src)
+                tensor = _read(f, src, parts.get(src), slices.get(name))
                 if config.norm_offset and _is_norm(name):        # Gemma: 1 + w
                     tensor = tensor.float() + config.norm_offset
                 state[name] = tensor.to(device=device, dtype=dtype)

@@ -100,10 +100,14 @@ def _finish(y: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor]) -> t
 
 
 # ---- int8 ---------------------------------------------------------------------------------
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w: [n, k] -> (q int8 [n, k], scale float32 [n]) with w ~ q * scale[:, None]."""
+def quantize_int8(w: torch.Tensor, row_max: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [n, k] -> (q int8 [n, k], scale float32 [n]) with w ~ q * scale[:, None]. row_max:
+    each row's largest |value| where w holds only some of the rows' columns (a row-parallel
+    shard, transforms/shard.py): the scales of the whole rows; default w's own."""
     w = w.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+    amax = w.abs().amax(dim=1) if row_max is None else row_max.float()
+    scale = amax.clamp(min=1e-8) / 127
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
 
@@ -372,7 +376,10 @@ def quantize_stage(model: nn.Module, mode: str, group_size: int = 32,
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, quantize_linear(child, mode, group_size))
     if include_head and model.lm_head is not None:
-        model.lm_head = quantize_linear(model.lm_head, mode, group_size)
+        if isinstance(model.lm_head, nn.Linear):
+            model.lm_head = quantize_linear(model.lm_head, mode, group_size)
+        else:               # a head around its Linear (shard.py's VocabParallelHead)
+            model.lm_head.linear = quantize_linear(model.lm_head.linear, mode, group_size)
     return model
 
 

@@ -1,0 +1,287 @@
+"""Tensor parallelism inside a stage (models/parallel.py, transforms/shard.py, the sharded
+loader): T = 2 ranks, real processes on gloo (a file store), running the same steps give the
+greedy ids of one unsharded stage and of HF transformers, each rank holding about half the
+weights and reading only its slices; sizes that do not split are refused."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from shardline.models.attention import AttentionMetadata
+from shardline.models.config import ModelConfig
+from shardline.models.parallel import AbsentExpert, check_tensor_parallel, shard_spec, slice_stage
+from shardline.models import weights as W
+from shardline.protocol.plan import SamplingConfig
+from shardline.transforms.quantize import weight_bytes
+from shardline.transforms.shard import check_int4_groups
+from shardline.worker.build import load_runner
+from tests.unit.test_model import Driver, hf_greedy
+
+WORLD = 2
+PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7], list(range(10, 40))]
+NEW_TOKENS = 12
+RUN = dict(dtype=torch.float32, kv_cache_bytes=1 << 20, block_size=4)
+# case: (tiny family, stage bounds, load_runner options)
+CASES = {
+    "llama": ("llama", (0, 4), {}),                      # tied head, GQA 4 / 2
+    "llama-unfused": ("llama", (0, 4), {"fuse": False}),
+    "llama-2-stages": ("llama", (0, 1, 4), {}),          # hidden states between sharded stages
+    "llama-mqa": ("llama-mqa", (0, 4), {}),              # 1 KV head on both ranks, vocab 125
+    "phi3": ("phi3", (0, 4), {}),                        # fused qkv / gate_up read as slices
+    "gemma2": ("gemma2", (0, 4), {}),                    # final soft-capping after the gather
+    "qwen3-moe": ("qwen3-moe", (0, 4), {}),              # experts split, one dense layer
+    "mixtral": ("mixtral", (0, 4), {}),
+    "llama-int8": ("llama", (0, 4), {"quantize": "int8", "quantize_head": True}),
+    # down_proj: 96 input columns per rank, in groups of 32
+    "llama-mqa-int4": ("llama-mqa", (0, 4), {"quantize": "int4"}),
+    # partial sums rounded to bf16 on each rank, summed in float32: close, not equal
+    "llama-bf16": ("llama", (0, 4), {"dtype": "bfloat16"}),
+}
+QUANTIZED = ("llama-int8", "llama-mqa-int4")
+SEEDED = [SamplingConfig(temperature=0.8, top_p=0.9, seed=7 + i) for i in range(len(PROMPTS))]
+
+
+def _runners(path: str, bounds, **options):
+    return [load_runner(path, a, b, **{**RUN, **options}) for a, b in zip(bounds, bounds[1:])]
+
+
+def _scales(runner) -> list[list[float]]:
+    """Layer 0's int8 row scales of o_proj and down_proj (row-parallel when sharded)."""
+    layer = runner.model.layers[0]
+    mods = (layer.self_attn.o_proj, getattr(layer.mlp, "down_proj", None))
+    return [m.scale.tolist() for m in mods if hasattr(m, "qweight")]
+
+
+def _logits(runner, ids: list[int]) -> list[list[float]]:
+    """float32 logits of every row of a one-shot prefill of ids (blocks 0..)."""
+    bs = runner.block_size
+    with torch.inference_mode():
+        meta = AttentionMetadata.build([0], [len(ids)], [list(range(-(-len(ids) // bs)))], bs,
+                                       runner.device)
+        x = runner.model(runner.model.embed(torch.tensor(ids)), meta, runner.kv_cache.layers)
+        return runner.model.logits(x).tolist()
+
+
+def _rank_main(rank: int, world: int, store: str, out_dir: str, cases: dict) -> None:
+    """One rank: join the gloo group, run every case's steps, write what it saw."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    results = {}
+    try:
+        for name, (path, bounds, options) in cases.items():
+            runners = _runners(path, bounds, tensor_parallel=(rank, world), **options)
+            results[name] = dict(
+                ids=Driver(runners).run(PROMPTS, NEW_TOKENS, chunk=4, stagger=1),
+                weight_bytes=[weight_bytes(r.model) for r in runners],
+                kv_heads=[r.kv_cache.k.shape[1] for r in runners],
+                backends=[r.backend.name for r in runners], scales=_scales(runners[0]))
+            if name == "llama":
+                results["seeded"] = dict(ids=Driver(runners, seed=3).run(
+                    PROMPTS, 6, sampling=SEEDED, seq_id_base=100))
+            if name == "llama-bf16":
+                results[name]["logits"] = _logits(runners[0], PROMPTS[2])
+    finally:
+        dist.destroy_process_group()
+    pathlib.Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def run_ranks(tmp: pathlib.Path, cases: dict, timeout_s: float = 240) -> list[dict]:
+    """Every case on WORLD rank processes; each rank's results."""
+    ctx = mp.start_processes(_rank_main, args=(WORLD, str(tmp / "store"), str(tmp), cases),
+                             nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"the ranks did not finish within {timeout_s} s")
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tiny_model_dir, tmp_path_factory) -> list[dict]:
+    cases = {name: (str(tiny_model_dir(family)), bounds, options)
+             for name, (family, bounds, options) in CASES.items()}
+    return run_ranks(tmp_path_factory.mktemp("tp"), cases)
+
+
+@pytest.fixture(scope="module")
+def unsharded(tiny_model_dir) -> dict:
+    """Each case on one process without tensor parallelism: ids and weight bytes."""
+    out = {}
+    for name, (family, bounds, options) in CASES.items():
+        runners = _runners(tiny_model_dir(family), bounds, **options)
+        out[name] = dict(ids=Driver(runners).run(PROMPTS, NEW_TOKENS, chunk=4, stagger=1),
+                         weight_bytes=[weight_bytes(r.model) for r in runners],
+                         scales=_scales(runners[0]))
+        if name == "llama":
+            out["seeded"] = dict(ids=Driver(runners, seed=3).run(
+                PROMPTS, 6, sampling=SEEDED, seq_id_base=100))
+        if name in ("llama", "llama-bf16"):
+            out[name]["logits"] = _logits(runners[0], PROMPTS[2])
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_ids(tiny_model_dir):
+    """family -> HF transformers' float32 greedy ids of PROMPTS (made once per family)."""
+    made = {}
+
+    def get(family: str) -> list[list[int]]:
+        if family not in made:
+            made[family] = hf_greedy(tiny_model_dir(family), PROMPTS, NEW_TOKENS)
+        return made[family]
+    return get
+
+
+FLOAT_CASES = [c for c in CASES if c not in QUANTIZED and c != "llama-bf16"]
+
+
+@pytest.mark.parametrize("case", FLOAT_CASES)
+def test_two_ranks_give_the_unsharded_and_hf_greedy_ids(ranks, unsharded, hf_ids, case):
+    assert ranks[0][case]["ids"] == ranks[1][case]["ids"]
+    assert ranks[0][case]["ids"] == unsharded[case]["ids"]
+    assert unsharded[case]["ids"] == hf_ids(CASES[case][0])
+    assert set(ranks[0][case]["backends"]) == {"torch"}
+
+
+def test_bfloat16_ranks_agree_and_stay_as_close_to_float32_as_one_stage(ranks, unsharded):
+    """bf16 partial sums, each rounded on its rank, summed in float32: not one stage's bf16
+    rounding, so the logits are compared with float32's (greedy ids of this tiny random model
+    flip on near-ties in bf16 either way)."""
+    assert ranks[0]["llama-bf16"]["ids"] == ranks[1]["llama-bf16"]["ids"]
+    assert ranks[0]["llama-bf16"]["logits"] == ranks[1]["llama-bf16"]["logits"]
+    f32 = torch.tensor(unsharded["llama"]["logits"])
+    err_two = (torch.tensor(ranks[0]["llama-bf16"]["logits"]) - f32).abs().max().item()
+    err_one = (torch.tensor(unsharded["llama-bf16"]["logits"]) - f32).abs().max().item()
+    assert err_two <= 2 * err_one + 1e-3, (err_two, err_one)
+
+
+def test_seeded_sampling_gives_every_rank_the_same_tokens(ranks, unsharded):
+    assert ranks[0]["seeded"]["ids"] == ranks[1]["seeded"]["ids"] == unsharded["seeded"]["ids"]
+
+
+def test_kv_heads_split_or_replicated(ranks):
+    """2 KV heads: one per rank; 1 KV head: replicated, each rank's cache holds it."""
+    assert [r["llama"]["kv_heads"] for r in ranks] == [[1], [1]]
+    assert [r["llama-mqa"]["kv_heads"] for r in ranks] == [[1], [1]]
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3-moe", "mixtral", *QUANTIZED])
+def test_each_rank_holds_about_half_the_weights(ranks, unsharded, case):
+    full = unsharded[case]["weight_bytes"][0]
+    for r in ranks:
+        # norms (and MoE routers) are replicated: a little over half
+        assert 0.5 <= r[case]["weight_bytes"][0] / full < 0.53, (case, r[case], full)
+
+
+@pytest.mark.parametrize("case", QUANTIZED)
+def test_quantized_two_ranks_equal_quantized_one(ranks, unsharded, case):
+    """Each rank quantizes its slice to its part of the unsharded stage's quantized weights:
+    int8 row-parallel scales from the whole rows (here equal to one rank's), int4 groups
+    inside a rank's columns; so the same ids as one quantized stage."""
+    assert ranks[0][case]["ids"] == ranks[1][case]["ids"] == unsharded[case]["ids"]
+    for r in ranks:
+        assert r[case]["scales"] == unsharded[case]["scales"]
+
+
+# ---- in one process: the spec, the loader, the refusals ------------------------------------
+
+def _config(path) -> ModelConfig:
+    return ModelConfig.from_dir(path)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "qwen3-moe", "llama-mqa"])
+def test_loader_reads_only_each_ranks_slices_and_agrees_with_the_transform(
+        tiny_model_dir, monkeypatch, family):
+    path = tiny_model_dir(family)
+    cfg = _config(path)
+    full = W.load_stage_model(path, cfg, 0, 4, torch.float32, "cpu")
+    whole_reads = []
+    real_open = W.safe_open
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.f = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, name):
+            whole_reads.append(name)
+            return self.f.get_tensor(name)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(W, "safe_open", Spy)
+    names = dict(full.named_parameters())
+    for rank in range(WORLD):
+        spec = shard_spec(cfg, 0, 4, rank, WORLD)
+        whole_reads.clear()
+        sharded = W.load_stage_model(path, cfg, 0, 4, torch.float32, "cpu", spec)
+        sources = W.checkpoint_names(sharded)
+        assert whole_reads and not {sources[n] for n in spec.params} & set(whole_reads)
+        cut = slice_stage(W.load_stage_model(path, cfg, 0, 4, torch.float32, "cpu"), spec)
+        ours, theirs = dict(sharded.named_parameters()), dict(cut.named_parameters())
+        assert ours.keys() == theirs.keys()
+        for name, p in ours.items():
+            torch.testing.assert_close(p, theirs[name], rtol=0, atol=0)
+            want = spec.params[name].take(names[name]) if name in spec.params else names[name]
+            torch.testing.assert_close(p, want, rtol=0, atol=0)
+        assert all(layer.self_attn.num_heads == 2 for layer in sharded.layers)
+        assert sharded.embed_tokens.weight.shape[0] == spec.vocab[1] - spec.vocab[0]
+        absent = [n for n, m in sharded.named_modules() if isinstance(m, AbsentExpert)]
+        assert sorted(absent) == sorted(spec.absent)
+        if cfg.num_experts:                          # 2 of the 4 experts of each MoE layer
+            assert len(absent) == 2 * sum(cfg.moe_layers)
+        if family == "llama-mqa":                    # vocab 125: rows 63 + 62
+            assert spec.vocab == ((0, 63), (63, 125))[rank]
+
+
+def test_sizes_that_do_not_split_are_refused(tiny_model_dir):
+    cfg = _config(tiny_model_dir("llama"))
+    with pytest.raises(ValueError, match="4 attention heads are not divisible by 3"):
+        check_tensor_parallel(cfg, 3)
+    with pytest.raises(ValueError, match="KV heads neither"):
+        check_tensor_parallel(dataclasses.replace(cfg, num_heads=12, num_kv_heads=3), 2)
+    with pytest.raises(ValueError, match="intermediate size 160 is not divisible by 3"):
+        check_tensor_parallel(dataclasses.replace(cfg, num_heads=6, num_kv_heads=3), 3)
+    moe = _config(tiny_model_dir("mixtral"))
+    with pytest.raises(ValueError, match="4 experts are not divisible by 8"):
+        check_tensor_parallel(dataclasses.replace(moe, num_heads=8, num_kv_heads=8), 8)
+    check_tensor_parallel(dataclasses.replace(moe, num_heads=8, num_kv_heads=8,
+                                              num_experts=8), 8)   # MoE layers only: no dense
+    with pytest.raises(ValueError, match="cannot be split across 3"):
+        load_runner(tiny_model_dir("llama"), 0, 4, **RUN, tensor_parallel=(0, 3))
+
+
+def test_without_a_process_group_or_with_unsupported_transforms_refused(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    with pytest.raises(ValueError, match="init_process_group"):
+        load_runner(path, 0, 4, **RUN, tensor_parallel=(0, 2))
+    with pytest.raises(ValueError, match="pruning"):
+        load_runner(path, 0, 4, **RUN, tensor_parallel=(0, 2), prune="0.5")
+
+
+def test_int4_groups_must_divide_each_ranks_input_columns(tiny_model_dir):
+    """down_proj's 160 input columns are 80 per rank: not groups of 32, groups of 16."""
+    path = tiny_model_dir("llama")
+    cfg = _config(path)
+    model = W.load_stage_model(path, cfg, 0, 4, torch.float32, "cpu",
+                               shard_spec(cfg, 0, 4, 1, WORLD))
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.down_proj's 80 input columns"):
+        check_int4_groups(model, 32)
+    check_int4_groups(model, 16)
