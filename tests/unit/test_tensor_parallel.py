@@ -14,14 +14,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from shardline.backends.torch_ref import TorchBackend
 from shardline.models.attention import AttentionMetadata
 from shardline.models.config import ModelConfig
+from shardline.models.kv_cache import KVCache
 from shardline.models.parallel import AbsentExpert, check_tensor_parallel, shard_spec, slice_stage
 from shardline.models import weights as W
 from shardline.protocol.plan import SamplingConfig
 from shardline.transforms.quantize import weight_bytes
-from shardline.transforms.shard import check_int4_groups
+from shardline.transforms.fuse import fuse_stage
+from shardline.transforms.shard import TensorParallel, check_int4_groups, shard_stage
 from shardline.worker.build import load_runner
+from shardline.worker.runner import StageRunner
 from tests.unit.test_model import Driver, hf_greedy
 
 WORLD = 2
@@ -69,6 +73,16 @@ def _logits(runner, ids: list[int]) -> list[list[float]]:
         return runner.model.logits(x).tolist()
 
 
+def _whole_then_sharded(path: str, rank: int, world: int) -> StageRunner:
+    """The transform on whole loaded weights (no sharded loading): load, shard_stage, fuse."""
+    cfg = ModelConfig.from_dir(path)
+    model = W.load_stage_model(path, cfg, 0, cfg.num_layers, torch.float32, "cpu")
+    fuse_stage(shard_stage(model, TensorParallel(rank, world)))
+    cache = KVCache(cfg.num_layers, 64, RUN["block_size"], model.shard.num_kv_heads,
+                    cfg.head_dim, torch.float32, "cpu")
+    return StageRunner(TorchBackend(model), cache)
+
+
 def _rank_main(rank: int, world: int, store: str, out_dir: str, cases: dict) -> None:
     """One rank: join the gloo group, run every case's steps, write what it saw."""
     torch.set_num_threads(1)
@@ -87,6 +101,9 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str, cases: dict) -> 
                     PROMPTS, 6, sampling=SEEDED, seq_id_base=100))
             if name == "llama-bf16":
                 results[name]["logits"] = _logits(runners[0], PROMPTS[2])
+        runner = _whole_then_sharded(cases["llama"][0], rank, world)
+        results["transform"] = dict(ids=Driver([runner]).run(PROMPTS, NEW_TOKENS, chunk=4,
+                                                             stagger=1))
     finally:
         dist.destroy_process_group()
     pathlib.Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
@@ -163,6 +180,11 @@ def test_bfloat16_ranks_agree_and_stay_as_close_to_float32_as_one_stage(ranks, u
     err_two = (torch.tensor(ranks[0]["llama-bf16"]["logits"]) - f32).abs().max().item()
     err_one = (torch.tensor(unsharded["llama-bf16"]["logits"]) - f32).abs().max().item()
     assert err_two <= 2 * err_one + 1e-3, (err_two, err_one)
+
+
+def test_the_transform_on_whole_loaded_weights_gives_the_same_ids(ranks, unsharded):
+    assert ranks[0]["transform"]["ids"] == ranks[1]["transform"]["ids"] == \
+        unsharded["llama"]["ids"]
 
 
 def test_seeded_sampling_gives_every_rank_the_same_tokens(ranks, unsharded):
