@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import grpc
 import pytest
 
 from shardline.client import Client
@@ -48,6 +49,15 @@ def test_greedy_through_the_stack_equals_hf(family_dir, family, stages):
         for prompt, want in zip(PROMPTS, expected):
             out = c.generate(token_ids=prompt, max_tokens=NEW_TOKENS, ignore_eos=True)
             assert out.token_ids == want, (family, stages, prompt)
+        if stages == 1:
+            # the default tokenizer's ids run past this model's 128 rows: refused up front,
+            # and the replica keeps serving
+            with pytest.raises(grpc.RpcError) as err:
+                c.generate("The capital of France is", max_tokens=4)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "vocabulary" in err.value.details()
+            out = c.generate(token_ids=PROMPTS[0], max_tokens=NEW_TOKENS, ignore_eos=True)
+            assert out.token_ids == expected[0]
 
 
 def test_longrope_through_the_stack_equals_hf(family_dir):

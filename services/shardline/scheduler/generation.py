@@ -218,13 +218,17 @@ class Generation:
             ids = await self.tokenizer.apply_chat_template(list(request.messages.messages))
         elif kind == "token_ids":
             ids = list(request.token_ids.ids)
-            bad = [t for t in ids if not 0 <= t < self.limits.vocab_size]
-            if bad:
-                raise InvalidArgument(f"token_ids must be in [0, {self.limits.vocab_size}), got {bad[0]}")
         else:
             raise InvalidArgument("prompt is empty: set text, messages or token_ids")
         if not ids:
             raise InvalidArgument("prompt is empty after tokenization")
+        # token_ids as sent, or a tokenizer with more tokens than the model has rows: refused
+        # here, before a worker would refuse the whole step (and break the replica)
+        bad = [t for t in ids if not 0 <= t < self.limits.vocab_size]
+        if bad:
+            what = "token_ids" if kind == "token_ids" else "the prompt's token ids"
+            raise InvalidArgument(f"{what} must be in [0, {self.limits.vocab_size}) (the "
+                                  f"model's vocabulary), got {bad[0]}")
         return ids
 
     def _max_tokens(self, request) -> int:
