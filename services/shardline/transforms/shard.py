@@ -21,10 +21,11 @@ so fusing and quantizing, which replace the projections inside them, keep them: 
 then fuse and quantize (each rank quantizes its own slice). Quantized, a rank holds its slice
 of the unsharded stage's quantized weights: int8 scales of row-parallel projections come from
 the whole rows (`quantize_row_parallel_int8`: one all_reduce of row maxima each), int4 groups
-lie inside a rank's columns (`check_int4_groups`), other rows are whole on a rank. Every rank must run every step with
-the same inputs, in the same order (collectives pair up by order); each then holds the same
-hidden states and logits, so the same sampled tokens (seeded draws always; unseeded ones when
-every rank's torch RNG was seeded alike).
+lie inside a rank's columns (`check_int4_groups`), other rows are whole on a rank.
+
+Every rank must run every step with the same inputs, in the same order (collectives pair up by
+order); each then holds the same hidden states and logits, so the same sampled tokens (seeded
+draws always; unseeded ones when every rank's torch RNG was seeded alike).
 """
 from __future__ import annotations
 
