@@ -307,3 +307,22 @@ def test_int4_groups_must_divide_each_ranks_input_columns(tiny_model_dir):
     with pytest.raises(ValueError, match=r"layers\.0\.mlp\.down_proj's 80 input columns"):
         check_int4_groups(model, 32)
     check_int4_groups(model, 16)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3-moe"])
+def test_random_weights_are_cut_to_each_ranks_slices(tiny_model_dir, tmp_path, family):
+    """A random-weights checkpoint (weights.RANDOM_WEIGHTS_FILE): each rank gets the slices of
+    the weights one unsharded stage gets."""
+    (tmp_path / "config.json").write_text((tiny_model_dir(family) / "config.json").read_text())
+    (tmp_path / W.RANDOM_WEIGHTS_FILE).write_text(json.dumps({"seed": 3, "std": 0.1}))
+    cfg = _config(tmp_path)
+    full = dict(W.load_stage_model(tmp_path, cfg, 0, 4, torch.float32, "cpu").named_parameters())
+    for rank in range(WORLD):
+        spec = shard_spec(cfg, 0, 4, rank, WORLD)
+        sharded = W.load_stage_model(tmp_path, cfg, 0, 4, torch.float32, "cpu", spec)
+        assert sharded.shard == spec
+        tied = sharded.lm_head.weight is sharded.embed_tokens.weight
+        assert tied == cfg.tie_word_embeddings
+        for name, p in sharded.named_parameters():
+            want = spec.params[name].take(full[name]) if name in spec.params else full[name]
+            torch.testing.assert_close(p, want, rtol=0, atol=0)

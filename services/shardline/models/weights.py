@@ -98,17 +98,24 @@ RANDOM_WEIGHTS_FILE = "shardline_random_weights.json"
 
 def random_stage_model(config: ModelConfig, layer_start: int, layer_end: int,
                        dtype: torch.dtype, device: torch.device, seed: int = 0,
-                       std: float = 0.02) -> StageModel:
+                       std: float = 0.02, shard: Optional[ShardSpec] = None) -> StageModel:
     """StageModel with normal(0, std) weights (norms 1) made directly on the device. Each
     tensor's generator is seeded by (seed, its checkpoint name), so a layer gets the same
-    weights whichever stage holds it: PP=2 serves the same model as PP=1."""
+    weights whichever stage holds it: PP=2 serves the same model as PP=1. With a
+    tensor-parallel `shard`, the rank's slices of those weights: a sharded tensor is made
+    whole, one at a time, and cut (the stage is never held whole)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)                   # made in dtype: no float32 copy first
     try:
-        with torch.device(device):
+        with torch.device(device if shard is None else "meta"):
             model = StageModel(config, layer_start, layer_end)
     finally:
         torch.set_default_dtype(default)
+    slices = {}
+    if shard is not None:
+        slices = {name: (shard.params[name], p.shape) for name, p in model.named_parameters()
+                  if name in shard.params}
+        slice_stage(model, shard).to_empty(device=device)
     gen = torch.Generator(device=device)
     for name, src in checkpoint_names(model).items():
         param = model.get_parameter(name)
@@ -116,6 +123,12 @@ def random_stage_model(config: ModelConfig, layer_start: int, layer_end: int,
             param.data.fill_(1.0)
             continue
         gen.manual_seed(seed * 1_000_003 + zlib.crc32(src.encode()))
+        if name in slices:
+            cut, shape = slices[name]
+            whole = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std,
+                                                                           generator=gen)
+            param.data.copy_(cut.take(whole))
+            continue
         param.data.normal_(0.0, std, generator=gen)
     if model.is_first and model.is_last and config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -164,7 +177,7 @@ def load_stage_model(model_dir: Union[str, pathlib.Path], config: ModelConfig,
     """Build StageModel(config, layer_start, layer_end) with its weights in dtype on device
     (random ones where the directory holds RANDOM_WEIGHTS_FILE instead of weights); with a
     tensor-parallel `shard` (parallel.shard_spec), only that rank's slices, read as slices
-    (random weights are made whole, then cut)."""
+    (random weights: each made whole, then cut)."""
     t0 = time.perf_counter()
     model_dir = pathlib.Path(model_dir)
     device = torch.device(device)
@@ -172,10 +185,10 @@ def load_stage_model(model_dir: Union[str, pathlib.Path], config: ModelConfig,
     if random_spec.exists():
         spec = json.loads(random_spec.read_text())
         model = random_stage_model(config, layer_start, layer_end, dtype, device,
-                                   int(spec.get("seed", 0)), float(spec.get("std", 0.02)))
+                                   int(spec.get("seed", 0)), float(spec.get("std", 0.02)), shard)
         log.info("random weights (%s) for layers [%d, %d) in %.1fs", spec, layer_start,
                  layer_end, time.perf_counter() - t0)
-        return model if shard is None else slice_stage(model, shard)
+        return model
     with torch.device("meta"):
         model = StageModel(config, layer_start, layer_end)
     if shard is not None:
