@@ -39,7 +39,9 @@ CASES = {
     "llama-2-stages": ("llama", (0, 1, 4), {}),          # hidden states between sharded stages
     "llama-mqa": ("llama-mqa", (0, 4), {}),              # 1 KV head on both ranks, vocab 125
     "phi3": ("phi3", (0, 4), {}),                        # fused qkv / gate_up read as slices
+    "qwen2": ("qwen2", (0, 4), {}),                      # q/k/v biases cut with their rows
     "gemma2": ("gemma2", (0, 4), {}),                    # final soft-capping after the gather
+    "gemma3": ("gemma3", (0, 4), {}),                    # q/k norms, local / global RoPE
     "qwen3-moe": ("qwen3-moe", (0, 4), {}),              # experts split, one dense layer
     "mixtral": ("mixtral", (0, 4), {}),
     "llama-int8": ("llama", (0, 4), {"quantize": "int8", "quantize_head": True}),
@@ -221,7 +223,7 @@ def _config(path) -> ModelConfig:
     return ModelConfig.from_dir(path)
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3", "qwen3-moe", "llama-mqa"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "qwen3-moe", "llama-mqa", "qwen2"])
 def test_loader_reads_only_each_ranks_slices_and_agrees_with_the_transform(
         tiny_model_dir, monkeypatch, family):
     path = tiny_model_dir(family)
