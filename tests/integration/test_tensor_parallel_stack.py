@@ -16,6 +16,7 @@ from shardline.client import Client
 from shardline.worker.rank_group import EXIT_RANK_FAILED, RANK_MODULE
 
 from tests.integration.conftest import RunningStack
+from tests.procs import child_processes
 from tests.reliability.conftest import wait_for
 from tests.unit.conftest import make_tiny_model
 from tests.unit.test_model import hf_greedy
@@ -44,22 +45,8 @@ def expected(tiny_dir) -> list[list[int]]:
 
 def rank_pids(worker_pid: int) -> dict[int, int]:
     """rank -> pid of each rank process the worker worker_pid started."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-            if ppid != worker_pid:
-                continue
-            with open(f"/proc/{entry}/cmdline") as f:
-                argv = f.read().split("\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        if RANK_MODULE in argv:
-            out[int(argv[argv.index("--rank") + 1])] = int(entry)
-    return out
+    return {int(argv[argv.index("--rank") + 1]): pid
+            for pid, argv in child_processes(worker_pid).items() if RANK_MODULE in argv}
 
 
 def alive(pid: int) -> bool:

@@ -20,6 +20,7 @@ from shardline.common.spawn import spawn
 from shardline.v1 import generate_pb2
 from shardline.launcher import free_port
 from tests.integration.conftest import RunningStack, model_dir  # noqa: F401 - fixtures
+from tests.procs import child_processes
 
 __all__ = ["RunningStack", "UpProcess", "wait_for", "health_status", "model_dir",
            "raw_generate"]
@@ -109,20 +110,7 @@ class UpProcess:
 
     def children(self) -> dict[int, list[str]]:
         """pid -> command line of each process `up` started."""
-        out = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rpartition(")")[2].split()[1])
-                if ppid != self.proc.pid:
-                    continue
-                with open(f"/proc/{entry}/cmdline") as f:
-                    out[int(entry)] = f.read().split("\0")
-            except (OSError, ValueError, IndexError):
-                continue
-        return out
+        return child_processes(self.proc.pid)
 
     def worker_pid(self, replica: int, stage: int = 0) -> int:
         """The pid of stage `stage` of replica `replica` (the scheduler's --pipeline order)."""
