@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
         store = dist.TCPStore("127.0.0.1", ns.store_port, t, is_master=False,
                               timeout=datetime.timedelta(seconds=cfg.tp_timeout_s))
         wire = StepBroadcast.join(store, ns.rank, t, device, cfg.tp_timeout_s)
-        runner = build_runner(cfg, cfg.model, rank=ns.rank)
+        runner = build_runner(cfg, cfg.model, rank=ns.rank, seed=ns.seed)
         runner.release_module_weights()
         blocks = wire.agree(runner.num_blocks)
         if len(set(blocks)) != 1:

@@ -32,10 +32,12 @@ log = logging.getLogger(__name__)
 SHARDED_LOADING = "tensor_parallel" in inspect.signature(load_runner).parameters
 
 
-def build_runner(cfg: WorkerConfig, model_dir, rank: int = 0) -> StageRunner:
+def build_runner(cfg: WorkerConfig, model_dir, rank: int = 0,
+                 seed: Optional[int] = None) -> StageRunner:
     """Load tensor-parallel rank `rank`'s part of this stage's layers of the model in
     model_dir (slow: runs off the event loop); on an initialized process group when
-    --tensor-parallel-size > 1."""
+    --tensor-parallel-size > 1. seed: the draws of unseeded sampling on the device (the GPU
+    engine's), which every rank of a stage must make alike."""
     threads = cfg.rank_threads(os.cpu_count() or 1)
     if threads > 0:
         torch.set_num_threads(threads)
@@ -57,7 +59,7 @@ def build_runner(cfg: WorkerConfig, model_dir, rank: int = 0) -> StageRunner:
                        kv_cache_bytes=cfg.kv_cache_bytes(),
                        kv_cache_fraction=cfg.kv_cache_fraction, block_size=cfg.block_size,
                        cpu_kernels=cfg.cpu_kernels, gpu_engine=cfg.gpu_engine,
-                       engine_options=engine_options(cfg), **sharding,
+                       engine_options=engine_options(cfg, seed), **sharding,
                        **dataclasses.asdict(cfg.transforms()))
 
 
@@ -66,7 +68,7 @@ def load_stage(cfg: WorkerConfig, model_dir, ranks: Optional[RankGroup]) -> Stag
     the module weights the backend does not need, and wait until every rank is ready."""
     if ranks is not None:
         ranks.join()
-    runner = build_runner(cfg, model_dir)
+    runner = build_runner(cfg, model_dir, seed=None if ranks is None else ranks.seed)
     freed = runner.release_module_weights()     # the CPU kernels hold their own copy
     if freed:
         log.info("released %.0f MiB of module weights (the CPU kernels hold their own layout)",
@@ -76,11 +78,13 @@ def load_stage(cfg: WorkerConfig, model_dir, ranks: Optional[RankGroup]) -> Stag
     return runner
 
 
-def engine_options(cfg: WorkerConfig) -> dict:
+def engine_options(cfg: WorkerConfig, seed: Optional[int] = None) -> dict:
     """The GPU engine's buffer sizes: steps of up to --max-step-tokens tokens, and sequences
-    up to ENGINE_SEQS_PER_DEFAULT times the device's default --max-num-seqs."""
+    up to ENGINE_SEQS_PER_DEFAULT times the device's default --max-num-seqs; and the seed of
+    its unseeded draws (None: fresh; a tensor-parallel stage's ranks share one)."""
     seqs, _ = batch_defaults(cfg.device)
-    return dict(max_num_seqs=seqs * ENGINE_SEQS_PER_DEFAULT, max_num_tokens=cfg.max_step_tokens)
+    return dict(max_num_seqs=seqs * ENGINE_SEQS_PER_DEFAULT, max_num_tokens=cfg.max_step_tokens,
+                seed=seed)
 
 
 async def serve(cfg: WorkerConfig) -> None:
