@@ -57,6 +57,19 @@ TINY_FAMILIES = {
     # an intermediate size whose halves are int4 groups of 32
     "llama-mqa": ("LlamaConfig", dict(num_key_value_heads=1, vocab_size=125,
                                       intermediate_size=192)),
+    # the CPU kernels' shapes on each of 2 tensor-parallel ranks (head_dim 32, every rank's
+    # MLP and expert columns a multiple of 64): dense, sandwich norms, experts
+    "llama-wide": ("LlamaConfig", dict(hidden_size=128, intermediate_size=256,
+                                       tie_word_embeddings=True)),
+    "gemma3-wide": ("Gemma3TextConfig", dict(hidden_size=128, intermediate_size=256, head_dim=32,
+                                             sliding_window=8, query_pre_attn_scalar=24,
+                                             final_logit_softcapping=3.0,
+                                             layer_types=["sliding_attention",
+                                                          "full_attention"] * 2)),
+    "qwen3-moe-wide": ("Qwen3MoeConfig", dict(hidden_size=128, num_experts=4,
+                                              num_experts_per_tok=2, moe_intermediate_size=64,
+                                              intermediate_size=256, mlp_only_layers=[1],
+                                              head_dim=32)),
     # layer 1 dense; the others 4 experts, top 2, probabilities not renormalized
     "qwen3-moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=32, mlp_only_layers=[1],

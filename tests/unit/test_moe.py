@@ -7,6 +7,7 @@ import torch
 
 from shardline.models.layers import Linear
 from shardline.models.moe import SparseMoE, dense_experts, grouped_experts
+from shardline.models.parallel import AbsentExpert
 from shardline.transforms.quantize import Int4Linear, Int8Linear
 from shardline.worker.build import load_runner
 
@@ -56,6 +57,32 @@ def test_grouping_skips_experts_no_token_chose():
         grouped_experts(x, *moe.route(moe.gate(x)), moe.experts)
     hit = torch.bincount(ids.view(-1), minlength=8)
     assert calls == [(e, int(n)) for e, n in enumerate(hit.tolist()) if n]
+
+
+def test_a_ranks_absent_experts_are_skipped_and_their_shares_sum_to_the_whole():
+    """Expert parallelism: a rank holding experts [0, 4) of 8 calls only those, on only the
+    rows routed to them; the two ranks' outputs (grouped, and the graph-safe dense form)
+    sum to the whole layer's."""
+    moe = _moe(num_experts=8, top_k=2)
+    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        weights, ids = moe.route(moe.gate(x))
+        whole = grouped_experts(x, weights, ids, moe.experts)
+        halves, dense = [], []
+        for held in (range(0, 4), range(4, 8)):
+            experts = [e if i in held else AbsentExpert() for i, e in enumerate(moe.experts)]
+            calls = []
+            for i in held:
+                experts[i].register_forward_hook(
+                    lambda m, a, o, i=i: calls.append((i, a[0].shape[0])))
+            halves.append(grouped_experts(x, weights, ids, experts))
+            hit = torch.bincount(ids.view(-1), minlength=8)
+            assert calls == [(i, int(hit[i])) for i in held if hit[i]]
+            dense.append(dense_experts(x, weights, ids, experts))
+    torch.testing.assert_close(halves[0] + halves[1], whole)
+    torch.testing.assert_close(dense[0] + dense[1], whole)
+    none = [AbsentExpert() for _ in range(8)]
+    assert torch.equal(grouped_experts(x, weights, ids, none), torch.zeros_like(x))
 
 
 def test_routing_softmax_top_k_and_renormalization():

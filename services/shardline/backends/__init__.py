@@ -33,17 +33,12 @@ def select_backend(model: StageModel, *, cpu_kernels: bool = True, compiled: boo
     """The backend that runs `model`'s steps: the GPU engine on CUDA (gpu_engine "auto"), or
     anywhere when "on" (on the CPU it runs eagerly: tests); else the CPU kernels where they
     apply and are allowed (cpu_kernels) and the stage was not compiled; else the PyTorch
-    reference; a tensor-parallel rank's stage (transforms/shard.py) always on the reference.
+    reference. A tensor-parallel rank's stage (transforms/shard.py) runs on any of them: the
+    engine and the reference through the model's all-reduce hooks, the kernels with theirs.
     engine_options: GpuEngineBackend's (max_num_seqs, max_num_tokens, ...)."""
     if gpu_engine not in GPU_ENGINE_MODES:
         raise ValueError(f"gpu_engine must be one of {GPU_ENGINE_MODES}, got {gpu_engine!r}")
     device = next(model.parameters()).device
-    shard = getattr(model, "shard", None)
-    if shard is not None:
-        log.info("tensor-parallel rank %d of %d: the GPU engine and the CPU kernels do not run "
-                 "sharded stages yet; it runs on the PyTorch reference backend", shard.rank,
-                 shard.world_size)
-        return TorchBackend(model, compiled=compiled)
     engine = not compiled and (gpu_engine == "on" or (gpu_engine == "auto"
                                                       and device.type == "cuda"))
     if engine and model.config.rope_long_after:

@@ -57,23 +57,33 @@ class SparseMoE(nn.Module):
 
 
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                    experts: nn.ModuleList) -> torch.Tensor:
+                    experts) -> torch.Tensor:
     """sum_j weights[t, j] * experts[ids[t, j]](x[t]) for every token t, each expert run once
-    on the rows routed to it. x: [T, hidden]; weights, ids: [T, k]."""
+    on the rows routed to it. x: [T, hidden]; weights, ids: [T, k]. Experts marked `absent`
+    (a tensor-parallel rank's view of the others' experts: parallel.AbsentExpert) add zero
+    and their rows are never gathered."""
     t, k = ids.shape
     flat = ids.reshape(-1)                                             # [T k]
     order = torch.argsort(flat, stable=True)                          # pairs grouped by expert
-    token = order // k                                                # each pair's token
     counts = torch.bincount(flat, minlength=len(experts)).tolist()    # one host sync
-    rows = x.index_select(0, token)                                   # [T k, hidden]
-    pair_weight = weights.reshape(-1).index_select(0, order)[:, None]  # [T k, 1] float32
-    outs, start = [], 0
+    runs, start = [], 0                                               # (expert, first pair, n)
     for e, n in enumerate(counts):
-        if n:
-            outs.append(experts[e](rows[start:start + n]))
-            start += n
-    y = torch.cat(outs) * pair_weight                                 # [T k, hidden] float32
+        if n and not getattr(experts[e], "absent", False):
+            runs.append((e, start, n))
+        start += n
     out = torch.zeros_like(x)
+    if not runs:
+        return out
+    if sum(n for _, _, n in runs) < flat.numel():                     # only the experts held
+        order = torch.cat([order[s:s + n] for _, s, n in runs])
+    token = order // k                                                # each pair's token
+    rows = x.index_select(0, token)                                   # [pairs, hidden]
+    pair_weight = weights.reshape(-1).index_select(0, order)[:, None]  # [pairs, 1] float32
+    outs, start = [], 0
+    for e, _, n in runs:
+        outs.append(experts[e](rows[start:start + n]))
+        start += n
+    y = torch.cat(outs) * pair_weight                                 # [pairs, hidden] float32
     return out.index_add_(0, token, y.to(x.dtype))
 
 
@@ -85,5 +95,6 @@ def dense_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     full.scatter_(1, ids, weights)                                    # [T, E]
     out = torch.zeros_like(x)
     for e, expert in enumerate(experts):
-        out += (expert(x) * full[:, e:e + 1]).to(x.dtype)
+        if not getattr(expert, "absent", False):
+            out += (expert(x) * full[:, e:e + 1]).to(x.dtype)
     return out

@@ -10,7 +10,7 @@ loader (weights.py, on the meta skeleton, before reading slices) and the shard t
     gate/up        column-parallel over the intermediate size
     down_proj      row-parallel over the intermediate size (outputs summed)
     experts        expert-parallel: rank r holds experts [r E/T, (r+1) E/T) whole; the others
-                   become AbsentExpert (a zero output; outputs summed); the router replicated
+                   become AbsentExpert (skipped: outputs summed); the router replicated
     embed_tokens   vocab rows [r ceil(V/T), (r+1) ceil(V/T)) (the last rank's may be fewer)
     lm_head        the same vocab rows (logits gathered)
     norms          replicated (q/k norms are per head: the same on every head)
@@ -141,8 +141,11 @@ def shard_spec(config: ModelConfig, layer_start: int, layer_end: int, rank: int,
 
 
 class AbsentExpert(nn.Module):
-    """An expert another rank holds: here its output is zero (the ranks' outputs are summed),
-    so the MoE layer's routing and grouping run unchanged."""
+    """An expert another rank holds: here its output is zero (the ranks' outputs are summed).
+    The MoE layer's routing runs unchanged; its grouping (moe.py) skips `absent` experts and
+    their rows, so a rank computes only its own experts."""
+
+    absent = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [rows, hidden] -> zeros [rows, hidden]

@@ -65,7 +65,7 @@ class TensorParallel:
                              f"group has this process as rank {actual[0]} of {actual[1]}")
 
 
-def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+def all_reduce(t: torch.Tensor, group=None) -> torch.Tensor:
     """Sum t over the group, in place (bf16 / fp16 summed in float32, then rounded once)."""
     if t.dtype in (torch.bfloat16, torch.float16):
         wide = t.float()
@@ -80,7 +80,7 @@ def reduce_output(module: nn.Module, group=None):
     row-parallel projection (o_proj, down_proj) or partial expert sums. Returns the hook's
     handle."""
     def hook(_module, _args, out: torch.Tensor) -> torch.Tensor:
-        return _all_reduce(out, group)
+        return all_reduce(out, group)
     return module.register_forward_hook(hook)
 
 
@@ -100,7 +100,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.weight.shape[0])
         x = F.embedding(local.masked_fill(outside, 0), self.weight)
         x.masked_fill_(outside.unsqueeze(-1), 0)
-        return _all_reduce(x, self.group)
+        return all_reduce(x, self.group)
 
 
 class VocabParallelHead(nn.Module):
@@ -117,7 +117,11 @@ class VocabParallelHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [S, hidden] -> local [S, chunk] -> gathered [S, T * chunk] -> [S, vocab]
-        y = self.linear(x)
+        return self.gather(self.linear(x))
+
+    def gather(self, y: torch.Tensor) -> torch.Tensor:
+        """This rank's logits [S, its rows] -> every rank's, [S, vocab] (a backend that runs
+        the linear itself, the CPU kernels, calls it)."""
         if y.shape[-1] < self.chunk:
             y = F.pad(y, (0, self.chunk - y.shape[-1]))
         parts = [torch.empty_like(y) for _ in range(self.world_size)]

@@ -28,6 +28,11 @@ weight format:
     to int8 per group of 32; more rows dequantize the weights, for that call only, into
     linear_vnni's layout and run it.
 
+A tensor-parallel rank's stage (transforms/shard.py: its heads, MLP columns or experts, vocab
+slice) runs each layer as StepLayer.attention_out (up to o) and mlp_out (or its KernelMoE on
+the rank's experts only), with the all-reduce of each partial sum between them in Python, and
+its head's vocab slice gathered (VocabParallelHead.gather).
+
 Attention: one paged-attention call per layer for every row of the step, decode or prefill,
 each row against its own context in the cache (AttentionMetadata.per_row); runs of up to 16
 rows of one prefill chunk go on AMX tiles where the CPU has them. The backend computes what
@@ -51,6 +56,7 @@ from shardline.backends.cpu_kernels.projections import (KernelMoE, Unsupported, 
 from shardline.models.attention import AttentionMetadata
 from shardline.models.decoder import StageModel, projection_parents
 from shardline.models.kv_cache import KVCache
+from shardline.transforms.shard import VocabParallelHead, all_reduce
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +98,15 @@ def _layer(kernels, layer) -> tuple[object, Optional[KernelMoE]]:
     return step, moe
 
 
+def _layer_norms(layer) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(the norm before the MLP, the sandwich norm after attention, the one after the MLP) as
+    the kernels keep them: what StepLayer applies after o and after down."""
+    if layer.pre_feedforward_layernorm is None:
+        return _weight(layer.post_attention_layernorm), None, None
+    return (_weight(layer.pre_feedforward_layernorm), _weight(layer.post_attention_layernorm),
+            _weight(layer.post_feedforward_layernorm))
+
+
 def _unsupported(model: StageModel) -> Optional[str]:
     """Why the kernels do not take this bf16 CPU stage's shape, or None where they do."""
     cfg = model.config
@@ -125,6 +140,9 @@ class CpuKernelBackend(StepBackend):
     def __init__(self, kernels, model: StageModel):
         super().__init__(model)
         self.kernels = kernels
+        # a tensor-parallel rank's stage (transforms/shard.py): its o / down / experts' outputs
+        # are partial sums, all-reduced between the kernels' halves of each layer
+        self.tp = getattr(model, "tensor_parallel", None)
         # per layer: (StepLayer, cos, sin, KernelMoE or None); cos / sin float32
         # [max_pos, head_dim], one copy per RoPE table (Gemma 3: local and global)
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -135,15 +153,16 @@ class CpuKernelBackend(StepBackend):
                 tables[id(rot)] = (rot.cos.float().contiguous(), rot.sin_signed.float().contiguous())
             step, moe = _layer(kernels, layer)
             self.steps.append((step, *tables[id(rot)], moe))
-        # the MoE layers' norm of their experts' output (sandwich norms), by layer
-        self.moe_out_norms = [_weight(layer.post_feedforward_layernorm) if moe else None
-                              for layer, (_, _, _, moe) in zip(model.layers, self.steps)]
+        # per layer: the norm before its MLP and the sandwich norms after attention and after
+        # the MLP (None: none), which a tensor-parallel rank applies after its all-reduces;
+        # the last is also a MoE layer's norm of its experts' output
+        self.norms = [_layer_norms(layer) for layer in model.layers]
         self.eps = model.layers[0].input_layernorm.eps
         self.head = None
         if model.is_last:
             self.norm = model.norm.weight.detach().float().contiguous()
             self.norm_eps = model.norm.eps
-            self.head = linear(kernels, model.lm_head)
+            self.head = linear(kernels, getattr(model.lm_head, "linear", model.lm_head))
 
     @classmethod
     def build(cls, model: StageModel) -> Optional["CpuKernelBackend"]:
@@ -186,23 +205,32 @@ class CpuKernelBackend(StepBackend):
                     setattr(parent, name, ReleasedProjection(f"layers.{i}.{name}",
                                                              m.in_features, m.out_features))
         head, embed = self.model.lm_head, self.model.embed_tokens
-        tied = (head is not None and embed is not None and hasattr(head, "weight")
-                and head.weight.data_ptr() == embed.weight.data_ptr())
+        parallel = isinstance(head, VocabParallelHead)
+        inner = head.linear if parallel else head     # a rank's vocab slice: the inner Linear
+        tied = (inner is not None and embed is not None and hasattr(inner, "weight")
+                and inner.weight.data_ptr() == embed.weight.data_ptr())
         if self.head is not None and not tied:
-            self.model.lm_head = ReleasedProjection("lm_head", head.in_features, head.out_features)
+            released = ReleasedProjection("lm_head", inner.in_features, inner.out_features)
+            if parallel:
+                head.linear = released
+            else:
+                self.model.lm_head = released
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         """x: [T, hidden] bf16 -> [T, hidden]. Each layer is one StepLayer call (a MoE layer:
-        StepLayer.attention, then its experts); attention takes every row against its own
-        context (meta.per_row)."""
+        StepLayer.attention, then its experts; a tensor-parallel rank's layer: its halves
+        with an all-reduce after each); attention takes every row against its own context
+        (meta.per_row)."""
         h, residual = x.contiguous(), None
         table, lengths = meta.per_row()
         slots, bs = meta.slot_mapping, meta.block_size
         # the rows of the RoPE tables (LongRoPE's long half: position + max_pos)
         pos = getattr(meta, "rope_positions", None)
         pos = meta.positions if pos is None else pos
-        for (layer, cos, sin, moe), (k_cache, v_cache), out_norm in zip(
-                self.steps, kv_cache.layers, self.moe_out_norms):
+        if self.tp is not None:
+            return self._forward_sharded(h, pos, slots, kv_cache, table, lengths, bs)
+        for (layer, cos, sin, moe), (k_cache, v_cache), (_, _, out_norm) in zip(
+                self.steps, kv_cache.layers, self.norms):
             if moe is None:
                 h, residual = layer.forward(h, residual, pos, cos, sin, slots, k_cache, v_cache,
                                             table, lengths, bs)
@@ -214,12 +242,34 @@ class CpuKernelBackend(StepBackend):
                 h = self.kernels.rms_norm(h, None, out_norm, self.eps)
         return residual.add_(h)
 
+    def _forward_sharded(self, h, pos, slots, kv_cache: KVCache, table, lengths,
+                         bs: int) -> torch.Tensor:
+        """forward on a tensor-parallel rank: per layer, attention up to o (the rank's heads)
+        -> all-reduce -> residual add and the MLP's norm -> the rank's MLP columns (or
+        experts) -> all-reduce -> (sandwich norm). Two all-reduces per layer, as the
+        reference's hooks (transforms/shard.py); every rank returns the same hidden states."""
+        k, eps, group = self.kernels, self.eps, self.tp.group
+        residual = None
+        for (layer, cos, sin, moe), (k_cache, v_cache), (pre_mlp, attn_norm, mlp_norm) in zip(
+                self.steps, kv_cache.layers, self.norms):
+            out, residual = layer.attention_out(h, residual, pos, cos, sin, slots, k_cache,
+                                                v_cache, table, lengths, bs)
+            normed = k.rms_norm(all_reduce(out, group), residual, pre_mlp, eps, attn_norm)
+            h = all_reduce(moe(normed) if moe is not None else layer.mlp_out(normed), group)
+            if mlp_norm is not None:
+                h = k.rms_norm(h, None, mlp_norm, eps)
+        return residual.add_(h)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [S, hidden] -> [S, vocab] float32 (soft-capped where the model caps them)."""
+        """x: [S, hidden] -> [S, vocab] float32 (soft-capped where the model caps them; a
+        tensor-parallel rank's vocab slice gathered from every rank)."""
         normed = self.kernels.rms_norm(x.contiguous(), None, self.norm, self.norm_eps)
         if self.head is None:                    # a head the kernels do not take (fp8, ...)
             return self.model.cap_logits(self.model.lm_head(normed).float())
-        return self.model.cap_logits(self.head(normed, True))
+        logits = self.head(normed, True)
+        if isinstance(self.model.lm_head, VocabParallelHead):
+            logits = self.model.lm_head.gather(logits)
+        return self.model.cap_logits(logits)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """argmax_rows (AVX512, torch.argmax's tie and NaN rules) for row-major float32."""

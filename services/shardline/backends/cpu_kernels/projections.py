@@ -102,7 +102,9 @@ class KernelMoE:
         if self.router is None:
             raise Unsupported(f"no kernel for the MoE router ({type(moe.gate).__name__})")
         self.route = moe.route
-        self.experts = [KernelMLP(kernels, e) for e in moe.experts]
+        # a tensor-parallel rank's other experts stay parallel.AbsentExpert (skipped)
+        self.experts = [e if getattr(e, "absent", False) else KernelMLP(kernels, e)
+                        for e in moe.experts]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] bf16 (the layer's normed MLP input) -> [T, hidden] bf16."""

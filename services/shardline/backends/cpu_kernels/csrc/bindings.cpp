@@ -89,7 +89,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &ck::StepLayer::forward, "(h, residual) of the whole layer")
       .def("attention", &ck::StepLayer::attention,
            "the attention half: (the MLP's normed input, residual)")
-      .def("mlp", &ck::StepLayer::mlp, "the MLP half on attention()'s normed output");
+      .def("mlp", &ck::StepLayer::mlp, "the MLP half on attention()'s normed output")
+      .def("attention_out", &ck::StepLayer::attention_out,
+           "(o(attention), residual): attention() before its residual add and post norm "
+           "(a tensor-parallel rank's partial sum)")
+      .def("mlp_out", &ck::StepLayer::mlp_out, "mlp() without its sandwich norm");
   m.def("supported", &ck::supported, "whether this CPU has the instructions the kernels use");
   m.def("amx_supported", &ck::amx_supported,
         "whether AMX-BF16 is there and this process may use it");

@@ -16,7 +16,7 @@ at::Tensor StepLinear::operator()(const at::Tensor& x, bool out_f32) const {
   return out_f32 ? y.to(at::kFloat) : y;
 }
 
-std::tuple<at::Tensor, at::Tensor> StepLayer::attention(
+std::tuple<at::Tensor, at::Tensor> StepLayer::attention_out(
     const at::Tensor& h, const c10::optional<at::Tensor>& residual_in,
     const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
     const at::Tensor& slots, at::Tensor k_cache, at::Tensor v_cache,
@@ -34,15 +34,29 @@ std::tuple<at::Tensor, at::Tensor> StepLayer::attention(
                 eps);
   at::Tensor attn = paged_attention(q, k_cache, v_cache, tables, lengths, block, heads, scale,
                                     window, softcap);
+  return {o(attn), residual};
+}
+
+std::tuple<at::Tensor, at::Tensor> StepLayer::attention(
+    const at::Tensor& h, const c10::optional<at::Tensor>& residual_in,
+    const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& slots, at::Tensor k_cache, at::Tensor v_cache,
+    const at::Tensor& tables, const at::Tensor& lengths, int64_t block) const {
+  auto [out, residual] = attention_out(h, residual_in, positions, cos, sin, slots, k_cache,
+                                       v_cache, tables, lengths, block);
   // residual += attention (sandwich: += attn_out_norm(attention))
-  normed = rms_norm(o(attn), residual, post_norm, eps, attn_out_norm);
+  at::Tensor normed = rms_norm(out, residual, post_norm, eps, attn_out_norm);
   return {normed, residual};
 }
 
-at::Tensor StepLayer::mlp(const at::Tensor& x) const {
+at::Tensor StepLayer::mlp_out(const at::Tensor& x) const {
   TORCH_CHECK(gate_up.has_value() && down.has_value(),
               "StepLayer: no MLP projections (a mixture-of-experts layer: its MLP runs outside)");
-  at::Tensor y = (*down)(gate_up->glu ? (*gate_up)(x) : act_mul((*gate_up)(x), gate_up->act));
+  return (*down)(gate_up->glu ? (*gate_up)(x) : act_mul((*gate_up)(x), gate_up->act));
+}
+
+at::Tensor StepLayer::mlp(const at::Tensor& x) const {
+  at::Tensor y = mlp_out(x);
   return mlp_out_norm.has_value() ? rms_norm(y, c10::nullopt, *mlp_out_norm, eps) : y;
 }
 

@@ -52,6 +52,16 @@ struct StepLayer {
   double softcap = 0.0;                      // attention-score soft-capping, 0: none
   c10::optional<at::Tensor> attn_out_norm, mlp_out_norm;   // float32 [hidden]: sandwich norms
 
+  // The attention half up to the output projection: (o(attention), residual), the residual
+  // including h but not the attention's output. A tensor-parallel rank's o output is its
+  // partial sum: the backend all-reduces it, then applies what attention() applies after it
+  // (rms_norm(out, residual, post_norm, eps, attn_out_norm)).
+  std::tuple<at::Tensor, at::Tensor> attention_out(
+      const at::Tensor& h, const c10::optional<at::Tensor>& residual_in,
+      const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+      const at::Tensor& slots, at::Tensor k_cache, at::Tensor v_cache,
+      const at::Tensor& tables, const at::Tensor& lengths, int64_t block) const;
+
   // The attention half. h: the layer's input; residual_in: the stream before it (None for a
   // stage's first layer). Returns (post_norm(residual), residual), residual including the
   // attention's output: the MLP's input and the stream.
@@ -63,6 +73,9 @@ struct StepLayer {
 
   // The MLP half on attention()'s normed output: down(act(gate) * up) (mlp_out_norm applied)
   at::Tensor mlp(const at::Tensor& x) const;
+
+  // mlp without mlp_out_norm: a tensor-parallel rank's partial sum (all-reduced, then normed)
+  at::Tensor mlp_out(const at::Tensor& x) const;
 
   // attention, then mlp. Returns (h, residual) for the next layer.
   std::tuple<at::Tensor, at::Tensor> forward(
