@@ -23,7 +23,9 @@ from shardline.models import weights as W
 from shardline.protocol.plan import SamplingConfig
 from shardline.transforms.quantize import weight_bytes
 from shardline.transforms.fuse import fuse_stage
-from shardline.transforms.shard import TensorParallel, check_int4_groups, shard_stage
+from shardline.transforms.quantize import quantize_fp8
+from shardline.transforms.shard import (TensorParallel, check_int4_groups,
+                                        quantize_row_parallel, shard_stage)
 from shardline.worker.build import load_runner
 from shardline.worker.runner import StageRunner
 from tests.unit.test_model import Driver, hf_greedy
@@ -119,6 +121,19 @@ def _whole_then_sharded(path: str, rank: int, world: int) -> StageRunner:
     return StageRunner(TorchBackend(model), cache)
 
 
+ROW_PARALLEL = ("layers.0.self_attn.o_proj", "layers.3.mlp.down_proj")
+
+
+def _fp8_row_parallel(path: str, tp: TensorParallel) -> dict:
+    """The rank's fp8 o_proj / down_proj (quantize_row_parallel, without quantize_stage's
+    device check: e4m3 values and scales are computed the same on the CPU)."""
+    cfg = ModelConfig.from_dir(path)
+    model = W.load_stage_model(path, cfg, 0, cfg.num_layers, torch.float32, "cpu")
+    quantize_row_parallel(shard_stage(model, tp), tp, "fp8")
+    return {n: (model.get_submodule(n).qweight.float().tolist(),
+                model.get_submodule(n).scale.tolist()) for n in ROW_PARALLEL}
+
+
 def _rank_main(rank: int, world: int, store: str, out_dir: str, cases: dict) -> None:
     """One rank: join the gloo group, run every case's steps, write what it saw."""
     torch.set_num_threads(1)
@@ -144,6 +159,7 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str, cases: dict) -> 
             if name in KERNEL_CASES:
                 results[name]["logits"] = _backend_logits(runners, PROMPTS[2])
         runner = _whole_then_sharded(cases["llama"][0], rank, world)
+        results["fp8"] = _fp8_row_parallel(cases["llama"][0], TensorParallel(rank, world))
         results["transform"] = dict(ids=Driver([runner]).run(PROMPTS, NEW_TOKENS, chunk=4,
                                                              stagger=1))
     finally:
@@ -289,6 +305,22 @@ def test_quantized_two_ranks_equal_quantized_one(ranks, unsharded, case):
     assert ranks[0][case]["ids"] == ranks[1][case]["ids"] == unsharded[case]["ids"]
     for r in ranks:
         assert r[case]["scales"] == unsharded[case]["scales"]
+
+
+def test_fp8_row_parallel_ranks_hold_their_columns_of_the_whole_fp8_weights(
+        ranks, tiny_model_dir):
+    """fp8 scales of o_proj / down_proj from the whole rows (the max over both ranks'
+    columns): rank 0's columns then rank 1's are the unsharded weights' e4m3 values."""
+    path = tiny_model_dir("llama")
+    cfg = ModelConfig.from_dir(path)
+    whole = W.load_stage_model(path, cfg, 0, cfg.num_layers, torch.float32, "cpu")
+    for name in ROW_PARALLEL:
+        q, scale = quantize_fp8(whole.get_submodule(name).weight.detach())
+        parts = [torch.tensor(r["fp8"][name][0]) for r in ranks]
+        assert parts[0].shape[1] == parts[1].shape[1] == q.shape[1] // 2
+        assert torch.equal(torch.cat(parts, dim=1), q.float())
+        for r in ranks:
+            assert r["fp8"][name][1] == scale.tolist()
 
 
 # ---- in one process: the spec, the loader, the refusals ------------------------------------

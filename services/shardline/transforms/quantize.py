@@ -296,6 +296,24 @@ def fp8_supported(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) >= (8, 9))
 
 
+def require_fp8(device: torch.device, what: str = "the stage") -> None:
+    """Raise ValueError unless fp8 runs on device."""
+    if not fp8_supported(torch.device(device)):
+        raise ValueError("fp8 quantization needs a CUDA GPU of compute capability >= 8.9 "
+                         f"({what} is on {device})")
+
+
+def quantize_fp8(w: torch.Tensor, row_max: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [n, k] -> (q float8_e4m3fn [n, k], scale float32 [n]) with w ~ q * scale[:, None].
+    row_max: as quantize_int8's (a row-parallel shard's whole rows)."""
+    w = w.float()
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    amax = w.abs().amax(1) if row_max is None else row_max.float()
+    scale = amax.clamp(min=1e-12) / fmax
+    return (w / scale[:, None]).clamp(-fmax, fmax).to(torch.float8_e4m3fn), scale
+
+
 class Fp8Linear(_RowScaledLinear):
     """e4m3 weights with a per-output-channel scale; activations scaled per row."""
 
@@ -309,13 +327,8 @@ class Fp8Linear(_RowScaledLinear):
 
     @classmethod
     def from_linear(cls, m: nn.Linear) -> "Fp8Linear":
-        if not fp8_supported(m.weight.device):
-            raise ValueError("fp8 quantization needs a CUDA GPU of compute capability >= 8.9 "
-                             f"(weights are on {m.weight.device})")
-        w = m.weight.detach().float()
-        fmax = torch.finfo(torch.float8_e4m3fn).max
-        scale = w.abs().amax(1).clamp(min=1e-12) / fmax
-        q = (w / scale[:, None]).clamp(-fmax, fmax).to(torch.float8_e4m3fn)
+        require_fp8(m.weight.device, "the weight")
+        q, scale = quantize_fp8(m.weight.detach())
         return cls(q, scale, None if m.bias is None else m.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -366,10 +379,7 @@ def quantize_stage(model: nn.Module, mode: str, group_size: int = 32,
     if mode not in MODES:
         raise ValueError(f"quantize must be one of {MODES}, got {mode!r}")
     if mode == "fp8":
-        device = next(model.parameters()).device
-        if not fp8_supported(device):
-            raise ValueError("fp8 quantization needs a CUDA GPU of compute capability >= 8.9 "
-                             f"(the stage is on {device})")
+        require_fp8(next(model.parameters()).device)
     for layer in model.layers:
         for parent in projection_parents(layer):      # attention, the MLP or each expert
             for name, child in list(parent.named_children()):

@@ -19,8 +19,8 @@ on torch.distributed (gloo on the CPU, NCCL on CUDA):
 The sums are forward hooks on the attention and MLP modules (gpt-fast's tp.py does the same),
 so fusing and quantizing, which replace the projections inside them, keep them: shard first,
 then fuse and quantize (each rank quantizes its own slice). Quantized, a rank holds its slice
-of the unsharded stage's quantized weights: int8 scales of row-parallel projections come from
-the whole rows (`quantize_row_parallel_int8`: one all_reduce of row maxima each), int4 groups
+of the unsharded stage's quantized weights: int8 and fp8 scales of row-parallel projections come
+from the whole rows (`quantize_row_parallel`: one all_reduce of row maxima each), int4 groups
 lie inside a rank's columns (`check_int4_groups`), other rows are whole on a rank.
 
 Every rank must run every step with the same inputs, in the same order (collectives pair up by
@@ -40,7 +40,8 @@ from torch import nn
 
 from shardline.models.decoder import StageModel, projection_parents
 from shardline.models.parallel import shard_spec, slice_stage
-from shardline.transforms.quantize import Int8Linear, quantize_int8
+from shardline.transforms.quantize import (Fp8Linear, Int8Linear, quantize_fp8,
+                                            quantize_int8)
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +180,17 @@ def check_int4_groups(model: StageModel, group_size: int, include_head: bool = F
                              "ranks; choose a tensor parallel size or group size that does")
 
 
-def quantize_row_parallel_int8(model: StageModel, tp: TensorParallel) -> StageModel:
-    """int8 of the row-parallel projections (o_proj, a dense MLP's down_proj), each output
-    row's scale that of the whole row (its maximum over every rank's columns: one all_reduce
-    per projection), so that every rank holds its columns of the unsharded int8 weights.
-    Before quantize_stage, which leaves them as they are. Returns the model."""
+# the formats whose row-parallel scales come from whole rows: (quantize(w, row_max), module)
+ROW_SCALED = {"int8": (quantize_int8, Int8Linear), "fp8": (quantize_fp8, Fp8Linear)}
+
+
+def quantize_row_parallel(model: StageModel, tp: TensorParallel, mode: str) -> StageModel:
+    """int8 or fp8 of the row-parallel projections (o_proj, a dense MLP's down_proj), each
+    output row's scale that of the whole row (its maximum over every rank's columns: one
+    all_reduce per projection), so that every rank holds its columns of the unsharded stage's
+    quantized weights. Before quantize_stage, which leaves them as they are (and checks that
+    fp8 runs on the device: this does not). Returns the model."""
+    quantize, module = ROW_SCALED[mode]
     row_parallel = [name.rpartition(".")[0] for name, s in model.shard.params.items()
                     if s.dim == 1]
     for name in row_parallel:
@@ -194,6 +201,6 @@ def quantize_row_parallel_int8(model: StageModel, tp: TensorParallel) -> StageMo
         w = m.weight.detach()
         row_max = w.float().abs().amax(dim=1)
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp.group)
-        q, scale = quantize_int8(w, row_max)
-        setattr(parent, leaf, Int8Linear(q, scale, None if m.bias is None else m.bias.detach()))
+        q, scale = quantize(w, row_max)
+        setattr(parent, leaf, module(q, scale, None if m.bias is None else m.bias.detach()))
     return model

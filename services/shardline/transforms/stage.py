@@ -26,10 +26,10 @@ from shardline.transforms.compile import compile_stage
 from shardline.transforms.fuse import fuse_stage
 from shardline.transforms.options import StageTransforms
 from shardline.transforms.prune import accelerate_semi_structured, prune_stage
-from shardline.transforms.quantize import quantize_stage
 from shardline.transforms.recipe import load_optimized_stage, read_recipe
-from shardline.transforms.shard import (TensorParallel, check_int4_groups,
-                                        quantize_row_parallel_int8, shard_stage)
+from shardline.transforms.quantize import quantize_stage, require_fp8
+from shardline.transforms.shard import (ROW_SCALED, TensorParallel, check_int4_groups,
+                                        quantize_row_parallel, shard_stage)
 
 
 @dataclass
@@ -53,6 +53,8 @@ def _tensor_parallel_stage(model_dir, config: ModelConfig, layer_start: int, lay
     if refused:
         raise ValueError(f"tensor parallelism does not take {', '.join(refused)} yet")
     tp.check()
+    if t.quantize == "fp8":
+        require_fp8(device)
     model = load_stage_model(model_dir, config, layer_start, layer_end, dtype, device, spec)
     return shard_stage(model, tp)
 
@@ -74,8 +76,8 @@ def build_stage(model_dir: Union[str, pathlib.Path], layer_start: int, layer_end
             fuse_stage(model)
         if t.quantize == "int4":
             check_int4_groups(model, t.group_size, t.quantize_head)
-        elif t.quantize == "int8":
-            quantize_row_parallel_int8(model, tensor_parallel)
+        elif t.quantize in ROW_SCALED:
+            quantize_row_parallel(model, tensor_parallel, t.quantize)
         quantize_stage(model, t.quantize, t.group_size, t.quantize_head)
         return BuiltStage(model, t.quantize, False)
     if recipe is not None:              # an optimized checkpoint: already pruned / quantized
