@@ -2,18 +2,23 @@
 a second rank process; gloo over 127.0.0.1 on the CPU) give HF's float32 greedy ids on a tiny
 random checkpoint, on 1 stage and on 2 stages; a rank SIGKILLed mid-stream takes its stage
 down at once (the worker exits non-zero, its other rank with it) and the request finishes on
-the other replica, or fails with UNAVAILABLE, in bounded time."""
+the other replica, or fails with UNAVAILABLE, in bounded time. A worker (or rank) whose flags
+do not fit the model refuses to start: one log line naming the reason, exit code 2, no
+traceback, no rank left behind."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import subprocess
+import sys
 
 import grpc
 import pytest
 
 from shardline.client import Client
-from shardline.worker.rank_group import EXIT_RANK_FAILED, RANK_MODULE
+from shardline.worker.rank_group import EXIT_RANK_FAILED, EXIT_REFUSED, RANK_MODULE
 
 from tests.integration.conftest import RunningStack
 from tests.procs import child_processes
@@ -102,3 +107,61 @@ def test_a_killed_rank_takes_its_stage_down_and_the_stream_moves(tiny_dir, expec
         orphan = rank_pids(other.proc.pid)[1]
         os.kill(other.proc.pid, signal.SIGKILL)
         wait_for(lambda: not alive(orphan), 30, "the rank of a killed worker to exit")
+
+
+# -- start-up refusals ------------------------------------------------------------------------
+
+def run_refused(argv: list[str]) -> str:
+    """Run `python -m ARGV` to its end; assert it refused to start (EXIT_REFUSED, a reason,
+    no traceback) and return its log (stderr)."""
+    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
+                          timeout=300)                     # a bound on a hang, not a timing
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == EXIT_REFUSED, log
+    assert "Traceback" not in log, log
+    return log
+
+
+def worker_argv(model: str, *flags: str) -> list[str]:
+    return ["shardline", "worker", "--model", model, "--host", "127.0.0.1", "--port", "0",
+            "--threads", "2", *flags]
+
+
+def test_a_tp_that_does_not_split_the_default_model_is_refused_before_any_rank(model_dir):
+    log = run_refused(worker_argv(model_dir, "--tp", "2"))     # SmolLM2: 9 heads, 3 KV heads
+    (line,) = [ln for ln in log.splitlines() if "refused to start" in ln]
+    assert " ERROR worker-0 " in line and "9 attention heads are not divisible by 2" in line \
+        and "3 KV heads neither divide by 2 nor divide it" in line
+    assert "started ranks" not in log
+
+
+def test_a_kv_budget_that_holds_no_block_is_refused_by_every_rank(tiny_dir):
+    log = run_refused(worker_argv(tiny_dir, "--tp", "2", "--kv-cache-memory", "1KiB"))
+    # rank 0's reason, or rank 1's when it got there first (rank 0 then names rank 1)
+    assert re.search(r"ERROR worker-0(-rank1)? \S+: (rank 1 )?refused to start: KV cache "
+                     r"budget of 1024 bytes holds no block", log), log
+    store_port = re.search(r"store on 127\.0\.0\.1:(\d+)", log).group(1)
+
+    def ranks_left():
+        return [pid for pid, argv in all_processes().items()
+                if RANK_MODULE in argv and store_port in argv]
+    wait_for(lambda: not ranks_left(), 30, "the refused worker's rank to exit")
+
+
+def test_a_rank_refuses_bad_flags_without_a_traceback(tiny_dir):
+    log = run_refused([RANK_MODULE, "--rank", "1", "--store-port", "1", "--seed", "0",
+                       "--model", tiny_dir, "--tp", "2", "--block-size", "0"])
+    assert "error: block_size must be > 0" in log
+
+
+def all_processes() -> dict[int, list[str]]:
+    """pid -> argv of every live (not zombie) process."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and alive(int(entry)):
+            try:
+                with open(f"/proc/{entry}/cmdline") as f:
+                    out[int(entry)] = f.read().split("\0")
+            except OSError:
+                continue
+    return out

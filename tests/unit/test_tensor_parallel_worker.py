@@ -1,20 +1,24 @@
 """The worker's tensor-parallel plumbing, without processes: the flags (--tensor-parallel-size,
 --tp), each rank's device and threads, a rank's command line (the worker's flags back on the
 other side), the plan that travels between ranks, `shardline up` passing the flag on, and
-rank 0's failure handling over a fake wire (a failed step or send, a rank that exits).
+rank 0's failure handling over a fake wire (a failed step or send, a rank that exits), and
+serve()'s start-up refusal (a ValueError: exit code 2, the ranks abandoned; any other error
+raised).
 (tests/integration/test_tensor_parallel_stack.py runs real ranks; test_tensor_parallel.py
 the sharded stage itself.)"""
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 import pytest
 
 from shardline import launcher
+from shardline.common import auth
 from shardline.v1 import common_pb2, worker_pb2
 from shardline.worker.config import WorkerConfig
 from shardline.worker.rank import build_parser as rank_parser
-from shardline.worker import rank_group
+from shardline.worker import rank_group, server
 from shardline.worker.rank_group import rank_argv
 from shardline.worker.step_broadcast import Op, plan_bytes
 
@@ -156,3 +160,34 @@ def test_a_rank_that_exits_takes_the_stage_down_unless_stopping(group):
     group._failing.release()
     group.stopping = True                            # after STOP the ranks exit: expected
     group._watch(1, FakeProc(rc=0))
+
+
+class FakeRanks:
+    abandoned = False
+
+    def abandon(self):
+        self.abandoned = True
+
+
+@pytest.mark.parametrize("error", [ValueError("KV cache budget of 1024 bytes holds no block"),
+                                   RuntimeError("CUDA error: out of memory")],
+                         ids=["refusal", "unexpected"])
+def test_serve_refuses_a_value_error_and_raises_the_rest(monkeypatch, caplog, tiny_model_dir,
+                                                         error):
+    ranks = FakeRanks()
+    monkeypatch.setattr(server.RankGroup, "start", lambda cfg, model_dir: ranks)
+
+    def load_stage(*args):
+        raise error
+    monkeypatch.setattr(server, "load_stage", load_stage)
+    monkeypatch.setattr(auth, "_transport", auth.transport())      # serve() configures it
+    cfg = WorkerConfig(model=str(tiny_model_dir()), host="127.0.0.1", port=0,
+                       tensor_parallel_size=2)
+    if isinstance(error, ValueError):
+        assert asyncio.run(server.serve(cfg)) == rank_group.EXIT_REFUSED
+        assert f"refused to start: {error}" in caplog.text
+    else:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            asyncio.run(server.serve(cfg))
+        assert "refused to start" not in caplog.text
+    assert ranks.abandoned                           # killed, not left to their parent's death

@@ -9,6 +9,8 @@ command rank 0 sends (worker/step_broadcast.py: a step, forget every sequence, s
 same inputs rank 0 runs. It serves nothing and answers nothing. It exits on STOP, with an
 error when the group breaks (rank 0 gone) or a step fails otherwise than a bad plan (rank 0
 sees the exit and takes the stage down), and by its parent-death signal when rank 0 dies.
+Flags that do not fit the model (a ValueError while loading) end it with one log line and
+EXIT_REFUSED, which rank 0 passes on as its own exit code.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch.distributed as dist
 
 from shardline.common.server import configure_logging
 from shardline.worker.config import WorkerConfig
+from shardline.worker.rank_group import EXIT_REFUSED
 from shardline.worker.runner import StageRunner
 from shardline.worker.server import build_runner
 from shardline.worker.servicer import step_args
@@ -65,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     p = build_parser()
     ns = p.parse_args(argv)
-    cfg = WorkerConfig.from_args(ns)
+    try:
+        cfg = WorkerConfig.from_args(ns)
+    except ValueError as exc:                # exits EXIT_REFUSED (2) with the usage line
+        p.error(str(exc))
     t = cfg.tensor_parallel_size
     if not 0 < ns.rank < t:
         p.error(f"--rank {ns.rank} outside [1, {t})")
@@ -75,7 +81,11 @@ def main(argv: list[str]) -> int:
         store = dist.TCPStore("127.0.0.1", ns.store_port, t, is_master=False,
                               timeout=datetime.timedelta(seconds=cfg.tp_timeout_s))
         wire = StepBroadcast.join(store, ns.rank, t, device, cfg.tp_timeout_s)
-        runner = build_runner(cfg, cfg.model, rank=ns.rank, seed=ns.seed)
+        try:
+            runner = build_runner(cfg, cfg.model, rank=ns.rank, seed=ns.seed)
+        except ValueError as exc:            # the flags do not fit the model: as on rank 0
+            log.error("rank %d refused to start: %s", ns.rank, exc)
+            return EXIT_REFUSED
         runner.release_module_weights()
         blocks = wire.agree(runner.num_blocks)
         if len(set(blocks)) != 1:

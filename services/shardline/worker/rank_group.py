@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 RANK_MODULE = "shardline.worker.rank"
 STOP_TIMEOUT_S = 10.0          # stopping: for the ranks to leave after STOP, then SIGKILL
 EXIT_RANK_FAILED = 1
+# a start-up refusal (a ValueError while configuring or loading: a --tensor-parallel-size that
+# does not split the model, a KV budget that holds no block, ...): rank 0 or a rank exits with
+# it after one log line naming the reason, and the worker with it (a usage error, as argparse's)
+EXIT_REFUSED = 2
 # the worker's flags a rank does not take: it serves nothing and forwards nothing; its model
 # is the directory rank 0 resolved
 _NOT_FOR_RANKS = {"port", "host", "next_stages", "metrics_port", "model"}
@@ -141,8 +145,19 @@ class RankGroup:
 
     def _watch(self, rank: int, proc: subprocess.Popen) -> None:
         rc = proc.wait()
-        if not self.stopping:
-            self.fail(f"rank {rank} (pid {proc.pid}) exited with {rc}")
+        if self.stopping:
+            return
+        if rc == EXIT_REFUSED:              # it logged why (the same reason rank 0 would give)
+            self._exit(EXIT_REFUSED, f"refused to start: rank {rank} (pid {proc.pid}) refused; "
+                                     f"its log line (worker-{self.cfg.stage_index}-rank{rank}) "
+                                     f"says why")
+        self.fail(f"rank {rank} (pid {proc.pid}) exited with {rc}")
+
+    def abandon(self) -> None:
+        """Rank 0 could not start (a refusal it logged, or an error it raises): the other
+        ranks are killed, without the stage counting as broken."""
+        self.stopping = True
+        self._kill()
 
     def fail(self, why: str) -> None:
         """The stage cannot go on: kill the other ranks and exit now (EXIT_RANK_FAILED), unless
@@ -151,13 +166,16 @@ class RankGroup:
         if self.stopping:
             log.warning("tensor parallel (stopping): %s", why)
             return
+        self._exit(EXIT_RANK_FAILED, f"tensor-parallel stage broken: {why}; exiting so that "
+                                     f"the scheduler moves this replica's sequences")
+
+    def _exit(self, code: int, line: str) -> None:
         self._failing.acquire()                  # the first failure exits; others wait for it
-        log.error("tensor-parallel stage broken: %s; exiting so that the scheduler moves this "
-                  "replica's sequences", why)
+        log.error("%s", line)
         self._kill()
         for handler in logging.getLogger().handlers:
             handler.flush()
-        os._exit(EXIT_RANK_FAILED)
+        os._exit(code)
 
     def _kill(self) -> None:
         for proc in self.procs.values():

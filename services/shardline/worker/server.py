@@ -17,10 +17,11 @@ from shardline.common.model_source import resolve_model
 from shardline.common.server import Service, configure_logging
 from shardline.v1 import worker_pb2_grpc
 from shardline.models.config import ModelConfig
+from shardline.models.parallel import check_tensor_parallel
 from shardline.worker.build import load_runner
 from shardline.worker.config import ENGINE_SEQS_PER_DEFAULT, WorkerConfig, batch_defaults
 from shardline.worker.heap import keep_freed_memory
-from shardline.worker.rank_group import RankGroup
+from shardline.worker.rank_group import EXIT_REFUSED, RankGroup
 from shardline.worker.runner import StageRunner
 from shardline.worker.servicer import StageWorkerServicer
 
@@ -87,7 +88,11 @@ def engine_options(cfg: WorkerConfig, seed: Optional[int] = None) -> dict:
                 seed=seed)
 
 
-async def serve(cfg: WorkerConfig) -> None:
+async def serve(cfg: WorkerConfig) -> int:
+    """Serve until stopped (0), or refuse to start (EXIT_REFUSED, after one log line naming
+    the reason) when the flags do not fit the model: a ValueError while finding the model or
+    loading the stage (a --tensor-parallel-size that does not split it, a KV budget that holds
+    no block, ...). Other exceptions are unexpected and propagate with their traceback."""
     telemetry.setup("worker", cfg.metrics_port, **{"shardline.stage": cfg.stage_index})
     auth.configure(cfg.security, f"worker-{cfg.stage_index}")
     # Draining, a stage refuses new calls (a new Step stream, GetInfo) and serves the Step
@@ -95,37 +100,54 @@ async def serve(cfg: WorkerConfig) -> None:
     # The model is found first (downloaded or converted on a first start): its config.json
     # sizes the largest message accepted, fixed when the server is made.
     loop = asyncio.get_running_loop()
-    model_dir = await loop.run_in_executor(None, resolve_model, cfg.model, cfg.cache_dir)
-    model = ModelConfig.from_dir(model_dir)
-    service = Service(f"worker-{cfg.stage_index}", cfg.port, cfg.host,
-                      drain_timeout_s=cfg.drain_timeout_s,
-                      max_receive_bytes=cfg.receive_bytes(model.hidden_size,
-                                                          model.max_position_embeddings))
+    service = None
     servicer = StageWorkerServicer(cfg.model, next_stages=cfg.next_stages)
-    servicer.stage_index = cfg.stage_index
-    servicer.max_step_tokens = cfg.max_step_tokens
-    service.add(worker_pb2_grpc.add_StageWorkerServicer_to_server, servicer,
-                ["shardline.v1.StageWorker"])
-    await service.start()
-    await service.set_serving(False)
-    log.info("listening on %s:%d, loading model", cfg.host, service.port)
-    if cfg.tensor_parallel_size > 1:      # ranks 1..T-1, started from this (the main) thread
-        ranks = servicer.ranks = RankGroup.start(cfg, str(model_dir))
-        service.on_stop(lambda: ranks.stop(servicer.executor))
-    r = servicer.runner = await loop.run_in_executor(servicer.executor, load_stage, cfg,
-                                                     model_dir, servicer.ranks)
+    try:
+        model_dir = await loop.run_in_executor(None, resolve_model, cfg.model, cfg.cache_dir)
+        model = ModelConfig.from_dir(model_dir)
+        if cfg.tensor_parallel_size > 1:       # before any rank starts
+            check_tensor_parallel(model, cfg.tensor_parallel_size)
+        service = Service(f"worker-{cfg.stage_index}", cfg.port, cfg.host,
+                          drain_timeout_s=cfg.drain_timeout_s,
+                          max_receive_bytes=cfg.receive_bytes(model.hidden_size,
+                                                              model.max_position_embeddings))
+        servicer.stage_index = cfg.stage_index
+        servicer.max_step_tokens = cfg.max_step_tokens
+        service.add(worker_pb2_grpc.add_StageWorkerServicer_to_server, servicer,
+                    ["shardline.v1.StageWorker"])
+        await service.start()
+        await service.set_serving(False)
+        log.info("listening on %s:%d, loading model", cfg.host, service.port)
+        if cfg.tensor_parallel_size > 1:      # ranks 1..T-1, started from this (the main) thread
+            ranks = servicer.ranks = RankGroup.start(cfg, str(model_dir))
+            service.on_stop(lambda: ranks.stop(servicer.executor))
+        r = servicer.runner = await loop.run_in_executor(servicer.executor, load_stage, cfg,
+                                                         model_dir, servicer.ranks)
+    except Exception as exc:
+        if isinstance(exc, ValueError):
+            log.error("refused to start: %s", exc)
+        if servicer.ranks is not None:          # the other ranks go with this start
+            servicer.ranks.abandon()
+        if service is not None:
+            await service.server.stop(0)
+        if not isinstance(exc, ValueError):
+            raise
+        return EXIT_REFUSED
     log.info("ready: %d KV blocks of %d tokens", r.num_blocks, r.block_size)
     await service.set_serving(True)
     await service.serve_until_stopped()
+    return 0
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="shardline worker", description=__doc__)
     WorkerConfig.add_args(p)
-    cfg = WorkerConfig.from_args(p.parse_args(argv))
+    try:
+        cfg = WorkerConfig.from_args(p.parse_args(argv))
+    except ValueError as exc:                # exits EXIT_REFUSED (2) with the usage line
+        p.error(str(exc))
     configure_logging(f"worker-{cfg.stage_index}", cfg.log_level)
-    asyncio.run(serve(cfg))
-    return 0
+    return asyncio.run(serve(cfg))
 
 
 if __name__ == "__main__":
