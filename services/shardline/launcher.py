@@ -50,27 +50,38 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-def free_port() -> int:
-    """A port that is free now, for a service started next. Taken below the kernel's ephemeral
-    range, so that no outgoing connection can be given it before the service binds it (with
-    bind(0) that happened: a service then failed to start), and never twice in this process."""
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(count: int = 1) -> int:
+    """A port that is free now, for a service started next; with count, the first of that many
+    consecutive free ports (a worker's tensor-parallel ranks serve metrics on port + rank).
+    Taken below the kernel's ephemeral range, so that no outgoing connection can be given it
+    before the service binds it (with bind(0) that happened: a service then failed to start),
+    and never twice in this process."""
     low = _ephemeral_low()
-    if low > 11000:
+    if low > 11000 + count:
         rng = random.Random()
         for _ in range(500):
-            port = rng.randrange(10000, low)
-            if port in _given_ports:
+            port = rng.randrange(10000, low - count + 1)
+            ports = range(port, port + count)
+            if any(p in _given_ports for p in ports) or not all(map(_bindable, ports)):
                 continue
-            with socket.socket() as s:
-                try:
-                    s.bind(("0.0.0.0", port))
-                except OSError:
-                    continue
-            _given_ports.add(port)
+            _given_ports.update(ports)
             return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(500):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if all(map(_bindable, range(port + 1, port + count))):
+            return port
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def wait_serving(address: str, timeout_s: float, alive=lambda: True) -> bool:
@@ -319,11 +330,15 @@ def build_stack(model_dir: str, model_name: str, stages: int, port: int, device:
     stack = Stack(children, f"127.0.0.1:{port}", quiet=quiet,
                   cluster_token=secrets.token_urlsafe(32), drain_timeout_s=drain_timeout_s)
     stack.http_url = f"http://127.0.0.1:{http_port}" if http_port else None
-    stack.metrics_ports = {}            # child name -> Prometheus port (metrics=True)
+    # child name (a worker's rank r > 0: "<worker>-rank<r>") -> Prometheus port (metrics=True)
+    stack.metrics_ports = {}
     if metrics:
         for c in children:
-            stack.metrics_ports[c.name] = free_port()
-            c.argv += ["--metrics-port", str(stack.metrics_ports[c.name])]
+            ranks = tensor_parallel_size if c.argv[0] == "worker" else 1
+            port = stack.metrics_ports[c.name] = free_port(ranks)
+            c.argv += ["--metrics-port", str(port)]
+            for r in range(1, ranks):       # worker/rank_group.py: rank_metrics_port
+                stack.metrics_ports[f"{c.name}-rank{r}"] = port + r
     return stack
 
 

@@ -65,5 +65,6 @@ def test_metrics_move(model_dir):
         assert value(after, "shardline_steps_total", replica="0") >= 5
         for stage in ("0", "1"):
             w = scrape(ports[f"worker-{stage}"])
-            assert value(w, "shardline_stage_step_seconds_count", stage=stage) >= 5
+            # rank 0 of each stage (the worker itself; tensor-parallel ranks: rank="1", ...)
+            assert value(w, "shardline_stage_step_seconds_count", stage=stage, rank="0") >= 5
         assert scrape(ports["tokenizer"])       # process metrics at least

@@ -2,9 +2,10 @@
 a second rank process; gloo over 127.0.0.1 on the CPU) give HF's float32 greedy ids on a tiny
 random checkpoint, on 1 stage and on 2 stages; a rank SIGKILLed mid-stream takes its stage
 down at once (the worker exits non-zero, its other rank with it) and the request finishes on
-the other replica, or fails with UNAVAILABLE, in bounded time. A worker (or rank) whose flags
-do not fit the model refuses to start: one log line naming the reason, exit code 2, no
-traceback, no rank left behind."""
+the other replica, or fails with UNAVAILABLE, in bounded time. Every rank's step is a span
+under rank 0's, and every rank serves its metrics (rank 1 on the worker's port + 1). A worker
+(or rank) whose flags do not fit the model refuses to start: one log line naming the reason,
+exit code 2, no traceback, no rank left behind."""
 from __future__ import annotations
 
 import os
@@ -21,6 +22,8 @@ from shardline.client import Client
 from shardline.worker.rank_group import EXIT_RANK_FAILED, EXIT_REFUSED, RANK_MODULE
 
 from tests.integration.conftest import RunningStack
+from tests.integration.test_metrics import scrape, value, wait_for_scrape
+from tests.integration.test_tracing import collector  # noqa: F401 - a fixture
 from tests.procs import child_processes
 from tests.reliability.conftest import wait_for
 from tests.unit.conftest import make_tiny_model
@@ -107,6 +110,54 @@ def test_a_killed_rank_takes_its_stage_down_and_the_stream_moves(tiny_dir, expec
         orphan = rank_pids(other.proc.pid)[1]
         os.kill(other.proc.pid, signal.SIGKILL)
         wait_for(lambda: not alive(orphan), 30, "the rank of a killed worker to exit")
+
+
+# -- per-rank spans and metrics ---------------------------------------------------------------
+
+def int_attrs(span) -> dict[str, int]:
+    return {a.key: a.value.int_value for a in span.attributes}
+
+
+def test_every_rank_traces_its_steps_and_serves_its_metrics(tiny_dir, expected, collector):
+    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.port}",
+               OTEL_TRACES_EXPORTER="otlp", OTEL_BSP_SCHEDULE_DELAY="100")
+    env.pop("OTEL_SERVICE_NAME", None)
+    with RunningStack(tiny_dir, stages=1, tensor_parallel_size=2, kv_cache_memory="8MiB",
+                      threads=2, metrics=True, env=env) as s, \
+            Client(s.address, timeout=120) as c:
+        out = c.generate(token_ids=PROMPTS[0], max_tokens=NEW_TOKENS, ignore_eos=True)
+        assert out.token_ids == expected[0]
+        # metrics: rank 0 on the worker's port, rank 1 on the next, each labeled with its rank
+        ports = s.stack.metrics_ports
+        assert ports["worker-0-rank1"] == ports["worker-0"] + 1
+        rank0 = scrape(ports["worker-0"])
+        steps = value(rank0, "shardline_stage_step_seconds_count", stage="0", rank="0")
+        tokens = value(rank0, "shardline_stage_tokens_total", stage="0", rank="0")
+        assert steps >= NEW_TOKENS and tokens >= len(PROMPTS[0]) + NEW_TOKENS - 1
+        # rank 1 observes a step once its own part ends (it may trail rank 0's answer)
+        rank1 = wait_for_scrape(ports["worker-0-rank1"], lambda m: value(
+            m, "shardline_stage_step_seconds_count", stage="0", rank="1") >= steps)
+        assert value(rank1, "shardline_stage_step_seconds_count", stage="0", rank="1") == steps
+        assert value(rank1, "shardline_stage_tokens_total", stage="0", rank="1") == tokens
+        assert not [k for k in rank1 if k[0].startswith("shardline_stage")
+                    and ("rank", "1") not in k[1]]
+
+        # spans: each of rank 1's steps under rank 0's, in the scheduler step's trace
+        def pairs():
+            spans = [sp for svc, sp in collector.snapshot()
+                     if svc == "worker" and sp.name == "stage0.forward"]
+            by_rank = {r: [sp for sp in spans if int_attrs(sp).get("shardline.tp_rank") == r]
+                       for r in (0, 1)}
+            rank0 = {sp.span_id: sp for sp in by_rank[0]}
+            return [(rank0[sp.parent_span_id], sp) for sp in by_rank[1]
+                    if sp.parent_span_id in rank0]
+        found = wait_for(lambda: len(p := pairs()) >= steps and p, 60, "rank 1's step spans")
+        sched_steps = {sp.span_id for svc, sp in collector.snapshot()
+                       if svc == "scheduler" and sp.name == "scheduler.step"}
+        for r0, r1 in found:
+            assert r1.trace_id == r0.trace_id
+            assert int_attrs(r1)["shardline.step_id"] == int_attrs(r0)["shardline.step_id"]
+        assert any(r0.parent_span_id in sched_steps for r0, _ in found)
 
 
 # -- start-up refusals ------------------------------------------------------------------------

@@ -12,15 +12,22 @@ import argparse
 import asyncio
 
 import pytest
+import torch
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import REGISTRY
 
 from shardline import launcher
-from shardline.common import auth
+from shardline.common import auth, telemetry
 from shardline.v1 import common_pb2, worker_pb2
 from shardline.worker.config import WorkerConfig
 from shardline.worker.rank import build_parser as rank_parser
+from shardline.worker.rank import serve_commands as rank_serve_commands, step_span
 from shardline.worker import rank_group, server
 from shardline.worker.rank_group import rank_argv
-from shardline.worker.step_broadcast import Op, plan_bytes
+from shardline.worker.servicer import StageWorkerServicer
+from shardline.worker.step_broadcast import Command, Op, plan_bytes
 
 
 def parse(argv: list[str]) -> WorkerConfig:
@@ -62,9 +69,18 @@ def test_a_rank_gets_the_workers_flags():
     ns = rank_parser().parse_args(rank_argv(cfg, "/models/m", 1, 1234, 99))
     assert (ns.rank, ns.store_port, ns.seed) == (1, 1234, 99)
     got = WorkerConfig.from_args(ns)
-    # the rank serves nothing, forwards nothing, and loads the directory rank 0 resolved
+    # the rank serves no gRPC, forwards nothing, loads the directory rank 0 resolved and
+    # serves its metrics on the worker's port + its rank
     assert got == WorkerConfig(**{**cfg.__dict__, "model": "/models/m", "port": 50061,
-                                  "host": "0.0.0.0", "next_stages": [], "metrics_port": 0})
+                                  "host": "0.0.0.0", "next_stages": [], "metrics_port": 10})
+    plain = WorkerConfig(tensor_parallel_size=2)            # metrics off: off on every rank
+    assert "--metrics-port" not in rank_argv(plain, "/models/m", 1, 1234, 99)
+
+
+def test_the_plan_travels_with_rank_0s_trace_context_only():
+    req = worker_pb2.StepRequest(step_id=5, trace_context={"traceparent": "the scheduler's"})
+    plan = worker_pb2.StepRequest.FromString(plan_bytes(req, {"traceparent": "rank 0's"}))
+    assert dict(plan.trace_context) == {"traceparent": "rank 0's"}
 
 
 def test_the_plan_travels_without_hidden_states():
@@ -95,12 +111,14 @@ def test_up_passes_the_flag_to_every_worker():
 
 class FakeWire:
     def __init__(self, fail: bool = False):
-        self.sent, self.fail = [], fail
+        self.sent, self.fail, self.plans = [], fail, []
 
-    def send(self, op, req=None, hidden=None):
+    def send(self, op, req=None, hidden=None, trace_context=None):
         if self.fail:
             raise RuntimeError("Connection closed by peer")
         self.sent.append(op)
+        if req is not None:                      # what a rank's receive() would give
+            self.plans.append(worker_pb2.StepRequest.FromString(plan_bytes(req, trace_context)))
 
 
 class FakeProc:
@@ -191,3 +209,80 @@ def test_serve_refuses_a_value_error_and_raises_the_rest(monkeypatch, caplog, ti
             asyncio.run(server.serve(cfg))
         assert "refused to start" not in caplog.text
     assert ranks.abandoned                           # killed, not left to their parent's death
+
+
+# -- every rank's step: a span under rank 0's, and metrics labeled with the rank --------------
+
+class FakeRunner:
+    def __init__(self):
+        self.steps = []
+
+    def step(self, seqs, free_seq_ids, hidden, decode):
+        self.steps.append([s.seq_id for s in seqs])
+        return torch.zeros(sum(len(s.token_ids) for s in seqs), 4), None
+
+
+class ReplayWire:
+    """A rank's end of the wire that receives the given plans, then STOP."""
+    def __init__(self, plans):
+        self.commands = [Command(Op.STEP, p) for p in plans] + [Command(Op.STOP)]
+
+    def receive(self):
+        return self.commands.pop(0)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def spans(monkeypatch):
+    """Tracing on, in memory (a provider of the test's own, not the global one)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(telemetry, "tracer", provider.get_tracer("test"))
+    monkeypatch.setattr(telemetry, "_enabled", True)
+    yield exporter
+    provider.shutdown()
+
+
+def sample(name: str, rank: str) -> float:
+    return REGISTRY.get_sample_value(name, {"stage": "1", "rank": rank}) or 0.0
+
+
+def test_each_ranks_step_is_a_span_under_rank_0s_and_counted_with_its_rank(group, spans):
+    svc = StageWorkerServicer("m")
+    svc.stage_index, svc.runner, svc.ranks = 1, FakeRunner(), group
+    with telemetry.tracer.start_as_current_span("scheduler.step") as sched:
+        carrier = telemetry.inject()
+    req = worker_pb2.StepRequest(step_id=7, trace_context=carrier, seqs=[
+        worker_pb2.SeqPlan(seq_id=1, token_ids=[3, 4, 5], start_pos=0, admit=True)])
+    before = {r: (sample("shardline_stage_step_seconds_count", r),
+                  sample("shardline_stage_tokens_total", r)) for r in ("0", "1")}
+    out, _ = svc._compute_step(req, forward=True)
+    rank1 = FakeRunner()
+    assert rank_serve_commands(ReplayWire(group.wire.plans), rank1, 1, 1) == 0
+    assert rank1.steps == [[1]]
+    by_rank = {s.attributes.get("shardline.tp_rank"): s for s in spans.get_finished_spans()
+               if s.name == "stage1.forward"}
+    assert set(by_rank) == {0, 1}
+    r0, r1 = by_rank[0], by_rank[1]
+    assert r0.parent.span_id == sched.get_span_context().span_id
+    assert r1.parent.span_id == r0.context.span_id                # rank 1's under rank 0's
+    assert r1.context.trace_id == r0.context.trace_id == sched.get_span_context().trace_id
+    assert r1.attributes["shardline.step_id"] == 7
+    # the next stage gets rank 0's span too, as without tensor parallelism
+    assert out.trace_context["traceparent"].split("-")[2] == format(r0.context.span_id, "016x")
+    for r in ("0", "1"):                     # one step of 3 tokens on each rank, by its label
+        assert (sample("shardline_stage_step_seconds_count", r),
+                sample("shardline_stage_tokens_total", r)) == \
+            (before[r][0] + 1, before[r][1] + 3)
+
+
+def test_without_tracing_the_plan_carries_no_context_and_a_rank_no_span(group):
+    svc = StageWorkerServicer("m")
+    svc.runner, svc.ranks = FakeRunner(), group
+    svc._compute_step(worker_pb2.StepRequest(step_id=1, seqs=[
+        worker_pb2.SeqPlan(seq_id=1, token_ids=[3], start_pos=0, admit=True)]), forward=True)
+    (plan,) = group.wire.plans
+    assert not plan.trace_context and step_span(plan, 0, 1) is None

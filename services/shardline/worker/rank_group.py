@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -53,8 +53,14 @@ EXIT_RANK_FAILED = 1
 # it after one log line naming the reason, and the worker with it (a usage error, as argparse's)
 EXIT_REFUSED = 2
 # the worker's flags a rank does not take: it serves nothing and forwards nothing; its model
-# is the directory rank 0 resolved
+# is the directory rank 0 resolved; its metrics port is its own (rank_metrics_port)
 _NOT_FOR_RANKS = {"port", "host", "next_stages", "metrics_port", "model"}
+
+
+def rank_metrics_port(metrics_port: int, rank: int) -> int:
+    """Where rank `rank` serves Prometheus metrics: the worker's --metrics-port + rank (0: off,
+    as the worker's). Rank 0 is the worker itself."""
+    return metrics_port + rank if metrics_port else 0
 
 
 def rank_argv(cfg: WorkerConfig, model_dir: str, rank: int, store_port: int,
@@ -62,8 +68,10 @@ def rank_argv(cfg: WorkerConfig, model_dir: str, rank: int, store_port: int,
     """The command line of `python -m shardline.worker.rank` for rank `rank` of cfg's stage."""
     names = [f.name for f in dataclasses.fields(WorkerConfig)
              if "help" in f.metadata and f.name not in _NOT_FOR_RANKS]
+    metrics = rank_metrics_port(cfg.metrics_port, rank)
     return ["--rank", str(rank), "--store-port", str(store_port), "--seed", str(seed),
-            "--model", str(model_dir), *config_argv(WorkerConfig, cfg, names)]
+            "--model", str(model_dir), *config_argv(WorkerConfig, cfg, names),
+            *(["--metrics-port", str(metrics)] if metrics else [])]
 
 
 class RankGroup:
@@ -118,12 +126,13 @@ class RankGroup:
                  self.world_size, time.perf_counter() - t0)
 
     @contextlib.contextmanager
-    def step(self, req: worker_pb2.StepRequest,
-             hidden: Optional[torch.Tensor]) -> Iterator[None]:
+    def step(self, req: worker_pb2.StepRequest, hidden: Optional[torch.Tensor],
+             trace_context: Optional[Mapping[str, str]] = None) -> Iterator[None]:
         """Send the step to the other ranks, then run rank 0's own (the with block). A bad
         plan (ValueError) is refused by every rank alike; any other failure leaves the ranks
-        out of step, and the stage exits."""
-        self._send(Op.STEP, req, hidden)
+        out of step, and the stage exits. trace_context: rank 0's step span (tracing on), the
+        parent of each rank's."""
+        self._send(Op.STEP, req, hidden, trace_context)
         try:
             yield
         except ValueError:
@@ -136,9 +145,9 @@ class RankGroup:
         """The other ranks forget every sequence too (call before rank 0's runner does)."""
         self._send(Op.FORGET_ALL)
 
-    def _send(self, op: Op, req=None, hidden=None) -> None:
+    def _send(self, op: Op, req=None, hidden=None, trace_context=None) -> None:
         try:
-            self.wire.send(op, req, hidden)
+            self.wire.send(op, req, hidden, trace_context)
         except Exception as exc:
             self.fail(f"sending {op.name} to the other ranks failed: {exc!r}")
             raise

@@ -37,11 +37,26 @@ from shardline.worker.profiler import ProfileArmed, StageProfiler
 
 log = logging.getLogger(__name__)
 
+# every tensor-parallel rank of a stage has them, labeled with its rank: rank 0 (the worker) here,
+# ranks 1..T-1 in worker/rank.py, each on its own metrics port (rank_group.rank_metrics_port)
 STEP_SECONDS = Histogram(
-    "shardline_stage_step_seconds", "Compute time of one step on this stage (decode plan, layers, "
-    "encode output)", ["stage"],
+    "shardline_stage_step_seconds", "Compute time of one step on this stage (rank 0: decode plan, "
+    "layers, encode output; other tensor-parallel ranks: layers)", ["stage", "rank"],
     buckets=(.001, .0025, .005, .01, .025, .05, .075, .1, .15, .25, .5, 1, 2.5, 5, 10))
-STEP_TOKENS = Counter("shardline_stage_tokens_total", "Tokens computed by this stage", ["stage"])
+STEP_TOKENS = Counter("shardline_stage_tokens_total", "Tokens computed by this stage",
+                      ["stage", "rank"])
+
+
+def step_tokens(req: worker_pb2.StepRequest) -> int:
+    """The tokens a step computes (its shardline_stage_tokens_total)."""
+    return (sum(len(s.token_ids) or s.last_sampled for s in req.seqs)
+            + len(req.decode.seq_ids))
+
+
+def step_span_name(stage_index: int) -> str:
+    """The span of one step on a stage (every tensor-parallel rank's, told apart by
+    shardline.tp_rank)."""
+    return f"stage{stage_index}.forward"
 
 
 class Superseded(Exception):
@@ -109,11 +124,13 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
                     admitted.append(s)
         seq_ids = [s.seq_id for s in req.seqs] + list(req.decode.seq_ids)
         ctxs = [self._seq_span_ctx.get(sid) for sid in seq_ids]
-        name = f"stage{self.stage_index}.forward"
+        attributes = {"shardline.stage": self.stage_index, "shardline.step_id": req.step_id,
+                      "shardline.num_seqs": len(seq_ids)}
+        if self.ranks is not None:
+            attributes["shardline.tp_rank"] = 0
         span = telemetry.tracer.start_span(
-            name, context=telemetry.extract(req.trace_context), links=telemetry.links(ctxs),
-            attributes={"shardline.stage": self.stage_index, "shardline.step_id": req.step_id,
-                        "shardline.num_seqs": len(seq_ids)})
+            step_span_name(self.stage_index), context=telemetry.extract(req.trace_context),
+            links=telemetry.links(ctxs), attributes=attributes)
         step_link = [trace.Link(span.get_span_context())]
         admits = [telemetry.tracer.start_span(
             f"stage{self.stage_index}.admit", context=telemetry.extract(s.trace_context),
@@ -187,9 +204,11 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
                 seqs, free_seq_ids, decode = step_args(req)
                 # host memory: the backend moves it (the GPU engine: pinned, non-blocking)
                 hidden = pb_to_tensor(req.hidden) if req.HasField("hidden") else None
-            # tensor parallel: the other ranks get the same step first
-            with (self.ranks.step(req, hidden) if self.ranks is not None
-                  else contextlib.nullcontext()):
+            span_context = (telemetry.inject(trace.set_span_in_context(span))
+                            if span is not None else None)
+            # tensor parallel: the other ranks get the same step first (and its span's context)
+            with (self.ranks.step(req, hidden, span_context)
+                  if self.ranks is not None else contextlib.nullcontext()):
                 hidden_out, tokens = runner.step(seqs, free_seq_ids, hidden, decode)
             if forward:
                 with StageProfiler.range(ENCODE_RANGE):
@@ -199,8 +218,8 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
                         out.decode.CopyFrom(req.decode)
                     if hidden_out is not None:
                         out.hidden.CopyFrom(tensor_to_pb(hidden_out))
-                if span is not None:
-                    out.trace_context.update(telemetry.inject(trace.set_span_in_context(span)))
+                if span_context:
+                    out.trace_context.update(span_context)
                 dt = time.perf_counter() - t0
                 return out, dt
             with StageProfiler.range(ENCODE_RANGE):
@@ -210,9 +229,8 @@ class StageWorkerServicer(worker_pb2_grpc.StageWorkerServicer):
             return res, 0.0
         finally:
             stage = str(self.stage_index)
-            STEP_SECONDS.labels(stage).observe(time.perf_counter() - t0)
-            STEP_TOKENS.labels(stage).inc(sum(len(s.token_ids) or s.last_sampled for s in req.seqs)
-                                            + len(req.decode.seq_ids))
+            STEP_SECONDS.labels(stage, "0").observe(time.perf_counter() - t0)
+            STEP_TOKENS.labels(stage, "0").inc(step_tokens(req))
             for s in admits:
                 s.end()
             if span is not None:

@@ -4,7 +4,9 @@ Rank 0 (the worker process that serves gRPC) sends, for every command, on a gloo
 group:
 
     header   int64 [op, plan bytes, hidden rows, hidden columns, hidden dtype (0: none)]
-    plan     uint8 [plan bytes]: the StepRequest as it arrived, without its hidden states
+    plan     uint8 [plan bytes]: the StepRequest as it arrived, without its hidden states;
+             its trace_context is rank 0's step span when tracing is on (each rank's step
+             span is that span's child), else empty
 and, when the step carries hidden states, on the default group (NCCL on CUDA, gloo on the CPU):
     hidden   [rows, columns] of its dtype (moved as bytes), on the rank's device
 
@@ -19,7 +21,7 @@ import enum
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,10 +50,12 @@ class Command:
     hidden: Optional[torch.Tensor] = None                # Op.STEP on a later stage
 
 
-def plan_bytes(req: worker_pb2.StepRequest) -> bytes:
-    """req serialized without its hidden states (they go as a tensor) or trace context."""
+def plan_bytes(req: worker_pb2.StepRequest,
+               trace_context: Optional[Mapping[str, str]] = None) -> bytes:
+    """req serialized without its hidden states (they go as a tensor) or its own trace
+    context; with trace_context (rank 0's step span) instead, when given."""
     plan = worker_pb2.StepRequest(step_id=req.step_id, seqs=req.seqs,
-                                  free_seq_ids=req.free_seq_ids)
+                                  free_seq_ids=req.free_seq_ids, trace_context=trace_context)
     if req.HasField("decode"):
         plan.decode.CopyFrom(req.decode)
     return plan.SerializeToString()
@@ -88,9 +92,11 @@ class StepBroadcast:
 
     # ---- rank 0 -------------------------------------------------------------------------
     def send(self, op: Op, req: Optional[worker_pb2.StepRequest] = None,
-             hidden: Optional[torch.Tensor] = None) -> None:
-        """Send one command to the other ranks (rank 0)."""
-        plan = plan_bytes(req) if req is not None else b""
+             hidden: Optional[torch.Tensor] = None,
+             trace_context: Optional[Mapping[str, str]] = None) -> None:
+        """Send one command to the other ranks (rank 0); trace_context: the step's span, the
+        parent of the other ranks' (in the plan: no collective of its own)."""
+        plan = plan_bytes(req, trace_context) if req is not None else b""
         rows = cols = dtype = 0
         if hidden is not None:
             rows, cols = hidden.shape
