@@ -34,10 +34,14 @@ VALUE_SETS = {
     "observability": HERE / "values-observability.yaml",
     "dev": CHART / "values-dev.yaml",
     "secure": HERE / "values-secure.yaml",
+    "tensor-parallel": HERE / "values-tensor-parallel.yaml",
 }
 # (stages, replicas) each values set asks for
 SHAPES = {"default": (1, 1), "one-stage": (1, 1), "three-stages": (3, 2), "external-redis": (1, 1),
-          "gpu": (2, 1), "observability": (1, 1), "dev": (1, 1), "secure": (2, 2)}
+          "gpu": (2, 1), "observability": (1, 1), "dev": (1, 1), "secure": (2, 2),
+          "tensor-parallel": (2, 1)}
+# tensor-parallel ranks per stage each values set asks for (pipeline.tensorParallel)
+TENSOR_PARALLEL = {"tensor-parallel": 4}
 SHARDLINE_COMPONENTS = ("scheduler", "tokenizer", "worker")
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest with schemas.
 KUBE_VERSIONS = ("1.27", kubernetes_validate.utils.latest_version())
@@ -450,23 +454,38 @@ def test_worker_command_lines(rendered, name):
         assert flag(args, "--num-stages") == str(stages)
         assert flag(args, "--port") == "50061" and flag(args, "--host") == "0.0.0.0"
         assert flag(args, "--block-size") == "16"
-        assert flag(args, "--tensor-parallel-size") == "1"
+        tp = TENSOR_PARALLEL.get(name, 1)
+        assert flag(args, "--tensor-parallel-size") == str(tp)
         assert flag(args, "--max-step-tokens") == "8192"      # >= scheduler.maxNumBatchedTokens
         assert int(flag(args, "--threads")) >= 1
-        gpu = name == "gpu"
+        gpu = name in ("gpu", "tensor-parallel")
         assert flag(args, "--device") == ("cuda" if gpu else "cpu")
         assert ("nvidia.com/gpu" in c["resources"]["limits"]) is gpu
+        # the ranks' NCCL shared memory: a memory-backed /dev/shm, only with several ranks
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert ("/dev/shm" in mounts) is (tp > 1)
+        if tp > 1:
+            (shm,) = [v for v in w["spec"]["template"]["spec"]["volumes"]
+                      if v["name"] == mounts["/dev/shm"]]
+            assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"}
         if gpu:
-            assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-            assert flag(args, "--quantize") == "int4"
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == tp
             assert flag(args, "--dtype") == "bfloat16"
-            assert flag(args, "--kv-cache-fraction") == "0.85" and "--kv-cache-memory" not in args
+            assert "--kv-cache-memory" not in args
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
                 w["spec"]["template"]["spec"]["tolerations"]
+        if name == "gpu":
+            assert flag(args, "--quantize") == "int4"
+            assert flag(args, "--kv-cache-fraction") == "0.85"
+        elif name == "tensor-parallel":                   # the 70B of docs/operations.md
+            assert "--quantize" not in args and flag(args, "--kv-cache-fraction") == "0.9"
         else:
             assert "--quantize" not in args and "--kv-cache-fraction" not in args
             assert flag(args, "--kv-cache-memory")
         assert flag(args, "--log-level") in ("INFO", "DEBUG")
+
+
+LLAMA_70B_HEADS = ("model.attentionHeads=64", "model.kvHeads=8")
 
 
 def test_tensor_parallel_stages(helm):
@@ -474,17 +493,75 @@ def test_tensor_parallel_stages(helm):
     requests T of them (one per rank; worker.gpu.count when that is more)."""
     def worker(manifests, k=0):
         return container(one(manifests, "StatefulSet", f"{FULLNAME}-worker-{k}"))
-    gpu = render_set(helm, "pipeline.tensorParallel=4", values=VALUE_SETS["gpu"])
+    gpu = render_set(helm, "pipeline.tensorParallel=4", *LLAMA_70B_HEADS,
+                     values=VALUE_SETS["gpu"])
     for k in range(SHAPES["gpu"][0]):
         c = worker(gpu, k)
         assert flag(c["args"], "--tensor-parallel-size") == "4"
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
-    more = render_set(helm, "pipeline.tensorParallel=2", "worker.gpu.count=8",
+    more = render_set(helm, "pipeline.tensorParallel=2", "worker.gpu.count=8", *LLAMA_70B_HEADS,
                       values=VALUE_SETS["gpu"])
     assert worker(more)["resources"]["limits"]["nvidia.com/gpu"] == 8
-    cpu = worker(render_set(helm, "pipeline.tensorParallel=2"))
-    assert flag(cpu["args"], "--tensor-parallel-size") == "2"
+    cpu = worker(render_set(helm, "pipeline.tensorParallel=3"))    # the default model: 9, 3
+    assert flag(cpu["args"], "--tensor-parallel-size") == "3"
     assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
+
+
+# (values, what the refusal names; None: renders) -- the worker's rule (models/parallel.py):
+# T divides the attention heads, and the KV heads divide by T or divide T
+HEAD_SPLITS = [
+    ((), None),                                                   # T = 1
+    (("pipeline.tensorParallel=3",), None),                       # the default model: 9, 3
+    (("pipeline.tensorParallel=2",),
+     "model.attentionHeads=9 is not divisible by 2; model.kvHeads=3 neither divides by 2 nor "
+     "divides it"),
+    (("pipeline.tensorParallel=4", *LLAMA_70B_HEADS), None),      # 16 heads, 2 KV heads a rank
+    (("pipeline.tensorParallel=16", *LLAMA_70B_HEADS), None),     # a KV head on 2 ranks each
+    (("pipeline.tensorParallel=3", "model.attentionHeads=12", "model.kvHeads=8"),
+     "pipeline.tensorParallel=3 cannot split the model across its ranks: model.kvHeads=8 "
+     "neither divides by 3 nor divides it (set model.attentionHeads and model.kvHeads"),
+    (("pipeline.tensorParallel=8", "model.attentionHeads=36", "model.kvHeads=4"),
+     "model.attentionHeads=36 is not divisible by 8 ("),
+]
+
+
+@pytest.mark.parametrize("sets,refusal", HEAD_SPLITS, ids=[" ".join(s) or "T=1"
+                                                         for s, _ in HEAD_SPLITS])
+def test_tensor_parallel_must_split_the_model_heads(helm, sets, refusal):
+    proc = _helm(helm, *_template_args(None, *sets))
+    if refusal is None:
+        assert proc.returncode == 0, proc.stderr
+        return
+    assert proc.returncode != 0, f"helm template accepted {sets}"
+    assert refusal in proc.stderr, proc.stderr
+
+
+def test_every_tensor_parallel_rank_serves_metrics_on_its_own_port(rendered):
+    """metrics.enabled with T ranks: rank r serves on metrics.port + r (worker/rank_group.py),
+    a port named metrics-r<r> on the pod and its Service, scraped by the ServiceMonitor and
+    open in the worker NetworkPolicy as the worker's own metrics port is."""
+    manifests = docs(rendered, "tensor-parallel")
+    ranks = {f"metrics-r{r}": 9090 + r for r in range(1, TENSOR_PARALLEL["tensor-parallel"])}
+    for k in range(SHAPES["tensor-parallel"][0]):
+        name = f"{FULLNAME}-worker-{k}"
+        c = container(one(manifests, "StatefulSet", name))
+        assert flag(c["args"], "--metrics-port") == "9090"
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"grpc": 50061, "metrics": 9090, **ranks}
+        svc = one(manifests, "Service", name)
+        assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]
+                if p["name"].startswith("metrics-r")} == {n: (p, n) for n, p in ranks.items()}
+        policy = one(manifests, "NetworkPolicy", name)
+        (rule,) = [r for r in policy["spec"]["ingress"]
+                   if any(p["port"] == "metrics-r1" for p in r["ports"])]
+        assert [p["port"] for p in rule["ports"]] == list(ranks)
+        assert rule["from"] == [{"namespaceSelector": {}}]
+    (sm,) = [d for d in manifests if d["kind"] == "ServiceMonitor"]
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics", *ranks]
+    # the scheduler and tokenizer have one process each: no rank ports
+    for comp in ("scheduler", "tokenizer"):
+        (w,) = [w for w in workloads(manifests) if component(w) == comp]
+        assert not [p for p in container(w)["ports"] if p["name"].startswith("metrics-r")]
 
 
 def test_worker_threads_follow_the_cpu_limit(rendered):
@@ -599,7 +676,8 @@ def allowed_sources(policy, groups, port_name) -> set | None:
     return sources
 
 
-@pytest.mark.parametrize("name", ["default", "three-stages", "gpu", "external-redis", "observability"])
+@pytest.mark.parametrize("name", ["default", "three-stages", "gpu", "external-redis",
+                                  "observability", "tensor-parallel"])
 def test_network_policies(rendered, name):
     manifests = docs(rendered, name)
     groups = pod_groups(manifests)
@@ -730,6 +808,9 @@ BAD_VALUES = [
     ("pipeline.stages=0", "/pipeline/stages"),
     ("pipeline.replicas=0", "/pipeline/replicas"),
     ("pipeline.tensorParallel=0", "/pipeline/tensorParallel"),
+    ("model.attentionHeads=0", "/model/attentionHeads"),
+    ("model.kvHeads=two", "/model/kvHeads"),
+    ("worker.shmSizeLimit=lots", "/worker/shmSizeLimit"),
     ("scheduler.maxNumSeqs=-1", "/scheduler/maxNumSeqs"),
     ("worker.dtype=int3", "/worker/dtype"),
     ("worker.device=tpu", "/worker/device"),

@@ -196,6 +196,37 @@ seccompProfile:
 {{- end }}
 {{- end -}}
 
+{{/* Fail rendering unless pipeline.tensorParallel (T) splits the model's heads as the worker
+     requires (models/parallel.py: check_tensor_parallel): T divides model.attentionHeads, and
+     model.kvHeads divides by T or divides T. The chart cannot read the model: the heads are
+     values (the default model's by default). */}}
+{{- define "shardline.checkTensorParallel" -}}
+{{- $t := int (.Values.pipeline.tensorParallel | default 1) -}}
+{{- $h := int .Values.model.attentionHeads -}}
+{{- $kv := int .Values.model.kvHeads -}}
+{{- $problems := list -}}
+{{- if mod $h $t -}}
+{{- $problems = append $problems (printf "model.attentionHeads=%d is not divisible by %d" $h $t) -}}
+{{- end -}}
+{{- if and (mod $kv $t) (mod $t $kv) -}}
+{{- $problems = append $problems (printf "model.kvHeads=%d neither divides by %d nor divides it" $kv $t) -}}
+{{- end -}}
+{{- if $problems -}}
+{{- fail (printf "pipeline.tensorParallel=%d cannot split the model across its ranks: %s (set model.attentionHeads and model.kvHeads to your model's num_attention_heads and num_key_value_heads)" $t (join "; " $problems)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The ranks 1..T-1 of a tensor-parallel worker (pipeline.tensorParallel = T) that serve
+     metrics of their own, on metrics.port + rank (worker/rank_group.py: rank_metrics_port), in
+     ports named metrics-r<rank>: a list, empty without metrics.enabled or with T = 1. */}}
+{{- define "shardline.metricsRanks" -}}
+{{- if .Values.metrics.enabled -}}
+{{- toJson (untilStep 1 (int (.Values.pipeline.tensorParallel | default 1)) 1) -}}
+{{- else -}}
+[]
+{{- end -}}
+{{- end -}}
+
 {{/* Flags every Shardline service gets at the end of its command line. */}}
 {{- define "shardline.commonArgs" -}}
 - --log-level
