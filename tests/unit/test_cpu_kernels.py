@@ -186,6 +186,21 @@ def test_step_linear_takes_a_weight_format():
     assert projections.gate_up(K, gate_up).format == K.WeightFormat.BF16
 
 
+def test_shm_all_reduce_raises_when_a_rank_never_arrives():
+    """Rank 0 of 2 alone: its spin gives up after the timeout with an error naming rank 1,
+    and its own slot and flag hold what it published."""
+    shm = torch.zeros(K.shm_header_bytes(2) + 2 * 2 * 256, dtype=torch.uint8)
+    x = torch.arange(8, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="rank 1 did not arrive"):
+        K.shm_all_reduce(x, shm, 0, 2, 1, 256, 0.05)
+    header = K.shm_header_bytes(2)
+    slot0 = shm[header + 2 * 256: header + 2 * 256 + 32].view(torch.float32)    # parity 1
+    assert torch.equal(slot0, torch.arange(8, dtype=torch.float32))
+    assert shm[64 * 2: 64 * 2 + 8].view(torch.int64).item() == 1               # flag(1, 0)
+    with pytest.raises(RuntimeError, match="exceed"):
+        K.shm_all_reduce(torch.zeros(65), shm, 0, 2, 2, 256, 0.05)
+
+
 def test_rms_norm_with_and_without_residual():
     torch.manual_seed(0)
     x, r = torch.randn(3, 576, dtype=torch.bfloat16), torch.randn(3, 576, dtype=torch.bfloat16)

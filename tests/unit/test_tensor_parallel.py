@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import time
 
@@ -134,6 +135,30 @@ def _fp8_row_parallel(path: str, tp: TensorParallel) -> dict:
                 model.get_submodule(n).scale.tolist()) for n in ROW_PARALLEL}
 
 
+SHM_SHAPES = [((1, 64), torch.bfloat16), ((16, 64), torch.bfloat16), ((3, 100), torch.float32),
+              ((64, 64), torch.float32)]          # the last exceeds a 4 KiB slot: gloo
+
+
+def _shm_input(rank: int, call: int, shape, dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * rank + call)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def _shm_sums(tp: TensorParallel) -> dict:
+    """Sums of every SHM_SHAPES tensor, 3 calls each in turn (both slot parities reused),
+    through ShmAllReduce with 4 KiB slots; None where the kernels do not load here."""
+    from shardline.backends.cpu_kernels import build
+    from shardline.backends.cpu_kernels.shm_comm import ShmAllReduce
+    kernels = build.load()
+    if kernels is None:
+        return None
+    comm = ShmAllReduce.create(kernels, tp, slot_bytes=4096)
+    sums = [comm(_shm_input(tp.rank, call, shape, dtype)).float().tolist()
+            for call in range(3) for shape, dtype in SHM_SHAPES]
+    return dict(sums=sums, shm_calls=comm.seq, path=comm.path,
+                path_left=os.path.exists(comm.path))
+
+
 def _rank_main(rank: int, world: int, store: str, out_dir: str, cases: dict) -> None:
     """One rank: join the gloo group, run every case's steps, write what it saw."""
     torch.set_num_threads(1)
@@ -159,6 +184,7 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str, cases: dict) -> 
             if name in KERNEL_CASES:
                 results[name]["logits"] = _backend_logits(runners, PROMPTS[2])
         runner = _whole_then_sharded(cases["llama"][0], rank, world)
+        results["shm"] = _shm_sums(TensorParallel(rank, world))
         results["fp8"] = _fp8_row_parallel(cases["llama"][0], TensorParallel(rank, world))
         results["transform"] = dict(ids=Driver([runner]).run(PROMPTS, NEW_TOKENS, chunk=4,
                                                              stagger=1))
@@ -321,6 +347,22 @@ def test_fp8_row_parallel_ranks_hold_their_columns_of_the_whole_fp8_weights(
         assert torch.equal(torch.cat(parts, dim=1), q.float())
         for r in ranks:
             assert r["fp8"][name][1] == scale.tolist()
+
+
+def test_shared_memory_sums_equal_on_every_rank_and_leave_no_file(ranks):
+    """ShmAllReduce (the CPU kernels' sums): every rank gets sum(rank inputs), rounded once
+    to the dtype, identical on both; a tensor larger than a slot goes over gloo (not counted
+    in the shared calls); the /dev/shm file is gone once both ranks mapped it."""
+    if ranks[0]["shm"] is None:
+        pytest.skip("the CPU kernels do not load on this CPU")
+    assert ranks[0]["shm"]["sums"] == ranks[1]["shm"]["sums"]
+    expected = [(_shm_input(0, call, shape, dtype).float() + _shm_input(1, call, shape, dtype)
+                 .float()).to(dtype).float().tolist()
+                for call in range(3) for shape, dtype in SHM_SHAPES]
+    assert ranks[0]["shm"]["sums"] == expected
+    assert ranks[0]["shm"]["shm_calls"] == ranks[1]["shm"]["shm_calls"] == 3 * 3
+    assert ranks[0]["shm"]["path"] == ranks[1]["shm"]["path"]
+    assert not ranks[0]["shm"]["path_left"] and not ranks[1]["shm"]["path_left"]
 
 
 # ---- in one process: the spec, the loader, the refusals ------------------------------------

@@ -30,8 +30,8 @@ weight format:
 
 A tensor-parallel rank's stage (transforms/shard.py: its heads, MLP columns or experts, vocab
 slice) runs each layer as StepLayer.attention_out (up to o) and mlp_out (or its KernelMoE on
-the rank's experts only), with the all-reduce of each partial sum between them in Python, and
-its head's vocab slice gathered (VocabParallelHead.gather).
+the rank's experts only), with the all-reduce of each partial sum between them (through shared memory:
+shm_comm.py), and its head's vocab slice gathered (VocabParallelHead.gather).
 
 Attention: one paged-attention call per layer for every row of the step, decode or prefill,
 each row against its own context in the cache (AttentionMetadata.per_row); runs of up to 16
@@ -51,6 +51,7 @@ from torch import nn
 
 from shardline.backends.base import StepBackend
 from shardline.backends.cpu_kernels import build as cpu_kernels
+from shardline.backends.cpu_kernels.shm_comm import ShmAllReduce
 from shardline.backends.cpu_kernels.projections import (KernelMoE, Unsupported, layer_mlp,
                                                         linear)
 from shardline.models.attention import AttentionMetadata
@@ -143,6 +144,7 @@ class CpuKernelBackend(StepBackend):
         # a tensor-parallel rank's stage (transforms/shard.py): its o / down / experts' outputs
         # are partial sums, all-reduced between the kernels' halves of each layer
         self.tp = getattr(model, "tensor_parallel", None)
+        self.reduce = None
         # per layer: (StepLayer, cos, sin, KernelMoE or None); cos / sin float32
         # [max_pos, head_dim], one copy per RoPE table (Gemma 3: local and global)
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -163,6 +165,10 @@ class CpuKernelBackend(StepBackend):
             self.norm = model.norm.weight.detach().float().contiguous()
             self.norm_eps = model.norm.eps
             self.head = linear(kernels, getattr(model.lm_head, "linear", model.lm_head))
+        if self.tp is not None:             # last: a collective, once the build cannot fail
+            comm = ShmAllReduce.create(kernels, self.tp)
+            group = self.tp.group
+            self.reduce = comm if comm is not None else (lambda t: all_reduce(t, group))
 
     @classmethod
     def build(cls, model: StageModel) -> Optional["CpuKernelBackend"]:
@@ -248,14 +254,14 @@ class CpuKernelBackend(StepBackend):
         -> all-reduce -> residual add and the MLP's norm -> the rank's MLP columns (or
         experts) -> all-reduce -> (sandwich norm). Two all-reduces per layer, as the
         reference's hooks (transforms/shard.py); every rank returns the same hidden states."""
-        k, eps, group = self.kernels, self.eps, self.tp.group
+        k, eps, reduce = self.kernels, self.eps, self.reduce
         residual = None
         for (layer, cos, sin, moe), (k_cache, v_cache), (pre_mlp, attn_norm, mlp_norm) in zip(
                 self.steps, kv_cache.layers, self.norms):
             out, residual = layer.attention_out(h, residual, pos, cos, sin, slots, k_cache,
                                                 v_cache, table, lengths, bs)
-            normed = k.rms_norm(all_reduce(out, group), residual, pre_mlp, eps, attn_norm)
-            h = all_reduce(moe(normed) if moe is not None else layer.mlp_out(normed), group)
+            normed = k.rms_norm(reduce(out), residual, pre_mlp, eps, attn_norm)
+            h = reduce(moe(normed) if moe is not None else layer.mlp_out(normed))
             if mlp_norm is not None:
                 h = k.rms_norm(h, None, mlp_norm, eps)
         return residual.add_(h)

@@ -126,6 +126,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("slots"), py::arg("k_cache"), py::arg("v_cache"), py::arg("heads"),
         py::arg("kv_heads"), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none(),
         py::arg("eps") = 1e-6);
+  m.def("shm_header_bytes", &ck::shm_header_bytes, "bytes of shm_all_reduce's flags");
+  m.def("shm_all_reduce", &ck::shm_all_reduce, "x = its sum over the ranks of this host, "
+        "through a shared-memory buffer (shm_comm.py)", py::arg("x"), py::arg("shm"),
+        py::arg("rank"), py::arg("world"), py::arg("seq"), py::arg("slot_bytes"),
+        py::arg("timeout_s"));
   m.def("paged_attention", &ck::paged_attention, "each row against its own paged context "
         "(window > 0: its last `window` positions; softcap > 0: soft-capped scores)",
         py::arg("qkv"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),

@@ -21,6 +21,7 @@
 //   attention_amx.cpp  paged_attention's runs of prefill rows on AMX tiles
 //   step_layer.h, .cpp WeightFormat, StepLinear (one projection in its weight format), StepLayer
 //                      (a decoder layer, or its attention half for a mixture of experts)
+//   shm_reduce.cpp     shm_all_reduce: tensor-parallel ranks' sums through shared memory
 //   bindings.cpp       the Python module
 //
 // Kernels are compiled for their instruction sets by function attribute (KERNEL, AMX_KERNEL),

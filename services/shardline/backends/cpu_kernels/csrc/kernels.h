@@ -89,5 +89,14 @@ at::Tensor paged_attention(const at::Tensor& qkv, const at::Tensor& k_cache,
                            const at::Tensor& lengths, int64_t block, int64_t heads, double scale,
                            int64_t window = 0, double softcap = 0.0);
 
+// ---- shm_reduce.cpp ---------------------------------------------------------------------------
+// x (contiguous bf16 or float32) = its sum over `world` ranks of this host, in place, through
+// shm (uint8, shared by the ranks: shm_header_bytes(world) of flags, then 2 x world slots of
+// slot_bytes). seq: 1, 2, ... per call, the same on every rank. Every rank gets the same
+// values (float32 sum in rank order, one rounding). Raises after timeout_s without a peer.
+int64_t shm_header_bytes(int64_t world);
+void shm_all_reduce(at::Tensor x, at::Tensor shm, int64_t rank, int64_t world, int64_t seq,
+                    int64_t slot_bytes, double timeout_s);
+
 }  // namespace cpu_kernels
 }  // namespace shardline
