@@ -204,6 +204,11 @@ class Stack:
         return worst
 
 
+# a child that refused to start (argparse's usage error; a worker's flags that do not fit its
+# model: worker/rank_group.py EXIT_REFUSED) would refuse again: never restarted
+EXIT_REFUSED = 2
+
+
 class RestartPolicy:
     """When a child that exited on its own starts again, as a kubelet restarts a container:
     after a delay that doubles from initial_delay_s up to max_delay_s and falls back to
@@ -248,7 +253,8 @@ class RestartPolicy:
 
 class Supervisor:
     """Restarts the children of a started stack that exit on their own, each under its own
-    RestartPolicy. Call poll() from the thread that started the stack (common/spawn.py)."""
+    RestartPolicy, except one that refused to start (EXIT_REFUSED): the stack stops. Call
+    poll() from the thread that started the stack (common/spawn.py)."""
 
     def __init__(self, stack: Stack, clock: Callable[[], float] = time.monotonic,
                  policy: Callable[[Callable[[], float]], RestartPolicy] = RestartPolicy):
@@ -270,6 +276,9 @@ class Supervisor:
                 continue
             if c.proc is None or c.proc.poll() is None:
                 continue
+            if c.proc.returncode == EXIT_REFUSED:
+                return (f"{c.name} refused to start (exit {EXIT_REFUSED}; its log line says "
+                        f"why): not restarted")
             policy = self.policies[c.name]
             delay = policy.on_exit()
             if delay is None:

@@ -1,11 +1,12 @@
 """`shardline up`'s supervision on an injected clock: the restart policy's backoff sequence,
 its cap and reset, crash-loop detection (5 restarts within 60 s), and the Supervisor that
-applies it to a stack's children."""
+applies it to a stack's children (and never to a child that refused to start)."""
 from __future__ import annotations
 
 import copy
 
-from shardline.launcher import Child, RestartPolicy, Supervisor
+from shardline.launcher import EXIT_REFUSED, Child, RestartPolicy, Supervisor
+from shardline.worker import rank_group
 
 
 class FakeClock:
@@ -118,3 +119,15 @@ def test_supervisor_restarts_after_the_delay_and_stops_on_a_crash_loop(capsys):
     stack.kill("worker-r1s0", 1)
     crash = sup.poll()
     assert crash == "worker-r1s0 exited with 1: crash loop (5 restarts within 60s)"
+
+
+def test_a_child_that_refused_to_start_stops_the_stack_without_a_restart(capsys):
+    assert EXIT_REFUSED == rank_group.EXIT_REFUSED          # the worker's and its ranks' code
+    clock = FakeClock()
+    stack = FakeStack("tokenizer", "worker-0", "scheduler")
+    sup = Supervisor(stack, clock)
+    stack.kill("worker-0", EXIT_REFUSED)                   # e.g. --tp 2 on a 9-head model
+    assert sup.poll() == "worker-0 refused to start (exit 2; its log line says why): not restarted"
+    clock.advance(60)
+    assert sup.poll() is not None and stack.restarted == []
+    assert "restarting" not in capsys.readouterr().err
