@@ -290,6 +290,17 @@ class Supervisor:
         return None
 
 
+def worker_device(device: str, worker: int, tensor_parallel_size: int) -> str:
+    """The --device of the worker-th worker of a stack (replica-major): with T > 1 on CUDA
+    each worker's ranks get their own T GPUs (cuda:0-3 for the first of T = 4, cuda:4-7 for
+    the next, from --device's index); otherwise every worker shares `device` (several stages
+    on one GPU)."""
+    if tensor_parallel_size == 1 or not device.startswith("cuda"):
+        return device
+    _, _, index = device.partition(":")
+    return f"cuda:{int(index or 0) + worker * tensor_parallel_size}"
+
+
 def build_stack(model_dir: str, model_name: str, stages: int, port: int, device: str,
                 dtype: Optional[str], kv_cache_memory: Optional[str], threads: int,
                 extra_scheduler: list[str] = (), replicas: int = 1,
@@ -312,7 +323,8 @@ def build_stack(model_dir: str, model_name: str, stages: int, port: int, device:
         for s, addr in enumerate(addrs):
             p = addr.rpartition(":")[2]
             argv = ["worker", "--model", model_dir, "--port", p, "--host", "127.0.0.1",
-                    "--stage-index", str(s), "--num-stages", str(stages), "--device", device,
+                    "--stage-index", str(s), "--num-stages", str(stages),
+                    "--device", worker_device(device, r * stages + s, tensor_parallel_size),
                     "--threads", str(per_worker_threads), "--log-level", log_level,
                     *worker_extra]
             if tensor_parallel_size > 1:

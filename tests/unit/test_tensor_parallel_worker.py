@@ -109,6 +109,19 @@ def test_up_passes_the_flag_to_every_worker():
     assert "--tensor-parallel-size" not in plain.child("worker-0").argv
 
 
+def test_up_gives_each_cuda_workers_ranks_their_own_gpus():
+    """2 replicas x 2 stages x T = 2 from cuda:1: workers on cuda:1-2, 3-4, 5-6, 7-8 (their
+    ranks' devices); without TP every stage shares --device (stages on one GPU)."""
+    def devices(args):
+        stack = launcher.stack_from_args(launcher.build_parser().parse_args(args), "/models/m")
+        cfgs = [parse(c.argv[1:]) for c in stack.children if c.argv[0] == "worker"]
+        return [[cfg.rank_device(r) for r in range(cfg.tensor_parallel_size)] for cfg in cfgs]
+    assert devices(["--stages", "2", "--replicas", "2", "--tp", "2", "--device", "cuda:1"]) == [
+        ["cuda:1", "cuda:2"], ["cuda:3", "cuda:4"], ["cuda:5", "cuda:6"], ["cuda:7", "cuda:8"]]
+    assert devices(["--stages", "2", "--device", "cuda"]) == [["cuda"], ["cuda"]]
+    assert devices(["--stages", "2", "--tp", "2"]) == [["cpu", "cpu"], ["cpu", "cpu"]]
+
+
 class FakeWire:
     def __init__(self, fail: bool = False):
         self.sent, self.fail, self.plans = [], fail, []
