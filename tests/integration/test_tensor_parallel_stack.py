@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from shardline.client import Client
+from shardline.worker.build import load_runner
 from shardline.worker.rank_group import EXIT_RANK_FAILED, EXIT_REFUSED, RANK_MODULE
 
 from tests.integration.conftest import RunningStack
@@ -27,7 +28,7 @@ from tests.integration.test_tracing import collector  # noqa: F401 - a fixture
 from tests.procs import child_processes
 from tests.reliability.conftest import wait_for
 from tests.unit.conftest import make_tiny_model
-from tests.unit.test_model import hf_greedy
+from tests.unit.test_model import Driver, hf_greedy
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PROMPTS = [list(range(10, 40)), [5, 9, 77, 3, 120, 64, 1, 2, 3, 4, 99]]   # ids < 128
@@ -35,15 +36,19 @@ NEW_TOKENS = 16
 LONG = 400                  # tokens of the stream whose rank is killed (context: 512)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, model_dir) -> str:
-    path = make_tiny_model(tmp_path_factory.mktemp("tp-llama"), "llama")
+def tiny_with_tokenizer(tmp_path_factory, model_dir, family: str) -> str:
+    path = make_tiny_model(tmp_path_factory.mktemp(f"tp-{family}"), family)
     for name in TOKENIZER_FILES:                  # the default model's: detokenizing only
         try:
             shutil.copy(f"{model_dir}/{name}", path / name)
         except FileNotFoundError:
             pass
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, model_dir) -> str:
+    return tiny_with_tokenizer(tmp_path_factory, model_dir, "llama")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +85,32 @@ def test_two_stages_of_two_ranks_give_hf_greedy_ids(tiny_dir, expected):
         assert_greedy(c, expected)
     # stopped (SIGTERM): each worker told its rank to leave
     wait_for(lambda: not any(alive(r[1]) for r in ranks), 30, "the ranks to exit")
+
+
+def test_moe_stages_of_two_ranks_give_hf_greedy_ids_and_reuse_cached_prefixes(
+        tmp_path_factory, model_dir):
+    """Qwen3-MoE (experts split across the ranks, one dense layer), 2 stages x 2 ranks: HF's
+    float32 greedy ids; the same prompt again hits the prefix cache (blocks every rank of
+    each stage holds under the scheduler's ids) and gives the same ids."""
+    moe = tiny_with_tokenizer(tmp_path_factory, model_dir, "qwen3-moe")
+    want = hf_greedy(moe, PROMPTS, NEW_TOKENS)
+    with RunningStack(moe, stages=2, tensor_parallel_size=2, kv_cache_memory="8MiB",
+                      threads=2) as s, Client(s.address, timeout=120) as c:
+        assert_greedy(c, want)
+        again = c.generate(token_ids=PROMPTS[0], max_tokens=NEW_TOKENS, ignore_eos=True)
+        assert again.token_ids == want[0]
+        assert again.usage.cached_tokens >= 16     # PROMPTS[0]'s 30 tokens: whole blocks
+
+
+def test_int8_stage_of_two_ranks_gives_the_ids_of_one_int8_stage(tiny_dir):
+    """--quantize int8 on 2 ranks (row-parallel scales from whole rows): the greedy ids of
+    the same model quantized on one unsharded stage."""
+    one = load_runner(tiny_dir, 0, 4, dtype="float32", kv_cache_bytes=1 << 20, quantize="int8")
+    want = Driver([one]).run(PROMPTS, NEW_TOKENS)
+    with RunningStack(tiny_dir, stages=1, tensor_parallel_size=2, kv_cache_memory="8MiB",
+                      threads=2, worker_extra=["--quantize", "int8"]) as s, \
+            Client(s.address, timeout=120) as c:
+        assert_greedy(c, want)
 
 
 def test_a_killed_rank_takes_its_stage_down_and_the_stream_moves(tiny_dir, expected):

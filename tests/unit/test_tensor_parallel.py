@@ -46,7 +46,8 @@ CASES = {
     "qwen2": ("qwen2", (0, 4), {}),                      # q/k/v biases cut with their rows
     "gemma2": ("gemma2", (0, 4), {}),                    # final soft-capping after the gather
     "gemma3": ("gemma3", (0, 4), {}),                    # q/k norms, local / global RoPE
-    "qwen3-moe": ("qwen3-moe", (0, 4), {}),              # experts split, one dense layer
+    "qwen3-moe": ("qwen3-moe", (0, 4), {}),              # experts sharded, one dense layer
+    "qwen3-moe-ep": ("qwen3-moe", (0, 4), {"expert_parallel": True}),   # experts split
     "mixtral": ("mixtral", (0, 4), {}),
     "llama-int8": ("llama", (0, 4), {"quantize": "int8", "quantize_head": True}),
     # down_proj: 96 input columns per rank, in groups of 32
@@ -62,7 +63,8 @@ CASES = {
     "kernels-2-stages": ("llama-wide", (0, 2, 4), BF16),
     "kernels-int8": ("llama-wide", (0, 4), {**BF16, "quantize": "int8"}),
     "kernels-gemma3": ("gemma3-wide", (0, 4), BF16),       # sandwich norms, capped logits
-    "kernels-moe": ("qwen3-moe-wide", (0, 4), BF16),       # each rank's experts only
+    "kernels-moe": ("qwen3-moe-wide", (0, 4), BF16),       # every expert's columns
+    "kernels-moe-ep": ("qwen3-moe-wide", (0, 4), {**BF16, "expert_parallel": True}),
 }
 QUANTIZED = ("llama-int8", "llama-mqa-int4")
 KERNEL_CASES = [c for c in CASES if c.startswith("kernels")]
@@ -315,7 +317,7 @@ def test_kv_heads_split_or_replicated(ranks):
     assert [r["llama-mqa"]["kv_heads"] for r in ranks] == [[1], [1]]
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen3-moe", "mixtral", *QUANTIZED])
+@pytest.mark.parametrize("case", ["llama", "qwen3-moe", "qwen3-moe-ep", "mixtral", *QUANTIZED])
 def test_each_rank_holds_about_half_the_weights(ranks, unsharded, case):
     full = unsharded[case]["weight_bytes"][0]
     for r in ranks:
@@ -371,9 +373,11 @@ def _config(path) -> ModelConfig:
     return ModelConfig.from_dir(path)
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3", "qwen3-moe", "llama-mqa", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "qwen3-moe", "qwen3-moe-ep", "llama-mqa",
+                                    "qwen2"])
 def test_loader_reads_only_each_ranks_slices_and_agrees_with_the_transform(
         tiny_model_dir, monkeypatch, family):
+    family, ep = family.removesuffix("-ep"), family.endswith("-ep")
     path = tiny_model_dir(family)
     cfg = _config(path)
     full = W.load_stage_model(path, cfg, 0, 4, torch.float32, "cpu")
@@ -401,7 +405,7 @@ def test_loader_reads_only_each_ranks_slices_and_agrees_with_the_transform(
     monkeypatch.setattr(W, "safe_open", Spy)
     names = dict(full.named_parameters())
     for rank in range(WORLD):
-        spec = shard_spec(cfg, 0, 4, rank, WORLD)
+        spec = shard_spec(cfg, 0, 4, rank, WORLD, expert_parallel=ep)
         whole_reads.clear()
         sharded = W.load_stage_model(path, cfg, 0, 4, torch.float32, "cpu", spec)
         sources = W.checkpoint_names(sharded)
@@ -417,8 +421,14 @@ def test_loader_reads_only_each_ranks_slices_and_agrees_with_the_transform(
         assert sharded.embed_tokens.weight.shape[0] == spec.vocab[1] - spec.vocab[0]
         absent = [n for n, m in sharded.named_modules() if isinstance(m, AbsentExpert)]
         assert sorted(absent) == sorted(spec.absent)
-        if cfg.num_experts:                          # 2 of the 4 experts of each MoE layer
+        if cfg.num_experts and ep:                   # 2 of the 4 experts of each MoE layer
             assert len(absent) == 2 * sum(cfg.moe_layers)
+            assert spec.experts == ((0, 2), (2, 4))[rank]
+        elif cfg.num_experts:                        # every expert, 16 of its 32 columns
+            assert not absent and spec.experts == (0, 4)
+            expert = sharded.layers[0].mlp.experts[3]
+            assert expert.gate_proj.weight.shape == (16, 64)
+            assert expert.down_proj.weight.shape == (64, 16)
         if family == "llama-mqa":                    # vocab 125: rows 63 + 62
             assert spec.vocab == ((0, 63), (63, 125))[rank]
 
@@ -431,11 +441,14 @@ def test_sizes_that_do_not_split_are_refused(tiny_model_dir):
         check_tensor_parallel(dataclasses.replace(cfg, num_heads=12, num_kv_heads=3), 2)
     with pytest.raises(ValueError, match="intermediate size 160 is not divisible by 3"):
         check_tensor_parallel(dataclasses.replace(cfg, num_heads=6, num_kv_heads=3), 3)
-    moe = _config(tiny_model_dir("mixtral"))
+    moe = dataclasses.replace(_config(tiny_model_dir("mixtral")), num_heads=8, num_kv_heads=8)
     with pytest.raises(ValueError, match="4 experts are not divisible by 8"):
-        check_tensor_parallel(dataclasses.replace(moe, num_heads=8, num_kv_heads=8), 8)
-    check_tensor_parallel(dataclasses.replace(moe, num_heads=8, num_kv_heads=8,
-                                              num_experts=8), 8)   # MoE layers only: no dense
+        check_tensor_parallel(moe, 8, expert_parallel=True)
+    check_tensor_parallel(dataclasses.replace(moe, num_experts=8), 8,
+                          expert_parallel=True)                    # MoE layers only: no dense
+    check_tensor_parallel(moe, 8)              # sharded: 160 / 8 columns of every expert
+    with pytest.raises(ValueError, match="experts' intermediate size 160 is not divisible by 3"):
+        check_tensor_parallel(dataclasses.replace(moe, num_heads=6, num_kv_heads=6), 3)
     with pytest.raises(ValueError, match="cannot be split across 3"):
         load_runner(tiny_model_dir("llama"), 0, 4, **RUN, tensor_parallel=(0, 3))
 

@@ -9,8 +9,12 @@ loader (weights.py, on the meta skeleton, before reading slices) and the shard t
     o_proj         row-parallel: the input columns of the rank's q heads (outputs summed)
     gate/up        column-parallel over the intermediate size
     down_proj      row-parallel over the intermediate size (outputs summed)
-    experts        expert-parallel: rank r holds experts [r E/T, (r+1) E/T) whole; the others
-                   become AbsentExpert (skipped: outputs summed); the router replicated
+    experts        sharded (the default): every expert's gate/up column-parallel and down
+                   row-parallel over the expert's intermediate size, as a dense MLP (each rank
+                   does 1/T of every routed expert: balanced at any batch);
+                   or expert-parallel (expert_parallel=True): rank r holds experts
+                   [r E/T, (r+1) E/T) whole, the others become AbsentExpert (skipped);
+                   outputs summed either way; the router replicated
     embed_tokens   vocab rows [r ceil(V/T), (r+1) ceil(V/T)) (the last rank's may be fewer)
     lm_head        the same vocab rows (logits gathered)
     norms          replicated (q/k norms are per head: the same on every head)
@@ -54,7 +58,9 @@ class ShardSpec:
     num_kv_heads: int                    # the rank's KV heads (its KV cache's)
     vocab: tuple[int, int]               # [start, end) of the embedding / LM head rows
     vocab_chunk: int                     # ceil(V / T): every rank's row count but the last's
-    experts: tuple[int, int]             # [first, end) of the experts held ((0, 0): no MoE)
+    experts: tuple[int, int]             # [first, end) of the experts held ((0, 0): no MoE;
+                                         # sharded experts: all of them, each in part)
+    expert_parallel: bool                # experts whole on one rank each (else sharded)
     # StageModel parameter names (unfused, as loaded) -> the slice held; absent: parameters
     # replicated whole
     params: dict[str, Shard] = field(default_factory=dict, hash=False)
@@ -62,10 +68,12 @@ class ShardSpec:
     absent: tuple[str, ...] = ()
 
 
-def check_tensor_parallel(config: ModelConfig, world_size: int) -> None:
+def check_tensor_parallel(config: ModelConfig, world_size: int,
+                          expert_parallel: bool = False) -> None:
     """Raise ValueError unless the model splits evenly across world_size ranks: T divides the
     q heads, the KV heads divide by T or T by them, T divides the intermediate size (of any
-    dense layer) and the number of experts, and every rank gets some vocab rows."""
+    dense layer) and the experts' (sharded experts) or their number (expert_parallel), and
+    every rank gets some vocab rows."""
     t = world_size
     if t < 1:
         raise ValueError(f"tensor parallel size must be >= 1, got {t}")
@@ -78,8 +86,11 @@ def check_tensor_parallel(config: ModelConfig, world_size: int) -> None:
     dense = any(not config.is_moe(i) for i in range(config.num_layers))
     if dense and config.intermediate_size % t:
         problems.append(f"intermediate size {config.intermediate_size} is not divisible by {t}")
-    if config.num_experts and config.num_experts % t:
+    if config.num_experts and expert_parallel and config.num_experts % t:
         problems.append(f"{config.num_experts} experts are not divisible by {t}")
+    if config.num_experts and not expert_parallel and config.moe_intermediate_size % t:
+        problems.append(f"the experts' intermediate size {config.moe_intermediate_size} is "
+                        f"not divisible by {t}")
     chunk = -(-config.vocab_size // t)
     if (t - 1) * chunk >= config.vocab_size:
         problems.append(f"vocab size {config.vocab_size} leaves a rank no rows")
@@ -107,10 +118,11 @@ def _attention_shards(config: ModelConfig, rank: int, t: int) -> tuple[int, int,
 
 
 def shard_spec(config: ModelConfig, layer_start: int, layer_end: int, rank: int,
-               world_size: int) -> ShardSpec:
+               world_size: int, expert_parallel: bool = False) -> ShardSpec:
     """What rank `rank` of `world_size` holds of StageModel(config, layer_start, layer_end)
-    (see the module docstring). Raises ValueError where check_tensor_parallel does."""
-    check_tensor_parallel(config, world_size)
+    (see the module docstring): experts sharded, or whole on one rank each with
+    expert_parallel. Raises ValueError where check_tensor_parallel does."""
+    check_tensor_parallel(config, world_size, expert_parallel)
     t = world_size
     if not 0 <= rank < t:
         raise ValueError(f"rank {rank} outside [0, {t})")
@@ -120,14 +132,22 @@ def shard_spec(config: ModelConfig, layer_start: int, layer_end: int, rank: int,
            "up_proj.weight": Shard(0, rank * inter, (rank + 1) * inter),
            "down_proj.weight": Shard(1, rank * inter, (rank + 1) * inter)}
     per_expert = config.num_experts // t
-    experts = (rank * per_expert, (rank + 1) * per_expert) if config.num_experts else (0, 0)
+    experts = (rank * per_expert, (rank + 1) * per_expert) if expert_parallel else \
+        (0, config.num_experts)
+    inter_e = config.moe_intermediate_size // t
+    expert_mlp = {"gate_proj.weight": Shard(0, rank * inter_e, (rank + 1) * inter_e),
+                  "up_proj.weight": Shard(0, rank * inter_e, (rank + 1) * inter_e),
+                  "down_proj.weight": Shard(1, rank * inter_e, (rank + 1) * inter_e)}
     params: dict[str, Shard] = {}
     absent = []
     for j, layer in enumerate(range(layer_start, layer_end)):
         params.update({f"layers.{j}.self_attn.{k}": s for k, s in attn.items()})
-        if config.is_moe(layer):
+        if config.is_moe(layer) and expert_parallel:
             absent += [f"layers.{j}.mlp.experts.{e}" for e in range(config.num_experts)
                        if not experts[0] <= e < experts[1]]
+        elif config.is_moe(layer):
+            params.update({f"layers.{j}.mlp.experts.{e}.{k}": s for e in range(config.num_experts)
+                           for k, s in expert_mlp.items()})
         else:
             params.update({f"layers.{j}.mlp.{k}": s for k, s in mlp.items()})
     chunk = -(-config.vocab_size // t)
@@ -137,7 +157,7 @@ def shard_spec(config: ModelConfig, layer_start: int, layer_end: int, rank: int,
     if layer_end == config.num_layers:
         params["lm_head.weight"] = Shard(0, *vocab)
     return ShardSpec(rank, t, layer_start, layer_end, h_local, kv_local, vocab, chunk,
-                     experts, params, tuple(absent))
+                     experts, expert_parallel, params, tuple(absent))
 
 
 class AbsentExpert(nn.Module):

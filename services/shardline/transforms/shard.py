@@ -8,7 +8,8 @@ on torch.distributed (gloo on the CPU, NCCL on CUDA):
     attention     q/k/v column-parallel (the rank's heads; the KV cache holds its KV heads),
                   o_proj row-parallel -> all_reduce of the attention's output
     MLP           gate/up column-parallel, down_proj row-parallel -> all_reduce of its output
-    experts       the rank's experts (the others add zero) -> all_reduce of the MoE output
+    experts       each expert's columns (as an MLP), or the rank's experts (expert parallel)
+                  -> all_reduce of the MoE output
     lm_head       VocabParallelHead: the rank's vocab slice of logits -> all_gather -> [S, V]
                   (StageModel.logits soft-caps after it)
 
@@ -49,10 +50,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TensorParallel:
     """This process's place in a stage's tensor-parallel group: rank `rank` of `world_size`
-    in `group` (None: torch.distributed's default group, initialized by the caller)."""
+    in `group` (None: torch.distributed's default group, initialized by the caller).
+    expert_parallel: a MoE's experts whole on one rank each, not sharded (parallel.py)."""
     rank: int
     world_size: int
     group: Optional[Any] = None
+    expert_parallel: bool = False
 
     def check(self) -> None:
         """Raise ValueError unless the process group is initialized and has this rank and
@@ -137,7 +140,8 @@ def shard_stage(model: StageModel, tp: TensorParallel) -> StageModel:
     to the rank's slices (unless the loader read only those: model.shard, which must then be
     the same spec), the sums and the gather above installed. Before fusing and quantizing.
     Raises ValueError where the model does not split across tp.world_size ranks."""
-    spec = shard_spec(model.config, model.layer_start, model.layer_end, tp.rank, tp.world_size)
+    spec = shard_spec(model.config, model.layer_start, model.layer_end, tp.rank, tp.world_size,
+                      tp.expert_parallel)
     if getattr(model, "tensor_parallel", None) is not None:
         raise ValueError("the stage is already tensor-parallel")
     if model.shard is None:

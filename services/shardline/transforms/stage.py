@@ -46,7 +46,8 @@ def _tensor_parallel_stage(model_dir, config: ModelConfig, layer_start: int, lay
     """Rank tp.rank's slices of the stage, loaded as slices, with its collectives. Raises
     ValueError for what this does not split: T not dividing the model, optimized
     checkpoints, pruning, torch.compile; and with no process group of tp's rank and size."""
-    spec = shard_spec(config, layer_start, layer_end, tp.rank, tp.world_size)
+    spec = shard_spec(config, layer_start, layer_end, tp.rank, tp.world_size,
+                      tp.expert_parallel)
     refused = [what for what, on in (("an optimized checkpoint", read_recipe(model_dir)),
                                      ("pruning", t.prune), ("torch.compile", t.torch_compile))
                if on]

@@ -60,6 +60,7 @@ def load_runner(model_dir: Union[str, pathlib.Path], layer_start: int, layer_end
                 block_size: int = DEFAULT_BLOCK_SIZE, cpu_kernels: bool = True,
                 gpu_engine: str = "auto", engine_options: Optional[dict] = None,
                 tensor_parallel: Optional[tuple[int, int]] = None, tensor_parallel_group=None,
+                expert_parallel: bool = False,
                 **transforms) -> StageRunner:
     """A runner for layers [layer_start, layer_end) of the checkpoint in model_dir.
     transforms: the fields of transforms.options.StageTransforms (fuse, quantize, group_size,
@@ -73,7 +74,8 @@ def load_runner(model_dir: Union[str, pathlib.Path], layer_start: int, layer_end
     collectives inside the model's forward, on `tensor_parallel_group` (None: the default
     group), which the caller has initialized (torch.distributed.init_process_group) on every
     rank. Every rank must then call `step` with the same arguments; each returns the same
-    hidden states and sampled tokens. Such stages run on the PyTorch reference backend."""
+    hidden states and sampled tokens. expert_parallel: a MoE's experts whole on one rank each
+    instead of every expert sharded across the ranks."""
     if block_size <= 0:
         raise ValueError(f"block_size must be > 0, got {block_size}")
     device = torch.device(device)
@@ -82,7 +84,8 @@ def load_runner(model_dir: Union[str, pathlib.Path], layer_start: int, layer_end
     dtype = as_torch_dtype(dtype)
     tp = None
     if tensor_parallel is not None:
-        tp = TensorParallel(*tensor_parallel, group=tensor_parallel_group)
+        tp = TensorParallel(*tensor_parallel, group=tensor_parallel_group,
+                            expert_parallel=expert_parallel)
     stage = build_stage(model_dir, layer_start, layer_end, device, dtype,
                         StageTransforms(**transforms), tp)
     backend = select_backend(stage.model, cpu_kernels=cpu_kernels, compiled=stage.compiled,

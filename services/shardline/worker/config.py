@@ -97,6 +97,10 @@ class WorkerConfig:
         DEFAULT_TP_TIMEOUT_S,
         help="with --tensor-parallel-size > 1: seconds a collective between the ranks may wait "
              "(a rank that is alive but stuck) before the stage gives up and exits")
+    expert_parallel: bool = option(
+        False, help="with --tensor-parallel-size > 1, a mixture of experts' experts whole on "
+                    "one rank each (E / T per rank; T must divide E) instead of every expert's "
+                    "columns split across the ranks (the default: balanced at any batch)")
     cache_dir: Optional[str] = option(
         None, env="SHARDLINE_CACHE",
         help="where converted models are kept (default: $SHARDLINE_CACHE, else "

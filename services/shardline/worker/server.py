@@ -54,6 +54,7 @@ def build_runner(cfg: WorkerConfig, model_dir, rank: int = 0,
                  "the whole stage (load_runner cannot shard it yet)")
         if SHARDED_LOADING:
             sharding["tensor_parallel"] = (rank, cfg.tensor_parallel_size)
+            sharding["expert_parallel"] = cfg.expert_parallel
     log.info("stage %d/%d: layers [%d, %d) of %s on %s in %s", cfg.stage_index, cfg.num_stages,
              start, end, cfg.model, device, cfg.dtype)
     return load_runner(model_dir, start, end, device=device, dtype=cfg.dtype,
@@ -106,7 +107,7 @@ async def serve(cfg: WorkerConfig) -> int:
         model_dir = await loop.run_in_executor(None, resolve_model, cfg.model, cfg.cache_dir)
         model = ModelConfig.from_dir(model_dir)
         if cfg.tensor_parallel_size > 1:       # before any rank starts
-            check_tensor_parallel(model, cfg.tensor_parallel_size)
+            check_tensor_parallel(model, cfg.tensor_parallel_size, cfg.expert_parallel)
         service = Service(f"worker-{cfg.stage_index}", cfg.port, cfg.host,
                           drain_timeout_s=cfg.drain_timeout_s,
                           max_receive_bytes=cfg.receive_bytes(model.hidden_size,
