@@ -1,6 +1,6 @@
 """A soak on a real stack: 16 clients mixing gRPC and HTTP, streamed and whole answers, text
 and chat prompts of 1 to 160 words, 16 to 64 tokens each (tests/reliability/load.py), for
-$SHARDLINE_SOAK_S seconds (120 by default; benchmarks/soak.py runs it longer). Every answer
+$SHARDLINE_SOAK_S seconds (60 by default; benchmarks/soak.py runs it longer). Every answer
 is complete, nothing fails, and no process's memory grows by 10% between the end of a warm-up
 (every client's first requests) and the end of the soak, both measured idle."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 CLIENTS = 16
 WARMUP_REQUESTS = 5                 # per client: every kind once
-SOAK_S = float(os.environ.get("SHARDLINE_SOAK_S", "120"))
+SOAK_S = float(os.environ.get("SHARDLINE_SOAK_S", "60"))
 GROWTH = 0.10
 PROCESSES = ("scheduler", "tokenizer", "worker-0")
 
