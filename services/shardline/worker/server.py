@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import asyncio
-import inspect
 import logging
 import os
 import sys
@@ -28,11 +27,6 @@ from shardline.worker.servicer import StageWorkerServicer
 log = logging.getLogger(__name__)
 
 
-# whether load_runner builds a rank's shard of a stage (tensor_parallel=(rank, T)); without
-# it every tensor-parallel rank holds the whole stage (the same outputs, no memory saved)
-SHARDED_LOADING = "tensor_parallel" in inspect.signature(load_runner).parameters
-
-
 def build_runner(cfg: WorkerConfig, model_dir, rank: int = 0,
                  seed: Optional[int] = None) -> StageRunner:
     """Load tensor-parallel rank `rank`'s part of this stage's layers of the model in
@@ -48,13 +42,11 @@ def build_runner(cfg: WorkerConfig, model_dir, rank: int = 0,
     start, end = cfg.layer_range(ModelConfig.from_dir(model_dir).num_layers)
     sharding = {}
     if cfg.tensor_parallel_size > 1:
-        log.info("stage %d/%d: tensor-parallel rank %d of %d on %s, %d thread(s), %s",
+        log.info("stage %d/%d: tensor-parallel rank %d of %d on %s, %d thread(s), experts %s",
                  cfg.stage_index, cfg.num_stages, rank, cfg.tensor_parallel_size, device,
-                 torch.get_num_threads(), "its shard" if SHARDED_LOADING else
-                 "the whole stage (load_runner cannot shard it yet)")
-        if SHARDED_LOADING:
-            sharding["tensor_parallel"] = (rank, cfg.tensor_parallel_size)
-            sharding["expert_parallel"] = cfg.expert_parallel
+                 torch.get_num_threads(), "whole per rank" if cfg.expert_parallel else "sharded")
+        sharding = dict(tensor_parallel=(rank, cfg.tensor_parallel_size),
+                        expert_parallel=cfg.expert_parallel)
     log.info("stage %d/%d: layers [%d, %d) of %s on %s in %s", cfg.stage_index, cfg.num_stages,
              start, end, cfg.model, device, cfg.dtype)
     return load_runner(model_dir, start, end, device=device, dtype=cfg.dtype,
