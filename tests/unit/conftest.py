@@ -1,4 +1,5 @@
-"""Fixtures of the unit tests: the real default model and tiny random HF checkpoints."""
+"""Fixtures of the unit tests: the real default model, tiny random HF checkpoints, tracing in
+memory."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,11 @@ import pathlib
 
 import pytest
 import torch
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from shardline.common import telemetry
 
 
 @pytest.fixture(scope="session")
@@ -112,3 +118,15 @@ def tiny_model_dir(tmp_path_factory):
             made[family] = make_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family)
         return made[family]
     return get
+
+
+@pytest.fixture
+def spans(monkeypatch):
+    """Tracing on, in memory (a provider of the test's own, not the global one)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(telemetry, "tracer", provider.get_tracer("test"))
+    monkeypatch.setattr(telemetry, "_enabled", True)
+    yield exporter
+    provider.shutdown()

@@ -6,9 +6,6 @@ import re
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shardline.common import telemetry
 from shardline.common.server import InvalidArgument
@@ -149,18 +146,6 @@ def test_log_lines_about_a_request_carry_its_id(caplog):
     assert re.search(rf"queued seq 2: .* request_id={generated_id}$", text, re.M)
     refused = [r for r in caplog.records if r.getMessage().startswith("refused (invalid_argument)")]
     assert refused and refused[0].request_id != "two words"    # never an unchecked id
-
-
-@pytest.fixture
-def spans(monkeypatch):
-    """Tracing on, in memory (a provider of the test's own, not the global one)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(telemetry, "tracer", provider.get_tracer("test"))
-    monkeypatch.setattr(telemetry, "_enabled", True)
-    yield exporter
-    provider.shutdown()
 
 
 def test_the_request_id_is_an_attribute_of_the_request_span_and_its_queue_span(spans):

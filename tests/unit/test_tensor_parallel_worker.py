@@ -13,9 +13,6 @@ import asyncio
 
 import pytest
 import torch
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
 from shardline import launcher
@@ -245,18 +242,6 @@ class ReplayWire:
 
     def close(self):
         pass
-
-
-@pytest.fixture
-def spans(monkeypatch):
-    """Tracing on, in memory (a provider of the test's own, not the global one)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(telemetry, "tracer", provider.get_tracer("test"))
-    monkeypatch.setattr(telemetry, "_enabled", True)
-    yield exporter
-    provider.shutdown()
 
 
 def sample(name: str, rank: str) -> float:
