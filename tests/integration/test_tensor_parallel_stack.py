@@ -23,7 +23,7 @@ from shardline.worker.build import load_runner
 from shardline.worker.rank_group import EXIT_RANK_FAILED, EXIT_REFUSED, RANK_MODULE
 
 from tests.integration.conftest import RunningStack
-from tests.integration.test_metrics import scrape, value, wait_for_scrape
+from tests.integration.test_metrics import scrape, value
 from tests.integration.test_tracing import collector  # noqa: F401 - a fixture
 from tests.procs import child_processes
 from tests.reliability.conftest import wait_for
@@ -161,15 +161,21 @@ def test_every_rank_traces_its_steps_and_serves_its_metrics(tiny_dir, expected, 
         # metrics: rank 0 on the worker's port, rank 1 on the next, each labeled with its rank
         ports = s.stack.metrics_ports
         assert ports["worker-0-rank1"] == ports["worker-0"] + 1
-        rank0 = scrape(ports["worker-0"])
-        steps = value(rank0, "shardline_stage_step_seconds_count", stage="0", rank="0")
-        tokens = value(rank0, "shardline_stage_tokens_total", stage="0", rank="0")
-        assert steps >= NEW_TOKENS and tokens >= len(PROMPTS[0]) + NEW_TOKENS - 1
-        # rank 1 observes a step once its own part ends (it may trail rank 0's answer)
-        rank1 = wait_for_scrape(ports["worker-0-rank1"], lambda m: value(
-            m, "shardline_stage_step_seconds_count", stage="0", rank="1") >= steps)
-        assert value(rank1, "shardline_stage_step_seconds_count", stage="0", rank="1") == steps
-        assert value(rank1, "shardline_stage_tokens_total", stage="0", rank="1") == tokens
+
+        def counts(port: int, rank: str):
+            m = scrape(port)
+            return m, (value(m, "shardline_stage_step_seconds_count", stage="0", rank=rank),
+                       value(m, "shardline_stage_tokens_total", stage="0", rank=rank))
+
+        def agreed():
+            # rank 1 counts a step once its own part ends (it may trail rank 0's answer), and
+            # the scheduler may still send a step after the answer (freeing the sequence):
+            # both ranks' counts, read together, until they agree
+            (rank0, c0), (rank1, c1) = counts(ports["worker-0"], "0"), \
+                counts(ports["worker-0-rank1"], "1")
+            return (rank0, rank1, c0) if c0 == c1 and c0[0] >= NEW_TOKENS else None
+        _, rank1, (steps, tokens) = wait_for(agreed, 60, "both ranks to count every step")
+        assert tokens >= len(PROMPTS[0]) + NEW_TOKENS - 1
         assert not [k for k in rank1 if k[0].startswith("shardline_stage")
                     and ("rank", "1") not in k[1]]
 
